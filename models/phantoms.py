@@ -1,0 +1,176 @@
+"""Synthetic abdominal CT phantoms with an exact liver mask, to supplement scarce labelled scans.
+
+Each phantom is a slab of an idealised supine abdomen built from analytic shapes in patient
+millimetres (``X`` toward the patient's left, ``Y`` toward posterior, ``Z`` toward superior,
+origin on the body axis), all seen through one smooth random deformation ``(X, Y) + d(X, Y, Z)``
+so that no two organs are perfect ellipses. The slab covers a random craniocaudal range of an
+anatomical axis ``u`` (mm below the liver dome), so it shows the lung bases and heart above
+the liver, the spleen, stomach and kidneys beside it, and bowel below it. The spleen and the
+heart have liver-like HU on purpose: they are what a liver detector must learn to reject.
+
+Tissue HU are drawn per phantom within physiological ranges for plain and contrast-enhanced
+(portal venous) CT; the liver carries texture, vessels and sometimes hypodense lesions
+(both inside its mask: a lesion belongs to the liver ROI). Gaussian noise and a slight blur
+finish the image. The liver mask is exact by construction.
+
+These phantoms are crude compared to real anatomy; ``docs/UNET.md`` reports whether adding
+them to training helps on held-out real scans.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from shared.volume import Volume
+
+
+def _smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float) -> np.ndarray:
+    """Random field, smooth over ``shape / coarse`` voxels, with values in about ``±amplitude``."""
+    coarse_shape = tuple(max(2, n // coarse) for n in shape)
+    field = rng.uniform(-1.0, 1.0, coarse_shape)
+    zoom = [n / c for n, c in zip(shape, coarse_shape)]
+    return amplitude * ndimage.zoom(field, zoom, order=3, mode="nearest")[
+        tuple(slice(0, n) for n in shape)]
+
+
+def _ellipse(x, y, cx, cy, ax, ay, angle: float = 0.0) -> np.ndarray:
+    """Boolean disc ``((x'-cx)/ax)^2 + ((y'-cy)/ay)^2 <= 1`` in axes rotated by ``angle``."""
+    cos, sin = np.cos(angle), np.sin(angle)
+    dx, dy = x - cx, y - cy
+    return ((cos * dx + sin * dy) / ax) ** 2 + ((-sin * dx + cos * dy) / ay) ** 2 <= 1.0
+
+
+def _present(u: np.ndarray, top: float, bottom: float) -> np.ndarray:
+    """Per-slice profile in ``[0, 1]``: 0 outside ``[top, bottom]`` mm, a smooth bump inside."""
+    t = np.clip((u - top) / (bottom - top), 0.0, 1.0)
+    return np.sqrt(np.sin(np.pi * t))
+
+
+def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
+                 ) -> tuple[Volume, np.ndarray]:
+    """One synthetic abdominal slab and its liver mask.
+
+    Args:
+        shape: ``(nz, ny, nx)`` voxels.
+        spacing: ``(sx, sy, sz)`` in mm.
+        seed: everything random derives from it; the same seed gives the same phantom.
+
+    Returns:
+        ``(volume, liver)``: int16 HU in a LPS-oriented grid (``data[k, j, i]``, ``i`` toward
+        the patient's left, ``j`` toward posterior, ``k`` toward superior) and a bool mask of
+        the same shape.
+    """
+    nz, ny, nx = (int(n) for n in shape)
+    sx, sy, sz = (float(s) for s in spacing)
+    if min(nz, ny, nx) < 1 or min(sx, sy, sz) <= 0:
+        raise ValueError(f"shape and spacing must be positive, got {shape}, {spacing}")
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(0.8, 1.15)
+    half_width, half_depth = size * rng.uniform(135, 175), size * rng.uniform(95, 130)
+    # Anatomical axis u: mm below the liver dome, increasing inferiorly; slice k is superior.
+    u_top = rng.uniform(-60, 120)
+    u = u_top + (nz - 1 - np.arange(nz)) * sz
+    liver_length = size * rng.uniform(140, 200)
+
+    y = (np.arange(ny)[None, :, None] - (ny - 1) / 2) * sy + rng.uniform(-15, 15)
+    x = (np.arange(nx)[None, None, :] - (nx - 1) / 2) * sx + rng.uniform(-15, 15)
+    grid = (nz, ny, nx)
+    x = x + _smooth_field(rng, grid, 24, 9.0)
+    y = y + _smooth_field(rng, grid, 24, 9.0)
+    u3 = u[:, None, None]
+
+    contrast = rng.uniform(0, 1) < 0.6
+    liver_hu = rng.uniform(85, 135) if contrast else rng.uniform(40, 70)
+    vessel_hu = liver_hu + (rng.uniform(30, 80) if contrast else rng.uniform(-25, -8))
+    artery_hu = rng.uniform(130, 260) if contrast else rng.uniform(30, 50)
+    hu = np.full(grid, -1000.0)
+
+    # Body wall: skin-fat, muscle, then the visceral fat that fills the rest.
+    body = _ellipse(x, y, 0, 0, half_width, half_depth)
+    hu[body] = rng.uniform(-115, -80)
+    fat = rng.uniform(6, 35) * size
+    wall = rng.uniform(7, 14)
+    muscle_outer = _ellipse(x, y, 0, 0, half_width - fat, half_depth - fat)
+    inner = _ellipse(x, y, 0, 0, half_width - fat - wall, half_depth - fat - wall)
+    hu[muscle_outer & ~inner] = rng.uniform(40, 60)
+    hu[inner] = rng.uniform(-100, -60)
+    inner_x, inner_y = half_width - fat - wall, half_depth - fat - wall
+
+    # Lungs above and beside the dome; the heart in front of them.
+    lung_level = np.clip(1.0 - (u3 + 20) / 90, 0, 1)
+    lungs = inner & (y > inner_y * (0.9 - 1.6 * lung_level)) & (np.abs(x) > 25)
+    hu[lungs] = rng.uniform(-900, -780)
+    heart = _ellipse(x, y, 25, -0.35 * inner_y, 70 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3,
+                     55 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3)
+    hu[heart & inner] = artery_hu if contrast else rng.uniform(35, 55)
+
+    # The liver: right part of the abdomen, left lobe reaching across in its upper part.
+    profile = _present(u3, rng.uniform(-8, 8), liver_length)
+    upper = np.clip(1.0 - u3 / 90, 0.0, 1.0)
+    cut = (-0.1 + 0.45 * upper + rng.uniform(-0.1, 0.1)) * inner_x + 0.35 * y
+    cut = cut + _smooth_field(rng, grid, 16, 12.0)
+    liver_extent = _ellipse(x, y, -0.25 * inner_x * (1 - profile), 0.1 * inner_y * (1 - upper),
+                            inner_x * (0.2 + 0.8 * profile), inner_y * (0.2 + 0.8 * profile))
+    liver = inner & liver_extent & (x < cut) & (profile > 0.05) & ~(lungs & (upper > 0.9))
+    hu[liver] = liver_hu
+    for _ in range(rng.integers(3, 9)):  # intrahepatic vessels: random straight tubes
+        start = np.array([rng.uniform(-0.8, 0.0) * inner_x, rng.uniform(-0.6, 0.6) * inner_y])
+        direction = rng.normal(size=2)
+        direction /= np.linalg.norm(direction)
+        distance = np.abs((x - start[0]) * direction[1] - (y - start[1]) * direction[0])
+        hu[liver & (distance < rng.uniform(2, 6))] = vessel_hu
+    if rng.uniform() < 0.3:  # a hypodense lesion, part of the liver ROI
+        cx, cy = rng.uniform(-0.7, -0.2) * inner_x, rng.uniform(-0.5, 0.5) * inner_y
+        lesion = liver & _ellipse(x, y, cx, cy, rng.uniform(8, 25), rng.uniform(8, 25))
+        hu[lesion] = liver_hu - rng.uniform(25, 60)
+
+    # Spine with posterior elements, aorta and vena cava in front of it.
+    spine_y = inner_y - 25
+    vertebra = _ellipse(x, y, 0, spine_y, 20 * size, 17 * size)
+    hu[vertebra] = rng.uniform(180, 280)
+    hu[vertebra & ~_ellipse(x, y, 0, spine_y, 16 * size, 13 * size)] = rng.uniform(450, 800)
+    hu[_ellipse(x, y, 0, spine_y + 30, 7, 20 * size) & muscle_outer] = rng.uniform(400, 700)
+    for side in (-1, 1):
+        hu[_ellipse(x, y, side * 35 * size, spine_y + 15, 22 * size, 25 * size) & muscle_outer
+           & ~vertebra] = rng.uniform(40, 60)
+    hu[_ellipse(x, y, 18, spine_y - 32, 11, 11)] = artery_hu
+    hu[_ellipse(x, y, -22, spine_y - 30, 13, 10) & ~liver] = vessel_hu
+
+    # Spleen (liver-like HU) and stomach on the left, kidneys at the back, bowel below.
+    spleen = _ellipse(x, y, 0.62 * inner_x, 0.35 * inner_y,
+                      45 * _present(u3, 15, 140) + 1e-3, 28 * _present(u3, 15, 140) + 1e-3, 0.6)
+    hu[spleen & inner & ~liver] = liver_hu + rng.uniform(-15, 20)
+    stomach_size = _present(u3, 5, 120) * rng.uniform(35, 60)
+    stomach = _ellipse(x, y, 0.35 * inner_x, -0.3 * inner_y, stomach_size + 1e-3,
+                       0.8 * stomach_size + 1e-3) & ~liver & inner
+    hu[stomach] = rng.uniform(0, 40)
+    hu[stomach & (y < -0.3 * inner_y - 0.3 * stomach_size)] = -1000.0  # gas, anterior (supine)
+    kidney_size = _present(u3, 80, 200)
+    kidney_hu = rng.uniform(140, 220) if contrast else rng.uniform(25, 40)
+    for side in (-1, 1):
+        kidney = _ellipse(x, y, side * 65 * size, spine_y - 5, 30 * kidney_size + 1e-3,
+                          22 * kidney_size + 1e-3, side * 0.5) & ~liver
+        hu[kidney] = kidney_hu
+    bowel_level = np.clip((u3 - 100) / 60, 0, 1)
+    for _ in range(rng.integers(6, 20)):
+        bx, by = rng.uniform(-0.7, 0.7) * inner_x, rng.uniform(-0.8, 0.3) * inner_y
+        loop = _ellipse(x, y, bx, by, rng.uniform(8, 18) * bowel_level + 1e-3,
+                        rng.uniform(8, 18) * bowel_level + 1e-3) & inner & ~liver & ~vertebra
+        hu[loop] = rng.choice([-1000.0, rng.uniform(0, 40), rng.uniform(60, 120)])
+
+    # Ribs on the wall from the dome down to below the liver's upper half.
+    for angle in np.linspace(-np.pi, np.pi, rng.integers(12, 20), endpoint=False):
+        rx, ry = (half_width - fat - wall / 2) * np.cos(angle), (half_depth - fat - wall / 2) * np.sin(angle)
+        rib = _ellipse(x, y, rx, ry, 6, 5) & (u3 < 130) & (np.abs(angle - np.pi / 2) > 0.5)
+        hu[rib] = rng.uniform(350, 800)
+
+    hu[liver] += _smooth_field(rng, grid, 3, rng.uniform(3, 10))[liver]
+    hu = ndimage.gaussian_filter(hu, sigma=(0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
+    hu += rng.normal(0.0, rng.uniform(5, 25), grid)
+    hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    affine = np.array([[-sx, 0, 0, (nx - 1) / 2 * sx], [0, -sy, 0, (ny - 1) / 2 * sy],
+                       [0, 0, sz, -u_top - (nz - 1) * sz], [0, 0, 0, 1.0]])
+    volume = Volume(data=hu, affine=affine, spacing=(sx, sy, sz),
+                    description=f"synthetic abdominal phantom (seed {seed})")
+    return volume, np.ascontiguousarray(liver)

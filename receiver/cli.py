@@ -1,0 +1,114 @@
+"""``dlad-receive``: rebuild a study from a ``.dlad`` file (network mode: ``--listen``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from receiver.stream import StudyStream
+from shared.nifti import write_nifti
+
+EXAMPLES = """examples:
+  dlad-receive --in study.dlad --out recon.nii.gz
+  dlad-receive --in study.dlad --out recon.nii.gz --status status.json
+"""
+READ_BYTES = 1 << 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlad-receive", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Decode a dlad-stream study and write the reassembled volume as NIfTI. "
+                    "A truncated or damaged stream still yields the slices that arrived; what "
+                    "is missing or was rejected is reported.",
+        epilog=EXAMPLES)
+    parser.add_argument("--in", dest="input", required=True, type=Path,
+                        help="the .dlad stream file written by dlad-send --out")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output NIfTI (.nii or .nii.gz)")
+    parser.add_argument("--status", type=Path,
+                        help="also write the reassembly status as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def write_json_atomic(path: Path, value) -> None:
+    """Write JSON under a temporary name and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(value, out, indent=1)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def receive_file(source: Path, stream: StudyStream) -> None:
+    with open(source, "rb") as handle:
+        while data := handle.read(READ_BYTES):
+            stream.feed(data)
+    stream.finish()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                        format="dlad-receive: %(message)s")
+    if not str(args.out).lower().endswith((".nii", ".nii.gz")):
+        print("dlad-receive: error: --out must end in .nii or .nii.gz", file=sys.stderr)
+        return 2
+    if not args.input.is_file():
+        print(f"dlad-receive: error: input not found: {args.input}", file=sys.stderr)
+        return 2
+    stream = StudyStream()
+    receive_file(args.input, stream)
+    status = stream.status()
+    if stream.reassembler is None:
+        print(f"dlad-receive: error: {args.input} holds no valid dlad-stream header; nothing "
+              "written", file=sys.stderr)
+        return 1
+    reassembler = stream.reassembler
+    write_nifti(reassembler.to_volume(), args.out)
+    if args.status:
+        write_json_atomic(args.status, status)
+    if not args.quiet:
+        print(summary(status, args.out))
+    if reassembler.verified is False:
+        print("dlad-receive: error: the exact volume does not match the sender's SHA-256",
+              file=sys.stderr)
+        return 1
+    return 0 if status["state"] == "complete" and not stream.problems else 3
+
+
+def summary(status: dict, out: Path) -> str:
+    lines = [f"wrote {out}: study {status['study_id']}, {status['chunks_applied']}/"
+             f"{status['chunks_planned']} chunks, {status['bytes_received']} bytes"]
+    nz = status["shape"][0]
+    lines.append(f"  base: {status['slices_with_base']}/{nz} slices; ROI exact: "
+                 f"{'yes' if status['roi_complete'] else 'no'} "
+                 f"({status['roi_exact_slices']}/{nz} slices)")
+    if status["exact_expected"]:
+        verified = {True: "SHA-256 verified", False: "SHA-256 MISMATCH", None: "not complete"}
+        lines.append(f"  exact layer: {status['exact_slices']}/{nz} slices "
+                     f"({verified[status['verified_sha256']]})")
+    if status["missing_chunks"]:
+        missing = status["missing_chunks"]
+        shown = ", ".join(f"#{s} layer {layer} slices {z0}-{z1 - 1}"
+                          for s, layer, z0, z1 in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        lines.append(f"  MISSING {len(missing)} chunks: {shown}{more}")
+    if status["problems"]:
+        lines.append(f"  {len(status['problems'])} problems (rejected or damaged data):")
+        lines.extend(f"    {p}" for p in status["problems"][:10])
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

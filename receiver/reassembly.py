@@ -1,0 +1,183 @@
+"""Incremental reassembly of a study from data chunks, in any order, each applied once.
+
+The volume is one int16 array updated in place: a base chunk (layer 0) writes its slices, a
+residual chunk adds to the voxels of its region (ROI for layer 1, the rest for layer 2). Memory
+stays at one volume plus the chunk being decoded. Every chunk is checked against the header's
+plan (slice range, layer, codec) and, for residuals, against the digest of the base block they
+were computed on; anything that does not fit is rejected with a reason and never applied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.codecs import CodecError, get_codec
+from shared.layers import apply_residual, block_digest, clip_base
+from shared.volume import Volume
+from shared.wire import DataChunk, StreamHeader, voxel_sha256
+
+HAS_BASE, HAS_ROI_RESIDUAL, HAS_REST_RESIDUAL = 1, 2, 4
+_LAYER_BIT = {0: HAS_BASE, 1: HAS_ROI_RESIDUAL, 2: HAS_REST_RESIDUAL}
+
+
+class ChunkRejected(ValueError):
+    """A chunk that cannot be applied; the message says why."""
+
+
+@dataclass
+class Milestones:
+    """Seconds since the reassembler started at which each milestone was reached."""
+
+    first_roi_slice: float | None = None
+    """First slice whose ROI voxels are all exact."""
+    roi_complete: float | None = None
+    """Every ROI voxel exact."""
+    base_complete: float | None = None
+    """Every slice has its base layer."""
+    exact_complete: float | None = None
+    """Every voxel exact (only for streams that carry layer 2)."""
+
+
+class Reassembler:
+    """Holds the volume being rebuilt and applies chunks to it."""
+
+    def __init__(self, header: StreamHeader, clock=time.monotonic, started: float | None = None):
+        self.header = header
+        self._clock = clock
+        self._started = clock() if started is None else started
+        nz = header.shape[0]
+        self.volume = np.full(header.shape, header.value_range[0], dtype=np.int16)
+        self.slice_state = np.zeros(nz, dtype=np.uint8)
+        self.applied: set[int] = set()
+        self.plan = {seq: (layer, z0, z1) for seq, layer, z0, z1 in header.plan}
+        self.milestones = Milestones()
+        self._base_digest: dict[tuple[int, int], bytes] = {}
+        self._waiting_for_base: dict[int, tuple[DataChunk, np.ndarray]] = {}
+        self._roi_per_slice = header.roi.reshape(nz, -1).sum(axis=1)
+        self._rest_per_slice = header.roi[0].size - self._roi_per_slice
+        self._base_lossless = bool(header.layers.get(0, {}).get("lossless", False))
+        self.verified: bool | None = None
+        #: Residuals queued before their base arrived and rejected once it did.
+        self.late_rejections: list[str] = []
+
+    # --- applying chunks ---------------------------------------------------------------------
+
+    def apply(self, chunk: DataChunk) -> bool:
+        """Apply ``chunk``; return False if it was a duplicate. Raise ChunkRejected if invalid."""
+        if chunk.study_id != self.header.study_id:
+            raise ChunkRejected(f"chunk for study {chunk.study_id!r}, expected "
+                                f"{self.header.study_id!r}")
+        expected = self.plan.get(chunk.seq)
+        if expected is None:
+            raise ChunkRejected(f"chunk {chunk.seq} is not in the plan")
+        if (chunk.layer, chunk.z0, chunk.z1) != expected:
+            raise ChunkRejected(f"chunk {chunk.seq}: layer/slices ({chunk.layer}, {chunk.z0}, "
+                                f"{chunk.z1}) differ from the plan {expected}")
+        if chunk.codec != self.header.layers[chunk.layer].get("codec"):
+            raise ChunkRejected(f"chunk {chunk.seq}: codec {chunk.codec!r} differs from the "
+                                f"header's {self.header.layers[chunk.layer].get('codec')!r}")
+        if chunk.seq in self.applied or chunk.seq in self._waiting_for_base:
+            return False
+        shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
+        try:
+            block = get_codec(chunk.codec).decode(chunk.payload, shape, chunk.params)
+        except CodecError as error:
+            raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
+        if chunk.layer == 0:
+            self._apply_base(chunk, block)
+        elif (chunk.z0, chunk.z1) in self._base_digest:
+            self._apply_residual(chunk, block)
+        else:
+            self._waiting_for_base[chunk.seq] = (chunk, block)
+        self._update_milestones()
+        return True
+
+    def _apply_base(self, chunk: DataChunk, block: np.ndarray) -> None:
+        if not self._base_lossless:
+            block = clip_base(block, self.header.value_range)
+        key = (chunk.z0, chunk.z1)
+        self._base_digest[key] = block_digest(block)
+        self.volume[chunk.z0:chunk.z1] = block
+        self._mark(chunk)
+        for seq, (waiting, residual) in list(self._waiting_for_base.items()):
+            if (waiting.z0, waiting.z1) == key:
+                del self._waiting_for_base[seq]
+                try:
+                    self._apply_residual(waiting, residual)
+                except ChunkRejected as error:
+                    self.late_rejections.append(str(error))
+
+    def _apply_residual(self, chunk: DataChunk, block: np.ndarray) -> None:
+        if chunk.params.get("base_digest") != self._base_digest[(chunk.z0, chunk.z1)]:
+            raise ChunkRejected(f"chunk {chunk.seq}: residual computed against a different "
+                                "base than the one received (sender changed?)")
+        roi = self.header.roi[chunk.z0:chunk.z1]
+        region = roi if chunk.layer == 1 else ~roi
+        apply_residual(self.volume[chunk.z0:chunk.z1], block, region)
+        self._mark(chunk)
+
+    def _mark(self, chunk: DataChunk) -> None:
+        self.applied.add(chunk.seq)
+        self.slice_state[chunk.z0:chunk.z1] |= _LAYER_BIT[chunk.layer]
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def roi_exact_slices(self) -> np.ndarray:
+        has_base = (self.slice_state & HAS_BASE) > 0
+        roi_done = ((self.slice_state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice == 0)
+        return has_base & (roi_done | self._base_lossless)
+
+    @property
+    def exact_slices(self) -> np.ndarray:
+        rest_done = ((self.slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
+        return self.roi_exact_slices & rest_done
+
+    @property
+    def roi_complete(self) -> bool:
+        return bool(self.roi_exact_slices[self._roi_per_slice > 0].all())
+
+    @property
+    def base_complete(self) -> bool:
+        return bool(((self.slice_state & HAS_BASE) > 0).all())
+
+    @property
+    def exact_expected(self) -> bool:
+        """Whether this stream carries layer 2 (so it can end bit-exact)."""
+        return 2 in self.header.layers
+
+    @property
+    def exact_complete(self) -> bool:
+        return self.exact_expected and bool(self.exact_slices.all())
+
+    @property
+    def complete(self) -> bool:
+        """Every planned chunk applied."""
+        return len(self.applied) == len(self.plan)
+
+    def missing(self) -> list[tuple[int, int, int, int]]:
+        """Planned chunks not applied yet, as ``(seq, layer, z0, z1)``."""
+        return [(seq, *entry) for seq, entry in self.plan.items() if seq not in self.applied]
+
+    def _update_milestones(self) -> None:
+        now = round(self._clock() - self._started, 4)
+        m = self.milestones
+        if m.first_roi_slice is None and (self.roi_exact_slices & (self._roi_per_slice > 0)).any():
+            m.first_roi_slice = now
+        if m.roi_complete is None and self.roi_complete:
+            m.roi_complete = now
+        if m.base_complete is None and self.base_complete:
+            m.base_complete = now
+        if m.exact_complete is None and self.exact_complete:
+            m.exact_complete = now
+            self.verified = voxel_sha256(self.volume) == self.header.sha256
+
+    def to_volume(self) -> Volume:
+        """The current reconstruction with the header's geometry (missing slices at min HU)."""
+        header = self.header
+        return Volume(data=self.volume, affine=header.affine, spacing=header.spacing,
+                      source_dtype=header.source_dtype, rescale_slope=header.rescale[0],
+                      rescale_intercept=header.rescale[1], description=header.study_id)

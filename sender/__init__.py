@@ -1,0 +1,1 @@
+"""The dlad-stream sender: volume loading, ROI, probability-steered diffusion, layered encoding."""

@@ -1,0 +1,179 @@
+"""Turns a prepared study (original, ROI, diffused volume) into wire frames, lazily.
+
+Modes (``EncodeSettings.codec``):
+
+* ``"layered"`` (default): layer 0 = lossy HEVC of the diffused volume; layer 1 = lossless
+  residual inside the ROI, after which every ROI voxel equals the original; layer 2 (``exact``)
+  = lossless residual outside the ROI, after which the whole volume is bit-exact.
+* any lossless codec name (``zstd``, ``jpegls``, ``hevc-lossless``...): layer 0 = that codec on
+  the diffused volume (the ROI is already exact: diffusion leaves it untouched); with ``exact``,
+  layer 2 = the outside-ROI residual against it, with the same codec.
+
+Frames are produced one chunk at a time in the scheduler's order, so the first ROI chunk can
+leave before the rest of the volume is encoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from sender.scheduler import PlannedChunk, plan_chunks
+from shared.codecs import codec_names, get_codec
+from shared.layers import block_digest, clip_base, residual
+from shared.volume import Volume
+from shared.wire import REGION_OF_LAYER, DataChunk, StreamEnd, StreamHeader, voxel_sha256
+
+LAYERED = "layered"
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How a study is coded."""
+
+    codec: str = LAYERED
+    """``"layered"`` or the name of a lossless codec applied to the diffused volume."""
+    exact: bool = False
+    """Also send layer 2, so the whole volume arrives bit-exact."""
+    crf: float | None = 10.0
+    """x265 constant rate factor of the lossy base (layered mode); ``None`` when ``qp`` is set."""
+    qp: int | None = None
+    """x265 fixed quantiser of the lossy base, instead of a CRF."""
+    preset: str = "medium"
+    """x265 speed preset of the base."""
+    residual_codec: str = "jpegls"
+    """Lossless codec of the residual layers in layered mode."""
+    group_slices: int = 4
+    """Slices per chunk: HEVC predicts between the slices of a chunk."""
+
+    def __post_init__(self):
+        lossless = [n for n in codec_names() if get_codec(n).lossless]
+        if self.codec != LAYERED and self.codec not in lossless:
+            raise ValueError(f"codec must be 'layered' or a lossless codec "
+                             f"({', '.join(lossless)}), got {self.codec!r}")
+        if self.residual_codec not in lossless:
+            raise ValueError(f"residual codec must be lossless ({', '.join(lossless)}), "
+                             f"got {self.residual_codec!r}")
+        if not 1 <= self.group_slices <= 256:
+            raise ValueError(f"slices per chunk must be in [1, 256], got {self.group_slices}")
+        if self.codec == LAYERED:
+            get_codec("hevc", crf=self.crf if self.qp is None else None, qp=self.qp,
+                      preset=self.preset)  # validates the rate settings
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        if self.codec == LAYERED:
+            return (0, 1, 2) if self.exact else (0, 1)
+        return (0, 2) if self.exact else (0,)
+
+    def codec_of_layer(self, layer: int):
+        if self.codec != LAYERED:
+            return get_codec(self.codec)
+        if layer == 0:
+            return get_codec("hevc", crf=self.crf if self.qp is None else None, qp=self.qp,
+                             preset=self.preset)
+        return get_codec(self.residual_codec)
+
+
+@dataclass
+class PreparedStudy:
+    """The sender's inputs to encoding: original, ROI and diffused voxels."""
+
+    volume: Volume
+    """The original volume."""
+    roi: np.ndarray
+    """bool, voxels that must arrive bit-exact after layers 0+1."""
+    diffused: np.ndarray
+    """int16, the diffused volume (equal to the original inside the ROI)."""
+    study_id: str
+    """Id written into every chunk."""
+    provenance: dict = field(default_factory=dict)
+    """Provider, diffusion settings and input description for the header."""
+
+
+class StudyEncoder:
+    """Builds the header and encodes chunks on demand.
+
+    Example:
+        >>> encoder = StudyEncoder(prepared, EncodeSettings(exact=True))   # doctest: +SKIP
+        >>> with open("study.dlad", "wb") as out:                          # doctest: +SKIP
+        ...     for frame in encoder.frames():
+        ...         out.write(frame)
+    """
+
+    def __init__(self, study: PreparedStudy, settings: EncodeSettings = EncodeSettings()):
+        if study.diffused.shape != study.volume.shape or study.roi.shape != study.volume.shape:
+            raise ValueError("diffused volume and ROI must have the volume's shape")
+        original = study.volume.data
+        if not np.array_equal(study.diffused[study.roi], original[study.roi]):
+            raise ValueError("the diffused volume differs from the original inside the ROI")
+        self.study = study
+        self.settings = settings
+        self.value_range = (int(original.min()), int(original.max()))
+        self.plan: list[PlannedChunk] = plan_chunks(study.roi, settings.group_slices,
+                                                    settings.layers)
+        self._codecs = {layer: settings.codec_of_layer(layer) for layer in settings.layers}
+        self._base = np.zeros_like(original)
+        self._base_ready: set[tuple[int, int]] = set()
+        self.header = StreamHeader(
+            study_id=study.study_id, shape=study.volume.shape, affine=study.volume.affine,
+            spacing=study.volume.spacing, source_dtype=study.volume.source_dtype,
+            rescale=(study.volume.rescale_slope, study.volume.rescale_intercept),
+            value_range=self.value_range, sha256=voxel_sha256(original), roi=study.roi,
+            layers={layer: {"codec": codec.name, "lossless": codec.lossless,
+                            "region": REGION_OF_LAYER[layer]}
+                    for layer, codec in self._codecs.items()},
+            plan=[chunk.as_entry() for chunk in self.plan],
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            provenance={**study.provenance, "mode": settings.codec, "exact": settings.exact,
+                        "group_slices": settings.group_slices,
+                        **({"base_crf": settings.crf, "base_qp": settings.qp,
+                            "preset": settings.preset} if settings.codec == LAYERED else {})})
+
+    def frames(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[bytes]:
+        """Header frame, every planned chunk not in ``skip`` (by seq), then the end frame."""
+        header = self.header.to_frame()
+        yield header
+        sent, total = 0, len(header)
+        for planned in self.plan:
+            if planned.seq in skip:
+                continue
+            data = self.encode_chunk(planned).to_frame()
+            sent += 1
+            total += len(data)
+            yield data
+        yield StreamEnd(self.study.study_id, sent, total).to_frame()
+
+    def encode_chunk(self, planned: PlannedChunk) -> DataChunk:
+        """Encode one planned chunk (its block's base is encoded first if needed)."""
+        z0, z1 = planned.z0, planned.z1
+        codec = self._codecs[planned.layer]
+        if planned.layer == 0:
+            payload, params = self._encode_base(z0, z1)
+        else:
+            base = self._decoded_base(z0, z1)
+            region = self.study.roi[z0:z1] if planned.layer == 1 else ~self.study.roi[z0:z1]
+            payload, params = codec.encode(residual(self.study.volume.data[z0:z1], base, region))
+            params["base_digest"] = block_digest(base)
+        return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=planned.layer,
+                         z0=z0, z1=z1, codec=codec.name, params=params, payload=payload)
+
+    def _encode_base(self, z0: int, z1: int) -> tuple[bytes, dict]:
+        codec = self._codecs[0]
+        block = self.study.diffused[z0:z1]
+        payload, params = codec.encode(block)
+        # The residual layers are computed against what the receiver will decode, not against
+        # the diffused input: decode our own payload (and clip it exactly as the receiver does).
+        decoded = block if codec.lossless else clip_base(
+            codec.decode(payload, block.shape, params), self.value_range)
+        self._base[z0:z1] = decoded
+        self._base_ready.add((z0, z1))
+        return payload, params
+
+    def _decoded_base(self, z0: int, z1: int) -> np.ndarray:
+        if (z0, z1) not in self._base_ready:
+            self._encode_base(z0, z1)  # a resumed stream may skip the base of this block
+        return self._base[z0:z1]

@@ -1,0 +1,222 @@
+"""Image and video codecs from FFmpeg, through PyAV: JPEG-LS, FFV1 and HEVC (x265).
+
+Each slice of a block is one frame. The payload is the encoder's packets back to back; their
+sizes travel in the chunk parameters, so the decoder feeds whole packets and never depends on a
+bitstream parser. Decoding stops with an error as soon as a payload yields more frames than the
+chunk announces, or frames of the wrong size.
+
+HEVC works on 12-bit grey (``gray12le``), the deepest grey format x265 takes. An int16 block is
+moved into 12 bits by subtracting an ``offset``, chosen as the start of the 4096-wide window
+that holds the most voxels. In the lossless codec the voxels outside the window are sent as
+exceptions (flat index + value, zstd-compressed), so every int16 value survives; the lossy codec
+clips them (the layered codec's residual layers restore them).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import zstandard
+
+from shared.codecs.base import (BLOCK_DTYPE, Codec, CodecError, check_block, check_decoded,
+                                from_unsigned, register, to_unsigned)
+
+av.logging.set_level(av.logging.ERROR)
+
+TWELVE_BIT_LEVELS = 4096
+
+
+def encode_frames(encoder: str, pix_fmt: str, frames: np.ndarray, options: dict
+                  ) -> tuple[bytes, dict]:
+    """Encode uint16 frames ``(n, ny, nx)``; return ``(payload, {"sizes", "extradata"})``."""
+    context = av.CodecContext.create(encoder, "w")
+    context.width = frames.shape[2]
+    context.height = frames.shape[1]
+    context.pix_fmt = pix_fmt
+    context.time_base = Fraction(1, 25)
+    context.options = dict(options)
+    packets = []
+    for index, plane in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(plane), format=pix_fmt)
+        frame.pts = index
+        packets.extend(bytes(packet) for packet in context.encode(frame))
+    packets.extend(bytes(packet) for packet in context.encode(None))
+    params = {"sizes": [len(p) for p in packets]}
+    if context.extradata:
+        params["extradata"] = bytes(context.extradata)
+    return b"".join(packets), params
+
+
+def decode_frames(decoder: str, payload: bytes, shape, params: dict) -> np.ndarray:
+    """Decode the packets of ``payload`` into exactly ``shape[0]`` frames of ``shape[1:]``."""
+    count, height, width = (int(n) for n in shape)
+    sizes = params.get("sizes")
+    if (not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes)
+            or sum(sizes) != len(payload) or len(sizes) > count):
+        raise CodecError(f"{decoder}: packet sizes do not match the payload")
+    context = av.CodecContext.create(decoder, "r")
+    context.width, context.height = width, height
+    extradata = params.get("extradata")
+    if extradata:
+        context.extradata = bytes(extradata)
+    planes = []
+
+    def collect(frames):
+        for frame in frames:
+            if len(planes) == count:
+                raise CodecError(f"{decoder}: payload holds more than the {count} announced frames")
+            if (frame.height, frame.width) != (height, width):
+                raise CodecError(f"{decoder}: frame of {frame.width}x{frame.height}, "
+                                 f"expected {width}x{height}")
+            planes.append(frame.to_ndarray())
+
+    position = 0
+    try:
+        for size in sizes:
+            collect(context.decode(av.Packet(payload[position:position + size])))
+            position += size
+        collect(context.decode(None))
+    except av.error.FFmpegError as error:
+        raise CodecError(f"{decoder}: corrupt payload ({error})") from None
+    if len(planes) != count:
+        raise CodecError(f"{decoder}: payload decoded to {len(planes)} frames, expected {count}")
+    return np.stack(planes).astype(np.uint16, copy=False)
+
+
+@register
+class JpegLsCodec(Codec):
+    """JPEG-LS (ITU-T T.87, LOCO-I), lossless, 16-bit grey after a +32768 shift."""
+
+    name = "jpegls"
+
+    def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
+        return encode_frames("jpegls", "gray16le", to_unsigned(check_block(block)), {})
+
+    def decode(self, payload: bytes, shape, params: dict) -> np.ndarray:
+        planes = decode_frames("jpegls", payload, shape, params)
+        return check_decoded(from_unsigned(planes), shape, self.name)
+
+
+@register
+class Ffv1Codec(Codec):
+    """FFV1 (RFC 9043) version 1, range coder with large contexts, 16-bit grey, intra only."""
+
+    name = "ffv1"
+
+    def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
+        options = {"level": "1", "coder": "1", "context": "1", "g": "1"}
+        return encode_frames("ffv1", "gray16le", to_unsigned(check_block(block)), options)
+
+    def decode(self, payload: bytes, shape, params: dict) -> np.ndarray:
+        planes = decode_frames("ffv1", payload, shape, params)
+        return check_decoded(from_unsigned(planes), shape, self.name)
+
+
+def best_12bit_offset(block: np.ndarray) -> int:
+    """Start of the 4096-value window holding the most voxels (ties: the lowest start)."""
+    counts = np.bincount((block.astype(np.int32) + 32768).ravel(), minlength=65536)
+    window = np.convolve(counts, np.ones(TWELVE_BIT_LEVELS, dtype=np.int64), mode="valid")
+    return int(np.argmax(window)) - 32768
+
+
+def _x265_options(params: str, preset: str) -> dict:
+    return {"x265-params": f"{params}:log-level=error", "preset": preset}
+
+
+class _Hevc12Bit(Codec):
+    """Shared 12-bit window mapping of the HEVC codecs."""
+
+    def _to_12bit(self, block: np.ndarray) -> tuple[np.ndarray, int]:
+        offset = best_12bit_offset(block)
+        shifted = block.astype(np.int32) - offset
+        return np.clip(shifted, 0, TWELVE_BIT_LEVELS - 1).astype(np.uint16), offset
+
+    def _decode_12bit(self, payload: bytes, shape, params: dict) -> np.ndarray:
+        offset = params.get("offset")
+        if not isinstance(offset, int) or not -32768 <= offset <= 32767:
+            raise CodecError(f"{self.name}: missing or invalid 12-bit offset")
+        planes = decode_frames("hevc", payload, shape, params)
+        values = planes.astype(np.int32) + offset
+        return check_decoded(np.clip(values, -32768, 32767).astype(BLOCK_DTYPE), shape, self.name)
+
+
+@register
+class HevcLosslessCodec(_Hevc12Bit):
+    """HEVC lossless (x265 ``lossless=1``) on 12-bit grey, with int16 exceptions outside 12 bits."""
+
+    name = "hevc-lossless"
+
+    def __init__(self, preset: str = "medium"):
+        self.preset = preset
+
+    def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
+        block = check_block(block)
+        planes, offset = self._to_12bit(block)
+        payload, params = encode_frames("libx265", "gray12le", planes,
+                                        _x265_options("lossless=1", self.preset))
+        params["offset"] = offset
+        outside = np.flatnonzero((block < offset) | (block > offset + TWELVE_BIT_LEVELS - 1))
+        if outside.size:
+            table = np.concatenate([outside.astype("<u4").view("<u2").reshape(-1, 2).ravel(),
+                                    block.ravel()[outside].view("<u2")])
+            params["exceptions"] = zstandard.ZstdCompressor(level=19).compress(table.tobytes())
+            params["exception_count"] = int(outside.size)
+        return payload, params
+
+    def decode(self, payload: bytes, shape, params: dict) -> np.ndarray:
+        block = self._decode_12bit(payload, shape, params)
+        count = params.get("exception_count", 0)
+        if count:
+            total = int(np.prod(shape))
+            if not isinstance(count, int) or not 0 < count <= total:
+                raise CodecError(f"{self.name}: invalid exception count")
+            expected = count * 6
+            try:
+                with zstandard.ZstdDecompressor().stream_reader(bytes(params["exceptions"])) as r:
+                    table = r.read(expected + 1)
+            except (KeyError, TypeError, zstandard.ZstdError):
+                raise CodecError(f"{self.name}: corrupt exception table") from None
+            if len(table) != expected:
+                raise CodecError(f"{self.name}: exception table has the wrong size")
+            words = np.frombuffer(table, dtype="<u2")
+            indices = words[: 2 * count].copy().view("<u4").astype(np.int64)
+            if indices.max() >= total:
+                raise CodecError(f"{self.name}: exception index out of range")
+            flat = block.reshape(-1)
+            flat[indices] = words[2 * count:].view(BLOCK_DTYPE)
+        return block
+
+
+@register
+class HevcLossyCodec(_Hevc12Bit):
+    """Lossy HEVC (x265) on 12-bit grey, at a constant rate factor or a fixed QP."""
+
+    name = "hevc"
+    lossless = False
+
+    def __init__(self, crf: float | None = None, qp: int | None = None, preset: str = "medium",
+                 keyint: int | None = None):
+        if crf is None and qp is None:
+            crf = 12.0
+        if crf is not None and qp is not None:
+            raise ValueError("give either a CRF or a QP for lossy HEVC, not both")
+        if crf is not None and not 0 <= crf <= 51:
+            raise ValueError(f"HEVC CRF must be in [0, 51], got {crf}")
+        if qp is not None and not 0 <= qp <= 51:
+            raise ValueError(f"HEVC QP must be in [0, 51], got {qp}")
+        self.crf, self.qp, self.preset, self.keyint = crf, qp, preset, keyint
+
+    def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
+        planes, offset = self._to_12bit(check_block(block))
+        rate = f"crf={self.crf}" if self.crf is not None else f"qp={self.qp}"
+        if self.keyint:
+            rate += f":keyint={self.keyint}"
+        payload, params = encode_frames("libx265", "gray12le", planes,
+                                        _x265_options(rate, self.preset))
+        params["offset"] = offset
+        return payload, params
+
+    def decode(self, payload: bytes, shape, params: dict) -> np.ndarray:
+        return self._decode_12bit(payload, shape, params)

@@ -1,0 +1,334 @@
+"""``dlad-link``: put a sender/receiver pair behind an emulated network link.
+
+Two modes: a signaling proxy (the default) that relays every WebRTC session it sets up, and
+a plain UDP relay (``dlad-link udp``). Both print their counters periodically and at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
+
+from .params import DeliveryTrace, GilbertElliott, LinkParams
+from .profiles import PROFILES, get_profile
+from .relay import LinkRelay, RelayStats
+from .signaling import SignalingProxy
+from .units import format_bytes, format_rate, parse_bytes, parse_duration, parse_probability, parse_queue, parse_rate
+
+_PROXY_DESCRIPTION = """\
+Put a WebRTC sender/receiver pair behind an emulated network link. dlad-link proxies the
+HTTP signaling: the sender posts its offer to dlad-link instead of the receiver, and dlad-link
+answers with the receiver's answer rewritten so that all the session's UDP traffic goes
+through a relay that applies the link (rate, delay, jitter, loss, queue) in each direction.
+"""
+
+_UDP_DESCRIPTION = """\
+Relay UDP datagrams between clients sending to --listen and the --upstream address through
+an emulated network link. Each client (source address) gets its own socket towards the
+upstream; answers go back to the client they belong to.
+"""
+
+_LINK_GROUP_DESCRIPTION = """\
+Options apply to both directions. Each also exists as --up-OPTION (sender to receiver,
+i.e. client to upstream) and --down-OPTION (the way back), which win over the plain one;
+profiles apply first, then the plain options, then the one-direction ones.
+"""
+
+_PROXY_EPILOG = f"""\
+profiles:
+{"".join(f"  {name:10} {params.describe()}{chr(10)}" for name, params in PROFILES.items())}
+examples:
+  dlad-link --listen 127.0.0.1:9000 --to http://127.0.0.1:8080 --profile wifi-2m
+      then point the sender at http://127.0.0.1:9000 instead of http://127.0.0.1:8080
+  dlad-link --listen 127.0.0.1:9000 --to http://127.0.0.1:8080 --profile 4g-12m --up-rate 2mbit --jitter 5ms
+  dlad-link --listen 127.0.0.1:9000 --to http://127.0.0.1:8080 --rate 8mbit --delay 25ms \\
+      --gilbert 1%,30% --queue 100kB --seed 1
+  dlad-link --listen 127.0.0.1:9000 --to http://127.0.0.1:8080 --down-trace lte.down --up-trace lte.up --delay 30ms
+
+See `dlad-link udp --help` for the plain UDP relay and docs/LINK.md for the model.
+"""
+
+_UDP_EPILOG = """\
+examples:
+  dlad-link udp --listen 127.0.0.1:5000 --upstream 127.0.0.1:6000 --profile wifi-2m
+  dlad-link udp --listen 127.0.0.1:5000 --upstream 127.0.0.1:6000 --rate 8mbit --loss 10% --seed 7 --duration 30
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, exiting with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _argument_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """Let argparse show the parser's own message instead of a generic 'invalid value'."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def parse_gilbert(text: str) -> GilbertElliott:
+    """Parse ``p,r[,h[,k]]``, each a probability such as ``1%`` or ``0.01``."""
+    parts = text.split(",")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError(f"invalid Gilbert-Elliott model {text!r} (use p,r[,h[,k]], e.g. 1%,30%)")
+    return GilbertElliott(*(parse_probability(part) for part in parts))
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT``."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"invalid address {text!r} (use HOST:PORT, e.g. 127.0.0.1:9000)")
+    return host, int(port)
+
+
+def _parse_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {text!r} (use e.g. http://127.0.0.1:8080)")
+    return text
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ValueError(f"invalid number of seconds {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _LinkOption:
+    """A command-line option that sets part of a :class:`LinkParams`."""
+
+    name: str
+    "Option name without dashes or direction prefix."
+    metavar: str
+    "Placeholder shown in --help."
+    parse: Callable[[str], object]
+    "Turns the text into a value; raises ValueError."
+    fields: Callable[[object], dict]
+    "The LinkParams fields the value sets; setting a rate clears the trace, and so on."
+    help: str
+    "What the option does."
+
+
+_LINK_OPTIONS = (
+    _LinkOption("rate", "RATE", parse_rate, lambda v: {"rate": v, "trace": None},
+                "link rate, e.g. 2mbit, 500kbit, 12Mbps or unlimited"),
+    _LinkOption("delay", "TIME", parse_duration, lambda v: {"delay": v}, "one-way delay, e.g. 40ms"),
+    _LinkOption("jitter", "TIME", parse_duration, lambda v: {"jitter": v},
+                "delay variation: each delay is uniform in delay +/- jitter; packets keep their order"),
+    _LinkOption("loss", "P", parse_probability, lambda v: {"loss": v, "gilbert": None},
+                "independent random loss, e.g. 1%% or 0.01"),
+    _LinkOption("gilbert", "p,r[,h[,k]]", parse_gilbert, lambda v: {"gilbert": v, "loss": 0.0},
+                "bursty Gilbert-Elliott loss instead: p good->bad and r bad->good transition, h and k the "
+                "chance a packet gets through when bad (default 0) and good (default 1), e.g. 1%%,30%%"),
+    _LinkOption("queue", "SIZE", parse_queue, lambda v: {"queue_bytes": v[0], "queue_packets": v[1]},
+                "drop-tail queue limit, e.g. 100kB, 64KiB, 50p or unlimited"),
+    _LinkOption("burst", "SIZE", parse_bytes, lambda v: {"burst": v},
+                "token-bucket depth, what an idle link sends at once (default 1500B)"),
+    _LinkOption("trace", "FILE", DeliveryTrace.load, lambda v: {"trace": v, "rate": None},
+                "mahimahi delivery trace (one ms timestamp per 1500-byte opportunity, looping) "
+                "giving a time-varying rate instead of --rate"),
+)
+_EXCLUSIVE = (("rate", "trace"), ("loss", "gilbert"))
+
+
+def add_link_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--profile`` and the link options, plain and ``--up-``/``--down-``, to `parser`."""
+    group = parser.add_argument_group("link", _LINK_GROUP_DESCRIPTION)
+    for prefix in ("", "up-", "down-"):
+        hidden = prefix != ""
+        group.add_argument(f"--{prefix}profile", metavar="NAME", type=_argument_type(get_profile),
+                           help=argparse.SUPPRESS if hidden else f"start from a named link: {', '.join(PROFILES)}")
+        for option in _LINK_OPTIONS:
+            group.add_argument(f"--{prefix}{option.name}", metavar=option.metavar, type=_argument_type(option.parse),
+                               help=argparse.SUPPRESS if hidden else option.help)
+        group.add_argument(f"--{prefix}reorder", action="store_const", const=True,
+                           help=argparse.SUPPRESS if hidden else "let jitter reorder packets")
+
+
+def link_params_from_args(args: argparse.Namespace) -> tuple[LinkParams, LinkParams]:
+    """Return the (uplink, downlink) parameters that parsed link options describe; raise ValueError on conflicts."""
+    return _direction_params(args, "up"), _direction_params(args, "down")
+
+
+def _direction_params(args: argparse.Namespace, direction: str) -> LinkParams:
+    params = getattr(args, f"{direction}_profile") or args.profile or LinkParams()
+    for prefix in ("", f"{direction}_"):
+        given = {option.name: option for option in _LINK_OPTIONS if getattr(args, prefix + option.name) is not None}
+        for first, second in _EXCLUSIVE:
+            if first in given and second in given:
+                dashed = prefix.replace("_", "-")
+                raise ValueError(f"--{dashed}{first} and --{dashed}{second} contradict each other; choose one")
+        changes = {}
+        for name, option in given.items():
+            changes.update(option.fields(getattr(args, prefix + name)))
+        if getattr(args, prefix + "reorder"):
+            changes["reorder"] = True
+        params = replace(params, **changes)
+    return params
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", metavar="HOST:PORT", type=_argument_type(parse_address),
+                        default=("127.0.0.1", 0), help="where to listen (default 127.0.0.1 and a free port)")
+    add_link_arguments(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, help="seed of the random draws (loss, jitter) for reproducible runs")
+    run.add_argument("--stats-interval", metavar="S", type=_argument_type(_parse_seconds), default=5.0,
+                     help="seconds between statistics lines, 0 for none (default 5)")
+    run.add_argument("--duration", metavar="S", type=_argument_type(_parse_seconds),
+                     help="stop after S seconds (default: run until interrupted)")
+
+
+def _proxy_parser() -> _Parser:
+    parser = _Parser(prog="dlad-link", description=_PROXY_DESCRIPTION, epilog=_PROXY_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--to", metavar="URL", required=True, type=_argument_type(_parse_url),
+                        help="the receiver's HTTP signaling URL, e.g. http://127.0.0.1:8080")
+    _add_common_arguments(parser)
+    return parser
+
+
+def _udp_parser() -> _Parser:
+    parser = _Parser(prog="dlad-link udp", description=_UDP_DESCRIPTION, epilog=_UDP_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--upstream", metavar="HOST:PORT", required=True, type=_argument_type(parse_address),
+                        help="where to relay the clients' datagrams")
+    _add_common_arguments(parser)
+    return parser
+
+
+class _StatsPrinter:
+    """Prints the counters of both directions: cumulative, with the rate and delay since the last line."""
+
+    def __init__(self, stats: Callable[[], RelayStats]) -> None:
+        self._stats = stats
+        self._started = time.monotonic()
+        self._previous = RelayStats()
+        self._previous_at = self._started
+
+    async def run(self, interval: float) -> None:
+        """Print every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.print_interval()
+
+    def print_interval(self) -> None:
+        now, current = time.monotonic(), self._stats()
+        for name in ("uplink", "downlink"):
+            stats, before = getattr(current, name), getattr(self._previous, name)
+            forwarded = stats.packets_forwarded - before.packets_forwarded
+            rate = (stats.bytes_forwarded - before.bytes_forwarded) * 8 / max(now - self._previous_at, 1e-9)
+            delay = (stats.delay_total - before.delay_total) / forwarded if forwarded else None
+            print(f"[{now - self._started:7.1f} s] {name:8} {_counters(stats)} | "
+                  f"last {now - self._previous_at:.0f} s: {format_rate(rate)}, delay {_milliseconds(delay)}",
+                  flush=True)
+        self._previous, self._previous_at = current, now
+
+    def print_total(self) -> None:
+        current = self._stats()
+        print(f"dlad-link: totals after {time.monotonic() - self._started:.1f} s", flush=True)
+        for name in ("uplink", "downlink"):
+            stats = getattr(current, name)
+            rate = format_rate(stats.rate) if stats.rate is not None else "-"
+            print(f"  {name:8} {_counters(stats)} | {rate}, mean delay {_milliseconds(stats.mean_delay)}",
+                  flush=True)
+
+
+def _counters(stats) -> str:
+    return (f"in {stats.packets_in} pkt / {format_bytes(stats.bytes_in)}, "
+            f"forwarded {stats.packets_forwarded} pkt / {format_bytes(stats.bytes_forwarded)}, "
+            f"lost {stats.packets_lost}, queue-dropped {stats.packets_queue_dropped}")
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+async def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
+                 stats: Callable[[], RelayStats], args: argparse.Namespace) -> int:
+    try:
+        await start()
+    except OSError as exc:
+        print(f"dlad-link: error: cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}",
+              file=sys.stderr)
+        await stop()
+        return 1
+    printer = _StatsPrinter(stats)
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, interrupted.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # No signal handlers off the main thread or on Windows; Ctrl-C still ends asyncio.run.
+    periodic = asyncio.create_task(printer.run(args.stats_interval)) if args.stats_interval else None
+    try:
+        await asyncio.wait_for(interrupted.wait(), args.duration)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        if periodic is not None:
+            periodic.cancel()
+        await stop()
+        printer.print_total()
+    return 0
+
+
+async def _run_proxy(args: argparse.Namespace, uplink: LinkParams, downlink: LinkParams) -> int:
+    proxy = SignalingProxy(args.to, uplink, downlink, listen=args.listen, seed=args.seed)
+
+    async def start() -> None:
+        await proxy.start()
+        print(f"dlad-link: signaling proxy {proxy.proxied_url(args.to)} -> {args.to}; "
+              f"point the sender at {proxy.proxied_url(args.to)}", flush=True)
+
+    return await _serve(start, proxy.stop, lambda: proxy.stats, args)
+
+
+async def _run_udp(args: argparse.Namespace, uplink: LinkParams, downlink: LinkParams) -> int:
+    relay = LinkRelay(args.upstream, uplink, downlink, listen=args.listen, seed=args.seed)
+
+    async def start() -> None:
+        await relay.start()
+        print(f"dlad-link: UDP relay {relay.address[0]}:{relay.address[1]} -> "
+              f"{args.upstream[0]}:{args.upstream[1]}", flush=True)
+
+    return await _serve(start, relay.stop, lambda: relay.stats, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dlad-link`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    udp = bool(argv) and argv[0] == "udp"
+    parser = _udp_parser() if udp else _proxy_parser()
+    args = parser.parse_args(argv[1:] if udp else argv)
+    try:
+        uplink, downlink = link_params_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"dlad-link: uplink   {uplink.describe()}\ndlad-link: downlink {downlink.describe()}", flush=True)
+    logging.basicConfig(level=logging.INFO, format="dlad-link: %(message)s")
+    return asyncio.run((_run_udp if udp else _run_proxy)(args, uplink, downlink))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""The dlad-stream wire format: checksummed, msgpack-framed, self-describing chunks.
+
+The same bytes go to a ``.dlad`` file or over a network channel. A stream is a sequence of
+frames; the first is a header, then data chunks, then an end marker.
+
+Frame layout (all integers big-endian)::
+
+    offset  size  field
+    0       4     magic b"DLAD"
+    4       1     wire version (1)
+    5       1     kind: 1 = header, 2 = data chunk, 3 = end of stream
+    6       4     body length n (at most MAX_BODY_BYTES)
+    10      16    checksum: BLAKE2b-128 of the body
+    26      n     body: a msgpack map (fields below)
+
+The checksum covers every field of the chunk, payload included; a frame whose checksum does not
+match is reported and skipped, never used. After a bad frame a reader resynchronises on the next
+magic whose frame verifies.
+
+Header body (kind 1):
+
+=================  ===========================================================================
+``format``         ``"dlad-stream"``
+``version``        format version of the body (1); unknown versions are rejected
+``study_id``       sender-chosen id of the study (at most 128 characters)
+``created``        ISO-8601 UTC time the stream was made
+``shape``          ``[nz, ny, nx]``: slices, rows, columns (slice-major voxel order)
+``affine``         16 floats, row-major 4x4 mapping voxel ``(i, j, k, 1)`` to RAS+ mm
+``spacing``        ``[sx, sy, sz]`` voxel size in mm
+``source_dtype``   dtype of the voxels in the source file (``"int16"``, ``"uint16"``...)
+``rescale``        ``[slope, intercept]``: HU = stored * slope + intercept
+``value_range``    ``[min, max]`` HU of the original; lossy voxels are clipped to it
+``sha256``         hex SHA-256 of the original voxels as int16 little-endian, slice-major
+``roi``            ``{"encoding": "packbits-zstd", "data": bytes, "voxels": int}``: the ROI mask
+                   (bit-packed, zstd), and its voxel count as a check
+``layers``         map ``"0"|"1"|"2"`` -> ``{"codec", "lossless", "region"}``, region being
+                   ``"all"``, ``"roi"`` or ``"outside-roi"``
+``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry, in
+                   sending order (``z1`` exclusive)
+``provenance``     free map: ROI provider, diffusion settings, input description
+=================  ===========================================================================
+
+Data chunk body (kind 2): ``study_id``; ``seq`` (index into the plan); ``layer`` (0 base,
+1 ROI residual, 2 outside-ROI residual); ``z0``, ``z1`` (slice range, ``z1`` exclusive);
+``codec`` (registry name); ``params`` (the codec's decode parameters); ``payload`` (bytes).
+
+End body (kind 3): ``study_id``; ``chunks`` (data chunks sent); ``bytes`` (total stream bytes
+before this frame).
+
+Limits: a body is at most 64 MiB; msgpack strings, arrays and maps are bounded when parsing;
+the receiver bounds every decompression by the voxels the slice range announces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+import zstandard
+
+MAGIC = b"DLAD"
+WIRE_VERSION = 1
+FORMAT_NAME = "dlad-stream"
+FORMAT_VERSION = 1
+KIND_HEADER, KIND_DATA, KIND_END = 1, 2, 3
+PREFIX = struct.Struct(">4sBBI16s")
+PREFIX_BYTES = PREFIX.size  # 26
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_DIMENSION = 8192
+MAX_VOXELS = 1 << 31
+MAX_STUDY_ID = 128
+LAYERS = (0, 1, 2)
+REGION_OF_LAYER = {0: "all", 1: "roi", 2: "outside-roi"}
+
+
+class WireError(ValueError):
+    """A frame or chunk violates the wire format."""
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def frame(kind: int, body: dict) -> bytes:
+    """Serialise one frame."""
+    packed = msgpack.packb(body, use_bin_type=True)
+    if len(packed) > MAX_BODY_BYTES:
+        raise WireError(f"chunk body of {len(packed)} bytes exceeds the {MAX_BODY_BYTES} limit")
+    return PREFIX.pack(MAGIC, WIRE_VERSION, kind, len(packed), _digest(packed)) + packed
+
+
+def _unpack_body(body: bytes) -> dict:
+    try:
+        value = msgpack.unpackb(
+            body, raw=False, strict_map_key=True, max_str_len=1 << 20,
+            max_bin_len=MAX_BODY_BYTES, max_array_len=1 << 20, max_map_len=1 << 12,
+            max_ext_len=0)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
+        raise WireError(f"bad msgpack body ({error})") from None
+    if not isinstance(value, dict):
+        raise WireError("a chunk body must be a msgpack map")
+    return value
+
+
+# --- typed chunks ---------------------------------------------------------------------------
+
+def _require(body: dict, name: str, kinds, what: str):
+    if name not in body:
+        raise WireError(f"{what}: missing field {name!r}")
+    value = body[name]
+    # bool is an int subclass; no field of the format is a boolean where a number is expected.
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise WireError(f"{what}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _study_id(body: dict, what: str) -> str:
+    study_id = _require(body, "study_id", str, what)
+    if not 0 < len(study_id) <= MAX_STUDY_ID:
+        raise WireError(f"{what}: study_id must have 1..{MAX_STUDY_ID} characters")
+    return study_id
+
+
+@dataclass
+class StreamHeader:
+    """Everything a receiver needs before the first data chunk (see the module docstring)."""
+
+    study_id: str
+    """Sender-chosen id; the receiver sanitises it before using it as a folder name."""
+    shape: tuple[int, int, int]
+    """``(nz, ny, nx)``."""
+    affine: np.ndarray
+    """4x4 RAS+ affine of voxel index ``(i, j, k)``."""
+    spacing: tuple[float, float, float]
+    """Voxel size in mm, ``(sx, sy, sz)``."""
+    source_dtype: str
+    """Stored dtype of the source file."""
+    rescale: tuple[float, float]
+    """``(slope, intercept)`` from stored values to HU."""
+    value_range: tuple[int, int]
+    """HU range of the original volume."""
+    sha256: str
+    """Hex SHA-256 of the original int16 voxels (little-endian, slice-major)."""
+    roi: np.ndarray
+    """bool mask, shape ``shape``: voxels sent bit-exact by layers 0+1."""
+    layers: dict
+    """``{layer: {"codec", "lossless", "region"}}`` for the layers this stream carries."""
+    plan: list
+    """``[(seq, layer, z0, z1), ...]`` in sending order."""
+    created: str = ""
+    """ISO-8601 UTC creation time."""
+    provenance: dict = field(default_factory=dict)
+    """ROI provider, diffusion settings, input description (informative only)."""
+
+    def to_frame(self) -> bytes:
+        packed_roi = np.packbits(self.roi.astype(bool).ravel())
+        body = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "study_id": self.study_id,
+            "created": self.created, "shape": list(self.shape),
+            "affine": [float(v) for v in np.asarray(self.affine, float).ravel()],
+            "spacing": [float(v) for v in self.spacing], "source_dtype": self.source_dtype,
+            "rescale": [float(v) for v in self.rescale],
+            "value_range": [int(v) for v in self.value_range], "sha256": self.sha256,
+            "roi": {"encoding": "packbits-zstd",
+                    "data": zstandard.ZstdCompressor(level=19).compress(packed_roi.tobytes()),
+                    "voxels": int(self.roi.sum())},
+            "layers": {str(k): v for k, v in self.layers.items()},
+            "plan": [list(map(int, entry)) for entry in self.plan],
+            "provenance": self.provenance,
+        }
+        return frame(KIND_HEADER, body)
+
+    @classmethod
+    def from_body(cls, body: dict) -> "StreamHeader":
+        what = "header"
+        if body.get("format") != FORMAT_NAME:
+            raise WireError("header: not a dlad-stream header")
+        version = body.get("version")
+        if version != FORMAT_VERSION:
+            raise WireError(f"header: unsupported format version {version!r} "
+                            f"(this receiver reads version {FORMAT_VERSION})")
+        study_id = _study_id(body, what)
+        shape = _require(body, "shape", list, what)
+        if len(shape) != 3 or not all(isinstance(n, int) and 0 < n <= MAX_DIMENSION for n in shape):
+            raise WireError(f"header: shape must be 3 integers in [1, {MAX_DIMENSION}]")
+        if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+            raise WireError("header: volume too large")
+        affine = _require(body, "affine", list, what)
+        spacing = _require(body, "spacing", list, what)
+        rescale = _require(body, "rescale", list, what)
+        value_range = _require(body, "value_range", list, what)
+        numbers = (int, float)
+        if (len(affine) != 16 or len(spacing) != 3 or len(rescale) != 2 or len(value_range) != 2
+                or not all(isinstance(v, numbers) and np.isfinite(v)
+                           for v in affine + spacing + rescale)
+                or not all(isinstance(v, int) and -32768 <= v <= 32767 for v in value_range)):
+            raise WireError("header: malformed geometry (affine, spacing, rescale or value range)")
+        sha256 = _require(body, "sha256", str, what)
+        if len(sha256) != 64:
+            raise WireError("header: sha256 must be 64 hex characters")
+        roi_field = _require(body, "roi", dict, what)
+        roi = _decode_roi(roi_field, tuple(shape))
+        layers_field = _require(body, "layers", dict, what)
+        layers = {}
+        for key, value in layers_field.items():
+            if key not in ("0", "1", "2") or not isinstance(value, dict):
+                raise WireError(f"header: unknown layer {key!r}")
+            layers[int(key)] = value
+        plan = []
+        seen = set()
+        for entry in _require(body, "plan", list, what):
+            if (not isinstance(entry, list) or len(entry) != 4
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry)):
+                raise WireError("header: malformed plan entry")
+            seq, layer, z0, z1 = entry
+            if seq in seen or layer not in layers or not 0 <= z0 < z1 <= shape[0]:
+                raise WireError(f"header: invalid plan entry {entry}")
+            seen.add(seq)
+            plan.append(tuple(entry))
+        provenance = body.get("provenance", {})
+        return cls(study_id=study_id, shape=tuple(shape),
+                   affine=np.array(affine, dtype=np.float64).reshape(4, 4),
+                   spacing=tuple(float(v) for v in spacing), source_dtype=_require(
+                       body, "source_dtype", str, what),
+                   rescale=(float(rescale[0]), float(rescale[1])),
+                   value_range=(value_range[0], value_range[1]), sha256=sha256, roi=roi,
+                   layers=layers, plan=plan, created=str(body.get("created", "")),
+                   provenance=provenance if isinstance(provenance, dict) else {})
+
+
+def _decode_roi(roi_field: dict, shape) -> np.ndarray:
+    if roi_field.get("encoding") != "packbits-zstd" or not isinstance(roi_field.get("data"), bytes):
+        raise WireError("header: unsupported ROI encoding")
+    total = int(np.prod(shape))
+    expected = (total + 7) // 8
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(roi_field["data"]) as reader:
+            packed = reader.read(expected + 1)
+    except zstandard.ZstdError:
+        raise WireError("header: corrupt ROI mask") from None
+    if len(packed) != expected:
+        raise WireError("header: ROI mask has the wrong size")
+    roi = np.unpackbits(np.frombuffer(packed, np.uint8), count=total).astype(bool).reshape(shape)
+    if int(roi.sum()) != roi_field.get("voxels"):
+        raise WireError("header: ROI mask voxel count mismatch")
+    return roi
+
+
+@dataclass
+class DataChunk:
+    """One coded block of slices of one layer."""
+
+    study_id: str
+    """Study this chunk belongs to."""
+    seq: int
+    """Index of the chunk in the header's plan."""
+    layer: int
+    """0 base, 1 ROI residual, 2 outside-ROI residual."""
+    z0: int
+    """First slice (inclusive)."""
+    z1: int
+    """Last slice (exclusive)."""
+    codec: str
+    """Codec registry name."""
+    params: dict
+    """Codec decode parameters."""
+    payload: bytes
+    """Coded slices."""
+
+    def to_frame(self) -> bytes:
+        return frame(KIND_DATA, {
+            "study_id": self.study_id, "seq": self.seq, "layer": self.layer, "z0": self.z0,
+            "z1": self.z1, "codec": self.codec, "params": self.params, "payload": self.payload})
+
+    @classmethod
+    def from_body(cls, body: dict) -> "DataChunk":
+        what = "data chunk"
+        values = {name: _require(body, name, int, what) for name in ("seq", "layer", "z0", "z1")}
+        if values["layer"] not in LAYERS:
+            raise WireError(f"data chunk: unknown layer {values['layer']}")
+        if not 0 <= values["z0"] < values["z1"] <= MAX_DIMENSION:
+            raise WireError(f"data chunk: invalid slice range [{values['z0']}, {values['z1']})")
+        return cls(study_id=_study_id(body, what), codec=_require(body, "codec", str, what),
+                   params=_require(body, "params", dict, what),
+                   payload=_require(body, "payload", bytes, what), **values)
+
+
+@dataclass
+class StreamEnd:
+    """The sender's last frame: how many chunks and bytes it sent."""
+
+    study_id: str
+    """Study that ends."""
+    chunks: int
+    """Data chunks sent in this stream."""
+    bytes: int
+    """Stream bytes before this frame."""
+
+    def to_frame(self) -> bytes:
+        return frame(KIND_END, {"study_id": self.study_id, "chunks": self.chunks,
+                                "bytes": self.bytes})
+
+    @classmethod
+    def from_body(cls, body: dict) -> "StreamEnd":
+        return cls(study_id=_study_id(body, "end"), chunks=_require(body, "chunks", int, "end"),
+                   bytes=_require(body, "bytes", int, "end"))
+
+
+_PARSERS = {KIND_HEADER: StreamHeader.from_body, KIND_DATA: DataChunk.from_body,
+            KIND_END: StreamEnd.from_body}
+
+
+def parse_frame(data: bytes) -> StreamHeader | DataChunk | StreamEnd:
+    """Parse one complete frame (prefix + body); raise :class:`WireError` if anything is off."""
+    if len(data) < PREFIX_BYTES:
+        raise WireError("frame shorter than its prefix")
+    magic, version, kind, length, digest = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError("not a dlad frame (bad magic)")
+    if version != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {version}")
+    if kind not in _PARSERS:
+        raise WireError(f"unknown frame kind {kind}")
+    if length > MAX_BODY_BYTES:
+        raise WireError(f"frame body of {length} bytes exceeds the {MAX_BODY_BYTES} limit")
+    if len(data) != PREFIX_BYTES + length:
+        raise WireError("frame length does not match its prefix")
+    body = data[PREFIX_BYTES:]
+    if _digest(body) != digest:
+        raise WireError("checksum mismatch")
+    return _PARSERS[kind](_unpack_body(body))
+
+
+@dataclass
+class FrameEvent:
+    """What :class:`FrameReader` found: a parsed chunk, or an error at a stream offset."""
+
+    offset: int
+    """Stream offset of the frame (or of the bad bytes)."""
+    size: int
+    """Bytes the frame (or the skipped region) occupied."""
+    chunk: StreamHeader | DataChunk | StreamEnd | None = None
+    """The parsed chunk, when the frame was good."""
+    error: str | None = None
+    """Why the bytes were rejected, when they were bad."""
+
+
+class FrameReader:
+    """Incremental frame parser for a byte stream (a file read in pieces, a data channel).
+
+    ``feed()`` returns every complete frame found so far; bytes that do not form a valid frame
+    are reported as errors and skipped up to the next magic. ``pending`` counts the bytes of an
+    incomplete frame at the end (a truncated stream leaves them there).
+    """
+
+    def __init__(self, max_body_bytes: int = MAX_BODY_BYTES):
+        self._buffer = bytearray()
+        self._offset = 0  # stream offset of _buffer[0]
+        self.max_body_bytes = max_body_bytes
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[FrameEvent]:
+        self._buffer += data
+        events: list[FrameEvent] = []
+        while True:
+            start = self._buffer.find(MAGIC)
+            if start < 0:
+                # Keep the last bytes: they may be the start of a magic split across reads.
+                keep = len(MAGIC) - 1
+                if len(self._buffer) > keep:
+                    dropped = len(self._buffer) - keep
+                    events.append(FrameEvent(self._offset, dropped,
+                                             error=f"{dropped} bytes that are not a frame"))
+                    self._consume(dropped)
+                return events
+            if start:
+                events.append(FrameEvent(self._offset, start,
+                                         error=f"{start} bytes that are not a frame"))
+                self._consume(start)
+            if len(self._buffer) < PREFIX_BYTES:
+                return events
+            length = PREFIX.unpack_from(self._buffer)[3]
+            if length > self.max_body_bytes:
+                events.append(FrameEvent(self._offset, 1,
+                                         error=f"oversized frame ({length} bytes) rejected"))
+                self._consume(1)
+                continue
+            end = PREFIX_BYTES + length
+            if len(self._buffer) < end:
+                return events
+            try:
+                chunk = parse_frame(bytes(self._buffer[:end]))
+            except WireError as error:
+                # Do not trust the length of a frame that failed: resume at the next magic.
+                resume = self._buffer.find(MAGIC, 1)
+                resume = resume if resume > 0 else max(1, len(self._buffer) - len(MAGIC) + 1)
+                events.append(FrameEvent(self._offset, resume, error=str(error)))
+                self._consume(resume)
+                continue
+            events.append(FrameEvent(self._offset, end, chunk=chunk))
+            self._consume(end)
+
+    def finish(self) -> list[FrameEvent]:
+        """End of stream: report what is left as truncated, after parsing any frame behind it.
+
+        A frame whose (corrupted) length ran past the end may hide good frames after it; they
+        are recovered by resuming at the next magic.
+        """
+        events: list[FrameEvent] = []
+        while self._buffer:
+            resume = self._buffer.find(MAGIC, 1)
+            if resume < 0:
+                size = len(self._buffer)
+                events.append(FrameEvent(self._offset, size,
+                                         error=f"truncated: the last {size} bytes are an "
+                                               "incomplete frame"))
+                self._consume(size)
+                break
+            events.append(FrameEvent(self._offset, resume,
+                                     error="incomplete frame (its length runs past the end)"))
+            self._consume(resume)
+            events.extend(self.feed(b""))
+        return events
+
+    def _consume(self, count: int) -> None:
+        del self._buffer[:count]
+        self._offset += count
+
+
+def voxel_sha256(voxels: np.ndarray) -> str:
+    """SHA-256 of int16 voxels as little-endian bytes in C (slice-major) order."""
+    return hashlib.sha256(np.ascontiguousarray(voxels, dtype="<i2").tobytes()).hexdigest()
