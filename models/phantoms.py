@@ -30,7 +30,7 @@ def _smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float
     coarse_shape = tuple(max(2, n // coarse) for n in shape)
     field = rng.uniform(-1.0, 1.0, coarse_shape)
     zoom = [n / c for n, c in zip(shape, coarse_shape)]
-    return amplitude * ndimage.zoom(field, zoom, order=3, mode="nearest")[
+    return amplitude * ndimage.zoom(field, zoom, order=1, mode="nearest")[
         tuple(slice(0, n) for n in shape)]
 
 
@@ -69,7 +69,7 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
     size = rng.uniform(0.8, 1.15)
     half_width, half_depth = size * rng.uniform(135, 175), size * rng.uniform(95, 130)
     # Anatomical axis u: mm below the liver dome, increasing inferiorly; slice k is superior.
-    u_top = rng.uniform(-60, 120)
+    u_top = rng.uniform(-40, 110)
     u = u_top + (nz - 1 - np.arange(nz)) * sz
     liver_length = size * rng.uniform(140, 200)
 
@@ -97,13 +97,36 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
     hu[inner] = rng.uniform(-100, -60)
     inner_x, inner_y = half_width - fat - wall, half_depth - fat - wall
 
-    # Lungs above and beside the dome; the heart in front of them.
-    lung_level = np.clip(1.0 - (u3 + 20) / 90, 0, 1)
-    lungs = inner & (y > inner_y * (0.9 - 1.6 * lung_level)) & (np.abs(x) > 25)
+    # Lung bases: posterior crescents at the dome, filling the chest 60 mm above it.
+    lung_level = np.clip((60 - u3) / 120, 0, 1)
+    lungs = inner & (lung_level > 0) & (y > inner_y * (1 - 2 * lung_level)) & (np.abs(x) > 25)
     hu[lungs] = rng.uniform(-900, -780)
     heart = _ellipse(x, y, 25, -0.35 * inner_y, 70 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3,
                      55 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3)
     hu[heart & inner] = artery_hu if contrast else rng.uniform(35, 55)
+
+    # Spine with posterior elements and paraspinal muscles, the aorta in front of it.
+    spine_y = inner_y - 25
+    vertebra = _ellipse(x, y, 0, spine_y, 20 * size, 17 * size)
+    hu[vertebra] = rng.uniform(180, 280)
+    hu[vertebra & ~_ellipse(x, y, 0, spine_y, 16 * size, 13 * size)] = rng.uniform(450, 800)
+    process = _ellipse(x, y, 0, spine_y + 30, 7, 20 * size) & muscle_outer
+    hu[process] = rng.uniform(400, 700)
+    paraspinal = np.zeros(grid, dtype=bool)
+    for side in (-1, 1):
+        paraspinal |= _ellipse(x, y, side * 35 * size, spine_y + 15, 22 * size, 25 * size)
+    paraspinal &= muscle_outer & ~vertebra & ~process
+    hu[paraspinal] = rng.uniform(40, 60)
+    aorta = _ellipse(x, y, 18, spine_y - 32, 11, 11)
+    hu[aorta] = artery_hu
+
+    # Ribs on the wall from the dome down to below the liver's upper half.
+    ribs = np.zeros(grid, dtype=bool)
+    for angle in np.linspace(-np.pi, np.pi, rng.integers(12, 20), endpoint=False):
+        rx = (half_width - fat - wall / 2) * np.cos(angle)
+        ry = (half_depth - fat - wall / 2) * np.sin(angle)
+        ribs |= _ellipse(x, y, rx, ry, 6, 5) & (u3 < 130) & (np.abs(angle - np.pi / 2) > 0.5)
+    hu[ribs] = rng.uniform(350, 800)
 
     # The liver: right part of the abdomen, left lobe reaching across in its upper part.
     profile = _present(u3, rng.uniform(-8, 8), liver_length)
@@ -112,7 +135,8 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
     cut = cut + _smooth_field(rng, grid, 16, 12.0)
     liver_extent = _ellipse(x, y, -0.25 * inner_x * (1 - profile), 0.1 * inner_y * (1 - upper),
                             inner_x * (0.2 + 0.8 * profile), inner_y * (0.2 + 0.8 * profile))
-    liver = inner & liver_extent & (x < cut) & (profile > 0.05) & ~(lungs & (upper > 0.9))
+    liver = (inner & liver_extent & (x < cut) & (profile > 0.05)
+             & ~(vertebra | process | paraspinal | aorta | ribs))
     hu[liver] = liver_hu
     for _ in range(rng.integers(3, 9)):  # intrahepatic vessels: random straight tubes
         start = np.array([rng.uniform(-0.8, 0.0) * inner_x, rng.uniform(-0.6, 0.6) * inner_y])
@@ -125,18 +149,7 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
         lesion = liver & _ellipse(x, y, cx, cy, rng.uniform(8, 25), rng.uniform(8, 25))
         hu[lesion] = liver_hu - rng.uniform(25, 60)
 
-    # Spine with posterior elements, aorta and vena cava in front of it.
-    spine_y = inner_y - 25
-    vertebra = _ellipse(x, y, 0, spine_y, 20 * size, 17 * size)
-    hu[vertebra] = rng.uniform(180, 280)
-    hu[vertebra & ~_ellipse(x, y, 0, spine_y, 16 * size, 13 * size)] = rng.uniform(450, 800)
-    hu[_ellipse(x, y, 0, spine_y + 30, 7, 20 * size) & muscle_outer] = rng.uniform(400, 700)
-    for side in (-1, 1):
-        hu[_ellipse(x, y, side * 35 * size, spine_y + 15, 22 * size, 25 * size) & muscle_outer
-           & ~vertebra] = rng.uniform(40, 60)
-    hu[_ellipse(x, y, 18, spine_y - 32, 11, 11)] = artery_hu
-    hu[_ellipse(x, y, -22, spine_y - 30, 13, 10) & ~liver] = vessel_hu
-
+    hu[_ellipse(x, y, -22, spine_y - 30, 13, 10) & ~liver & inner] = vessel_hu  # vena cava
     # Spleen (liver-like HU) and stomach on the left, kidneys at the back, bowel below.
     spleen = _ellipse(x, y, 0.62 * inner_x, 0.35 * inner_y,
                       45 * _present(u3, 15, 140) + 1e-3, 28 * _present(u3, 15, 140) + 1e-3, 0.6)
@@ -158,12 +171,6 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
         loop = _ellipse(x, y, bx, by, rng.uniform(8, 18) * bowel_level + 1e-3,
                         rng.uniform(8, 18) * bowel_level + 1e-3) & inner & ~liver & ~vertebra
         hu[loop] = rng.choice([-1000.0, rng.uniform(0, 40), rng.uniform(60, 120)])
-
-    # Ribs on the wall from the dome down to below the liver's upper half.
-    for angle in np.linspace(-np.pi, np.pi, rng.integers(12, 20), endpoint=False):
-        rx, ry = (half_width - fat - wall / 2) * np.cos(angle), (half_depth - fat - wall / 2) * np.sin(angle)
-        rib = _ellipse(x, y, rx, ry, 6, 5) & (u3 < 130) & (np.abs(angle - np.pi / 2) > 0.5)
-        hu[rib] = rng.uniform(350, 800)
 
     hu[liver] += _smooth_field(rng, grid, 3, rng.uniform(3, 10))[liver]
     hu = ndimage.gaussian_filter(hu, sigma=(0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))

@@ -48,7 +48,7 @@ class UNetConfig:
     network, and the probabilities are resampled back to the native grid.
     """
 
-    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    widths: tuple[int, ...] = (12, 24, 48, 96, 192)
     """Feature channels of each level, shallowest first; one entry per level."""
     spacing_mm: float = 2.0
     """In-plane pixel size, in mm, the network sees."""
@@ -173,6 +173,9 @@ def save_weights(model: LiverUNet, path, metadata: dict | None = None) -> Path:
 def load_weights(path=None, device: str | torch.device = "cpu") -> LiverUNet:
     """Rebuild a :class:`LiverUNet` in float32 evaluation mode from a weights file.
 
+    The network comes back in channels-last memory format, which is about twice as fast for
+    these narrow convolutions on CPU.
+
     Args:
         path: file written by :func:`save_weights`; ``None`` for :data:`BUNDLED_WEIGHTS`.
         device: where to put the network.
@@ -193,7 +196,7 @@ def load_weights(path=None, device: str | torch.device = "cpu") -> LiverUNet:
     state = {name: tensor.float() if tensor.is_floating_point() else tensor
              for name, tensor in payload["state_dict"].items()}
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def weights_metadata(path=None) -> dict:

@@ -16,6 +16,11 @@ from shared.nifti import write_nifti
 EXAMPLES = """examples:
   dlad-receive --in study.dlad --out recon.nii.gz
   dlad-receive --in study.dlad --out recon.nii.gz --status status.json
+  # network mode: take studies from dlad-send --to over WebRTC, one folder per study
+  dlad-receive --listen 127.0.0.1:8700 --token-file token.txt --out-dir received/
+
+exit status (file mode): 0 complete, 1 failed or SHA-256 mismatch, 2 bad arguments,
+3 incomplete or damaged stream; (network mode): 0 after SIGINT/SIGTERM, 1 cannot start
 """
 READ_BYTES = 1 << 20
 
@@ -27,12 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "A truncated or damaged stream still yields the slices that arrived; what "
                     "is missing or was rejected is reported.",
         epilog=EXAMPLES)
-    parser.add_argument("--in", dest="input", required=True, type=Path,
+    parser.add_argument("--in", dest="input", type=Path,
                         help="the .dlad stream file written by dlad-send --out")
-    parser.add_argument("--out", required=True, type=Path,
+    parser.add_argument("--out", type=Path,
                         help="output NIfTI (.nii or .nii.gz)")
     parser.add_argument("--status", type=Path,
                         help="also write the reassembly status as JSON to this file")
+    network = parser.add_argument_group(
+        "network mode (instead of --in/--out; see docs/STREAMING.md)")
+    network.add_argument("--listen", metavar="HOST:PORT",
+                         help="serve WebRTC signaling (POST /studies) on this address")
+    network.add_argument("--token-file", type=Path,
+                         help="file holding the bearer token senders must present")
+    network.add_argument("--out-dir", type=Path,
+                         help="folder that receives one sub-folder per study")
+    network.add_argument("--snapshot-interval", type=float, default=2.0, metavar="SECONDS",
+                         help="least seconds between two snapshots of a study (NIfTI + "
+                              "status.json; milestones always write one; default %(default)s)")
+    network.add_argument("--snapshot-format", choices=("nii", "nii.gz"), default="nii",
+                         help="snapshot file volume.nii (default: fast) or volume.nii.gz")
+    network.add_argument("--max-sessions", type=int, default=8,
+                         help="concurrent connections at most (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     return parser
 
@@ -58,7 +78,20 @@ def receive_file(source: Path, stream: StudyStream) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.listen is not None:
+        if args.input is not None or args.out is not None or args.status is not None:
+            parser.error("--listen does not combine with --in/--out/--status")
+        if args.token_file is None or args.out_dir is None:
+            parser.error("--listen needs --token-file and --out-dir")
+        from receiver.service import run_listen
+        return run_listen(args, parser)
+    if args.input is None or args.out is None:
+        parser.error("give --in FILE --out FILE, or --listen HOST:PORT --token-file FILE "
+                     "--out-dir DIR")
+    if args.token_file is not None or args.out_dir is not None:
+        parser.error("--token-file and --out-dir belong to --listen")
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="dlad-receive: %(message)s")
     if not str(args.out).lower().endswith((".nii", ".nii.gz")):

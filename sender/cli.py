@@ -29,8 +29,12 @@ EXAMPLES = """examples:
   dlad-send ct.nii.gz --roi-mask total.nii.gz --roi-label 5 --exact --out study.dlad
   # paper-style: one lossless codec on the diffused volume (ROI bit-exact)
   dlad-send ct.nii.gz --roi-mask liver.nii.gz --codec hevc-lossless --out study.dlad
+  # stream to a receiver (dlad-receive --listen) over WebRTC, resuming after drops
+  dlad-send ct.nii.gz --roi-mask liver.nii.gz --exact --to http://127.0.0.1:8700 \\
+      --token-file token.txt
 
-exit status: 0 ok, 1 failed (bad input, nothing written), 2 bad arguments
+exit status: 0 ok, 1 failed (bad input, nothing written; refused by the receiver),
+2 bad arguments, 3 (--to) not delivered completely: run it again to resume
 """
 
 log = logging.getLogger("dlad.sender")
@@ -46,8 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", help="NIfTI file, DICOM series folder, NRRD/MHA file, or "
                                       f"'{PHANTOM}' for the built-in synthetic phantom")
     where = parser.add_argument_group("output")
-    where.add_argument("--out", type=Path, required=True,
-                       help="write the stream to this .dlad file")
+    target = where.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path,
+                        help="write the stream to this .dlad file")
+    target.add_argument("--to", metavar="URL",
+                        help="stream to a dlad-receive --listen at http://HOST:PORT over WebRTC "
+                             "(INPUT may also be a .dlad file written by --out)")
+    where.add_argument("--token-file", type=Path,
+                       help="with --to: file holding the receiver's bearer token")
+    where.add_argument("--retries", type=int, default=5,
+                       help="with --to: reconnections after a lost connection, each resuming "
+                            "where the receiver is (default %(default)s)")
+    where.add_argument("--max-rate", type=float, metavar="MBIT_S",
+                       help="with --to: cap the sending rate (Mbit/s)")
+    where.add_argument("--drop-after", type=int, metavar="N", help=argparse.SUPPRESS)
     where.add_argument("--study-id", help="study id in the stream (default: input name + hash)")
     roi = parser.add_argument_group("region of interest (sent bit-exact)")
     roi.add_argument("--roi-mask", type=Path,
@@ -165,6 +181,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="dlad-send: %(message)s")
+    if args.to is not None:
+        from sender.transport import main_to
+        return main_to(args, parser)
+    if args.token_file is not None or args.drop_after is not None:
+        parser.error("--token-file belongs to --to")
     try:
         encoder = build_encoder(args)
     except (VolumeError, ValueError, OSError) as error:

@@ -40,7 +40,7 @@ import torch
 class DiffusionSettings:
     """Parameters of the probability-steered Perona–Malik scheme."""
 
-    kappa: float = 40.0
+    kappa: float = 20.0
     """Edge threshold K in HU: neighbour differences well above K stop the flow."""
     iterations: int = 15
     """Number of explicit time steps (the paper uses 15)."""

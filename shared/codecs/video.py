@@ -26,6 +26,8 @@ from shared.codecs.base import (BLOCK_DTYPE, Codec, CodecError, check_block, che
 av.logging.set_level(av.logging.ERROR)
 
 TWELVE_BIT_LEVELS = 4096
+#: x265 refuses pictures smaller than this on either side; smaller slices are edge-padded.
+MIN_HEVC_SIDE = 16
 
 
 def encode_frames(encoder: str, pix_fmt: str, frames: np.ndarray, options: dict
@@ -125,20 +127,26 @@ def _x265_options(params: str, preset: str) -> dict:
     return {"x265-params": f"{params}:log-level=error", "preset": preset}
 
 
+def _padded_shape(shape) -> tuple[int, int, int]:
+    return (shape[0], max(shape[1], MIN_HEVC_SIDE), max(shape[2], MIN_HEVC_SIDE))
+
+
 class _Hevc12Bit(Codec):
-    """Shared 12-bit window mapping of the HEVC codecs."""
+    """Shared 12-bit window mapping of the HEVC codecs (and padding of tiny slices)."""
 
     def _to_12bit(self, block: np.ndarray) -> tuple[np.ndarray, int]:
         offset = best_12bit_offset(block)
-        shifted = block.astype(np.int32) - offset
-        return np.clip(shifted, 0, TWELVE_BIT_LEVELS - 1).astype(np.uint16), offset
+        shifted = np.clip(block.astype(np.int32) - offset, 0, TWELVE_BIT_LEVELS - 1)
+        _, height, width = _padded_shape(block.shape)
+        pad = ((0, 0), (0, height - block.shape[1]), (0, width - block.shape[2]))
+        return np.pad(shifted, pad, mode="edge").astype(np.uint16), offset
 
     def _decode_12bit(self, payload: bytes, shape, params: dict) -> np.ndarray:
         offset = params.get("offset")
         if not isinstance(offset, int) or not -32768 <= offset <= 32767:
             raise CodecError(f"{self.name}: missing or invalid 12-bit offset")
-        planes = decode_frames("hevc", payload, shape, params)
-        values = planes.astype(np.int32) + offset
+        planes = decode_frames("hevc", payload, _padded_shape(shape), params)
+        values = planes[:, : shape[1], : shape[2]].astype(np.int32) + offset
         return check_decoded(np.clip(values, -32768, 32767).astype(BLOCK_DTYPE), shape, self.name)
 
 

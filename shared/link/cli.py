@@ -265,6 +265,13 @@ def _milliseconds(seconds: float | None) -> str:
 
 async def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
                  stats: Callable[[], RelayStats], args: argparse.Namespace) -> int:
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, interrupted.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # No signal handlers off the main thread or on Windows; Ctrl-C still ends asyncio.run.
     try:
         await start()
     except OSError as exc:
@@ -273,13 +280,6 @@ async def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaita
         await stop()
         return 1
     printer = _StatsPrinter(stats)
-    interrupted = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, interrupted.set)
-        except (NotImplementedError, RuntimeError):
-            pass  # No signal handlers off the main thread or on Windows; Ctrl-C still ends asyncio.run.
     periodic = asyncio.create_task(printer.run(args.stats_interval)) if args.stats_interval else None
     try:
         await asyncio.wait_for(interrupted.wait(), args.duration)

@@ -70,14 +70,15 @@ def sdp_candidates(sdp: str) -> list[SdpCandidate]:
 
 
 def is_relayable(candidate: SdpCandidate) -> bool:
-    """Whether a relay on this machine can stand in for the candidate: UDP to an IPv4 unicast address.
+    """Whether a relay on this machine can stand in for the candidate: a UDP host candidate on IPv4 unicast.
 
     aiortc (aioice) never offers 127.0.0.1 itself, so this takes the machine's interface
     addresses too; traffic to them from this machine still stays on the loopback device. It
-    leaves out TCP, IPv6 (its link-local addresses need a scope the relay cannot reach), mDNS
-    ``.local`` names, and IPv4 link-local, multicast and unspecified addresses.
+    leaves out TCP, server-reflexive and TURN candidates (they lead off the machine), IPv6
+    (its link-local addresses need a scope the relay cannot reach), mDNS ``.local`` names,
+    and IPv4 link-local, multicast and unspecified addresses.
     """
-    if candidate.transport.lower() != "udp":
+    if candidate.transport.lower() != "udp" or candidate.type != "host":
         return False
     try:
         address = ipaddress.ip_address(candidate.host)

@@ -179,8 +179,9 @@ class SignalingProxy:
         if request.method == "DELETE" and success:
             for relay in self._sessions.pop(request.path, []):
                 await relay.stop()
-        if resource is not None and resource.startswith(self._target_origin + "/"):
-            headers["Location"] = self._origin + resource[len(self._target_origin):]
+        location = headers.get("Location", "")
+        if location.startswith(self._target_origin + "/"):
+            headers["Location"] = self._origin + location[len(self._target_origin):]
         return web.Response(status=status, reason=reason, headers=headers, body=answer_body)
 
     async def _open_relays(self, sdp: str) -> list[LinkRelay]:

@@ -1,0 +1,639 @@
+#!/usr/bin/env python
+"""Train the 2D liver U-Net (models/unet.py) from CT scans with liver masks.
+
+Inputs, any mix of:
+
+* ``--train CT MASK`` / ``--val CT MASK`` pairs: CT as a NIfTI file, a DICOM series folder,
+  NRRD or MHA; the mask in any of those, aligned to the CT through physical space (the two
+  may be stored in different array orientations).
+* ``--dataset DIR`` folders in a known layout, detected automatically:
+  MSD (``imagesTr/*.nii.gz`` + ``labelsTr/*.nii.gz``), LiTS (``volume-N.nii`` +
+  ``segmentation-N.nii``, in any sub-folder), TotalSegmentator (``<subject>/ct.nii.gz`` with
+  ``<subject>/segmentations/liver.nii.gz``, or a multi-label ``<subject>/seg.nii.gz`` /
+  ``segmentations.nii.gz``: pass ``--label 5``).
+* ``--phantoms N`` synthetic abdominal phantoms (models/phantoms.py), training only.
+
+Masks: ``--label L`` takes the voxels equal to ``L`` as liver; without it, every non-zero
+voxel (so LiTS/MSD tumours, label 2, count as liver, as they must for a lossless ROI).
+
+Validation is patient-level: the ``--val`` pairs, or else a seeded ``--val-fraction`` of the
+patients (one patient per scan, or per subject folder / case number in a dataset). Each
+validation reports the Dice of ``p > 0.5``, the liver recall in the final ROI after the
+paper's dilation and thresholding, and the ROI fraction (sender/roi/safety.py).
+
+Training samples a batch of axial slices (already in canonical orientation and at the
+network's pixel size) and augments each one: a random crop (128-224 px, i.e. 26-45 cm, so
+most crops do not show the whole body) centred on the liver or anywhere in the body, rotation,
+scaling, optional left-right flips, a contrast-enhancement shift of soft tissue, global
+brightness/contrast, resolution loss and Gaussian noise. The loss is binary cross-entropy with
+a positive-class weight (recall over precision) plus a soft Dice term (Milletari et al. 2016,
+"V-Net", 3DV): ``L = BCE_w + 1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)``. AdamW with a cosine
+learning-rate schedule after a linear warm-up. On CUDA the forward pass runs under float16
+autocast with a gradient scaler.
+
+Every random draw of step ``s`` comes from generators seeded with ``(seed, s)``, so a run
+resumed from its checkpoint continues exactly as if it had not stopped.
+
+Outputs in ``--out``: ``checkpoint.pt`` (resumable, ``--resume``), ``liver_unet.pt``
+(half-precision weights for the sender), ``liver_unet.json`` (sidecar: data, preprocessing,
+validation, the command that retrains it) and ``history.json``.
+
+Examples:
+    # fold A: train on the abdomen CT, validate on the torso CT
+    python scripts/train_liver_unet.py --out runs/fold_a \\
+        --train ../shared/data/abdomen_ct_dicom ../shared/data/abdomen_ct_liver.nii.gz \\
+        --val ../shared/data/torso_ct_sm.nii.gz ../shared/data/torso_ct_sm_liver.nii.gz
+
+    # a LiTS download plus 100 phantoms, 20 % of the patients held out, on a GPU
+    python scripts/train_liver_unet.py --out runs/lits --dataset ~/data/LiTS \\
+        --phantoms 100 --steps 20000 --batch-size 32 --device cuda
+
+    # TotalSegmentator's multi-label masks: the liver is label 5
+    python scripts/train_liver_unet.py --out runs/ts --dataset ~/data/Totalsegmentator --label 5
+
+    # continue an interrupted run: the same command plus --resume
+    python scripts/train_liver_unet.py --out runs/fold_a --resume \
+        --train ../shared/data/abdomen_ct_dicom ../shared/data/abdomen_ct_liver.nii.gz \
+        --val ../shared/data/torso_ct_sm.nii.gz ../shared/data/torso_ct_sm_liver.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.inference import default_device, predict_probability
+from models.phantoms import make_phantom
+from models.preprocessing import canonical_spacing, network_size, resize, to_canonical, window
+from models.unet import LiverUNet, UNetConfig, save_weights
+from sender.io import load_volume
+from sender.roi.safety import roi_metrics
+from shared.geometry import resample_nearest
+from shared.volume import Volume
+
+CHECKPOINT_FORMAT = "dlad-liver-unet-checkpoint/1"
+#: Options that must not change when a run is resumed.
+FROZEN_OPTIONS = ("widths", "spacing_mm", "window", "seed", "batch_size", "lr", "steps",
+                  "warmup_steps", "positive_weight", "crop_sizes", "rotation_deg", "scale",
+                  "flip_prob", "phantoms", "phantom_fraction", "label")
+#: HU given to pixels that a crop or rotation brings in from outside the scan.
+AIR_HU = -1024.0
+#: Mask values above this (multi-label map without --label) make us ask for --label.
+MULTILABEL_HINT = 3
+
+
+@dataclass
+class Case:
+    """One labelled scan, with the patient it belongs to (splits never separate a patient)."""
+
+    ct: Path
+    mask: Path
+    patient: str
+
+
+@dataclass
+class TrainingScan:
+    """A scan ready for sampling: canonical orientation, network pixel size."""
+
+    name: str
+    hu: torch.Tensor
+    """int16 ``(nz, H, W)``."""
+    liver: torch.Tensor
+    """uint8 ``(nz, H, W)``, soft liver fraction x 255 (resampling blurs the edge)."""
+    synthetic: bool
+
+
+@dataclass
+class ValidationScan:
+    """A scan kept at native resolution, evaluated exactly as the sender would."""
+
+    name: str
+    volume: Volume
+    liver: np.ndarray
+
+
+# ----------------------------------------------------------------------------- data discovery
+
+def discover_dataset(root: Path) -> list[Case]:
+    """Cases of a dataset folder in the MSD, LiTS or TotalSegmentator layout."""
+    if not root.is_dir():
+        raise SystemExit(f"--dataset {root}: not a folder")
+    nifti = ("*.nii", "*.nii.gz")
+    if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
+        cases = []
+        for pattern in nifti:
+            for image in sorted((root / "imagesTr").glob(pattern)):
+                label = root / "labelsTr" / image.name
+                if image.name.startswith("._") or not label.is_file():
+                    continue
+                cases.append(Case(image, label, f"{root.name}/{image.name.split('.')[0]}"))
+        return _nonempty(cases, root, "MSD")
+    volumes = {}
+    for pattern in ("volume-*.nii", "volume-*.nii.gz"):
+        for path in root.rglob(pattern):
+            volumes[re.match(r"volume-(\d+)", path.name).group(1)] = path
+    if volumes:
+        cases = []
+        for number, volume in sorted(volumes.items(), key=lambda item: int(item[0])):
+            masks = [p for p in volume.parent.parent.rglob(f"segmentation-{number}.nii*")]
+            if masks:
+                cases.append(Case(volume, masks[0], f"{root.name}/{number}"))
+        return _nonempty(cases, root, "LiTS")
+    cases = []
+    for subject in sorted(p for p in root.iterdir() if p.is_dir()):
+        ct = next((subject / n for n in ("ct.nii.gz", "ct.nii") if (subject / n).is_file()), None)
+        masks = [subject / "segmentations" / "liver.nii.gz", subject / "seg.nii.gz",
+                 subject / "segmentations.nii.gz"]
+        mask = next((m for m in masks if m.is_file()), None)
+        if ct and mask:
+            cases.append(Case(ct, mask, f"{root.name}/{subject.name}"))
+    return _nonempty(cases, root, "TotalSegmentator")
+
+
+def _nonempty(cases: list[Case], root: Path, layout: str) -> list[Case]:
+    if not cases:
+        raise SystemExit(f"--dataset {root}: looks like the {layout} layout but no CT has a "
+                         "matching mask")
+    return cases
+
+
+def split_cases(args) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases; validation never shares a patient with training."""
+    train = [Case(Path(ct), Path(mask), Path(ct).name) for ct, mask in args.train or []]
+    for root in args.dataset or []:
+        train += discover_dataset(Path(root).expanduser())
+    val = [Case(Path(ct), Path(mask), Path(ct).name) for ct, mask in args.val or []]
+    if not val and args.val_fraction > 0:
+        patients = sorted({case.patient for case in train})
+        if len(patients) >= 2:
+            order = np.random.default_rng(args.seed).permutation(len(patients))
+            count = max(1, round(args.val_fraction * len(patients)))
+            held_out = {patients[i] for i in order[:count]}
+            val = [case for case in train if case.patient in held_out]
+            train = [case for case in train if case.patient not in held_out]
+    shared = {c.patient for c in train} & {c.patient for c in val}
+    if shared:
+        raise SystemExit(f"patients in both training and validation: {sorted(shared)}")
+    for case in train + val:
+        for path in (case.ct, case.mask):
+            if not path.exists():
+                raise SystemExit(f"not found: {path}")
+    return train, val
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_liver(case: Case, volume: Volume, label: int | None) -> np.ndarray:
+    """The case's liver mask on ``volume``'s grid (aligned through physical space)."""
+    mask_volume = load_volume(case.mask)
+    values = mask_volume.data
+    if label is None and int(values.max()) > MULTILABEL_HINT:
+        raise SystemExit(f"{case.mask} holds labels up to {int(values.max())}: a multi-label map "
+                         "needs --label (TotalSegmentator: --label 5)")
+    selected = values == label if label is not None else values > 0
+    liver = resample_nearest(selected.astype(np.uint8), mask_volume.affine, volume.shape,
+                             volume.affine).astype(bool)
+    if not liver.any():
+        raise SystemExit(f"{case.mask}: no liver voxel on the CT's grid (label {label}; do CT "
+                         "and mask belong together?)")
+    return liver
+
+
+def to_training_scan(name: str, volume: Volume, liver: np.ndarray, config: UNetConfig,
+                     synthetic: bool = False) -> TrainingScan:
+    """Canonical orientation and network pixel size, stored compactly."""
+    hu = to_canonical(volume.data, volume.affine)
+    mask = to_canonical(liver, volume.affine)
+    sx, sy, _ = canonical_spacing(volume.spacing, volume.affine)
+    size = network_size(hu.shape[1:], (sx, sy), config.spacing_mm)
+    hu = resize(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[:, None], size)
+    mask = resize(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[:, None], size)
+    return TrainingScan(name, hu[:, 0].round().clamp(-32768, 32767).to(torch.int16),
+                        (mask[:, 0].clamp(0, 1) * 255).round().to(torch.uint8), synthetic)
+
+
+def load_cases(cases: list[Case], label: int | None, config: UNetConfig, what: str):
+    training, validation = [], []
+    for case in tqdm(cases, desc=f"loading {what} scans", unit="scan"):
+        volume = load_volume(case.ct)
+        liver = load_liver(case, volume, label)
+        name = f"{case.patient}:{case.ct.name}" if case.patient != case.ct.name else case.ct.name
+        if what == "training":
+            training.append(to_training_scan(name, volume, liver, config))
+        else:
+            validation.append(ValidationScan(name, volume, liver))
+    return training if what == "training" else validation
+
+
+def make_phantom_scans(count: int, seed: int, config: UNetConfig) -> list[TrainingScan]:
+    scans = []
+    for index in tqdm(range(count), desc="synthesising phantoms", unit="phantom"):
+        rng = np.random.default_rng([seed, 1_000_003, index])
+        side = int(rng.integers(176, 240))
+        shape = (int(rng.integers(12, 25)), side, side + int(rng.integers(-16, 17)))
+        volume, liver = make_phantom(shape=shape, seed=int(rng.integers(2**31)),
+                                     spacing=(config.spacing_mm, config.spacing_mm,
+                                              float(rng.uniform(2.0, 5.0))))
+        scans.append(to_training_scan(f"phantom-{index}", volume, liver, config, synthetic=True))
+    return scans
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def sample_slices(scans: list[TrainingScan], count: int, phantom_fraction: float,
+                  rng: np.random.Generator) -> list[tuple[TrainingScan, int]]:
+    """``count`` (scan, slice) draws: real scans equally likely, phantoms ``phantom_fraction``."""
+    real = [s for s in scans if not s.synthetic]
+    synthetic = [s for s in scans if s.synthetic]
+    draws = []
+    for _ in range(count):
+        pool = synthetic if synthetic and (not real or rng.uniform() < phantom_fraction) else real
+        scan = pool[rng.integers(len(pool))]
+        draws.append((scan, int(rng.integers(scan.hu.shape[0]))))
+    return draws
+
+
+def crop_centre(hu: torch.Tensor, liver: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """``(x, y)`` pixel to centre a crop on: a liver pixel (70 %), else a body pixel."""
+    candidates = liver > 127 if rng.uniform() < 0.7 else hu > -500
+    if not candidates.any():
+        candidates = hu > -500
+    if not candidates.any():
+        return np.array([(hu.shape[1] - 1) / 2, (hu.shape[0] - 1) / 2])
+    rows, cols = torch.nonzero(candidates, as_tuple=True)
+    pick = int(rng.integers(len(rows)))
+    return np.array([float(cols[pick]), float(rows[pick])])
+
+
+def augment(scan: TrainingScan, index: int, size: int, args, rng: np.random.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented ``(HU, liver)`` pair of ``size x size`` pixels from a stored slice.
+
+    Output pixel ``o`` samples the stored slice at ``c + A (o - o_c)`` (bilinear), with
+    ``A = R(theta) diag(z_x, z_y) diag(f, 1)``: rotation ``theta``, zoom ``z`` and an optional
+    left-right flip ``f = -1``; ``c`` is the crop centre (jittered).
+    """
+    hu = scan.hu[index].float()
+    liver = scan.liver[index].float() / 255.0
+    height, width = hu.shape
+    centre = crop_centre(hu, scan.liver[index], rng) + rng.uniform(-0.25, 0.25, 2) * size
+    theta = math.radians(rng.uniform(-args.rotation_deg, args.rotation_deg))
+    zoom = math.exp(rng.uniform(-math.log1p(args.scale), math.log1p(args.scale)))
+    zoom_x, zoom_y = zoom * rng.uniform(0.95, 1.05), zoom * rng.uniform(0.95, 1.05)
+    flip = -1.0 if rng.uniform() < args.flip_prob else 1.0
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    matrix = rotation @ np.diag([zoom_x * flip, zoom_y])
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    out_y, out_x = torch.meshgrid(offsets, offsets, indexing="ij")
+    source_x = centre[0] + matrix[0, 0] * out_x + matrix[0, 1] * out_y
+    source_y = centre[1] + matrix[1, 0] * out_x + matrix[1, 1] * out_y
+    # grid_sample's normalised coordinates for align_corners=False.
+    grid = torch.stack([(2 * source_x + 1) / width - 1, (2 * source_y + 1) / height - 1], dim=-1)
+    stacked = torch.stack([hu - AIR_HU, liver])[None]
+    sampled = F.grid_sample(stacked, grid[None].float(), mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[0]
+    return sampled[0] + AIR_HU, sampled[1]
+
+
+def augment_intensity(hu: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Contrast, brightness, resolution and noise changes of one ``(H, W)`` HU crop.
+
+    * contrast-agent uptake: ``h += d w(h)`` with ``w = clip((h + 30) / 80, 0, 1)``, so soft
+      tissue and vessels shift by ``d`` in [-50, 60] HU while fat and air stay;
+    * global: ``h = (h - 40) a + 40 + b``, ``a`` in [0.85, 1.2], ``b`` in [-20, 20] HU;
+    * resolution loss (30 %): shrink by [0.4, 0.9] and enlarge back (thick or smooth scans);
+    * noise (50 %): Gaussian, standard deviation up to 25 HU.
+    """
+    uptake = rng.uniform(-50, 60) * ((hu + 30) / 80).clamp(0, 1)
+    hu = hu + uptake
+    hu = (hu - 40) * rng.uniform(0.85, 1.2) + 40 + rng.uniform(-20, 20)
+    if rng.uniform() < 0.3:
+        factor = rng.uniform(0.4, 0.9)
+        small = (max(8, round(hu.shape[0] * factor)), max(8, round(hu.shape[1] * factor)))
+        hu = resize(resize(hu[None, None], small), hu.shape)[0, 0]
+    if rng.uniform() < 0.5:
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        hu = hu + torch.randn(hu.shape, generator=generator) * rng.uniform(0, 25)
+    return hu
+
+
+def make_batch(scans: list[TrainingScan], args, config: UNetConfig, step: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented batch of ``step``: ``(N, 1, S, S)`` windowed slices and liver targets."""
+    rng = np.random.default_rng([args.seed, step])
+    size = int(rng.choice(args.crop_sizes))
+    images, targets = [], []
+    for scan, index in sample_slices(scans, args.batch_size, args.phantom_fraction, rng):
+        hu, liver = augment(scan, index, size, args, rng)
+        images.append(window(augment_intensity(hu, rng), *config.window))
+        targets.append(liver)
+    return torch.stack(images)[:, None], torch.stack(targets)[:, None]
+
+
+# ----------------------------------------------------------------------------- training
+
+def loss_function(logits: torch.Tensor, target: torch.Tensor, positive_weight: float
+                  ) -> torch.Tensor:
+    """Weighted BCE plus soft Dice (see the module docstring)."""
+    weight = torch.tensor(positive_weight, device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight)
+    probability = torch.sigmoid(logits.float())
+    dice = (2 * (probability * target).sum() + 1) / (probability.sum() + target.sum() + 1)
+    return bce + 1 - dice
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 2 % of ``lr``."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def evaluate(model: LiverUNet, scans: list[ValidationScan], batch_size: int) -> list[dict]:
+    """Dice, recall in the final ROI and ROI fractions for every validation scan."""
+    model.eval()
+    results = []
+    for scan in scans:
+        volume = scan.volume
+        probability = predict_probability(model, volume.data, volume.affine, volume.spacing,
+                                          batch_size=batch_size)
+        metrics = roi_metrics(probability, scan.liver, volume.spacing)
+        results.append({"scan": scan.name, **metrics.to_dict()})
+    model.train()
+    return results
+
+
+def format_results(step: int, results: list[dict]) -> str:
+    return "; ".join(f"step {step} {r['scan']}: Dice {r['dice']:.4f} recall {r['recall']:.5f} "
+                     f"ROI {r['roi_fraction']:.3f} ({r['roi_ratio']:.2f}x truth)" for r in results)
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, step: int, args, history: list,
+                    wall_time: float):
+    payload = {"format": CHECKPOINT_FORMAT, "step": step, "wall_time_s": wall_time,
+               "model": model.state_dict(),
+               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+               "options": {k: _jsonable(getattr(args, k)) for k in FROZEN_OPTIONS},
+               "history": history}
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def describe_scan(scan) -> dict:
+    if isinstance(scan, ValidationScan):
+        return {"name": scan.name, "shape": list(scan.volume.shape),
+                "spacing_mm": list(scan.volume.spacing)}
+    return {"name": scan.name, "slices": int(scan.hu.shape[0])}
+
+
+def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, results, history,
+                  wall_time: float, device: torch.device) -> None:
+    """``liver_unet.pt`` (half-precision weights) and its ``liver_unet.json`` sidecar."""
+    real = [s for s in train_scans if not s.synthetic]
+    metadata = {
+        "trained_on": [describe_scan(s) for s in real],
+        "phantoms": args.phantoms,
+        "validation": results,
+        "steps": args.steps,
+    }
+    weights = save_weights(model, out / "liver_unet.pt", metadata)
+    config = model.config
+    sidecar = {
+        "weights_file": weights.name,
+        "sha256": sha256(weights),
+        "bytes": weights.stat().st_size,
+        "model": (f"2D U-Net (Ronneberger et al. 2015; Christ et al. 2017), "
+                  f"{len(config.widths)} levels, widths {list(config.widths)}, 3x3 convolutions "
+                  f"+ batch norm + ReLU, 2x2 max-pool / transposed convolution, "
+                  f"{sum(p.numel() for p in model.parameters())} parameters, stored float16"),
+        "config": config.to_dict(),
+        "preprocessing": (
+            "axes permuted/flipped to canonical LPS (rows anterior->posterior, columns "
+            "right->left); HU clipped to [{0:g}, {1:g}] and mapped to [-1, 1]; every slice "
+            "resampled in-plane to {2:g} mm (bilinear, antialiased when shrinking); padded to a "
+            "multiple of {3}; sigmoid probabilities resampled back to the native grid "
+            "(bilinear)").format(*config.window, config.spacing_mm, config.size_multiple),
+        "training_data": {
+            "real_scans": [describe_scan(s) for s in real],
+            "phantoms": args.phantoms,
+            "phantom_fraction_of_batches": args.phantom_fraction if args.phantoms else 0.0,
+            "label": args.label,
+        },
+        "training": {
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "warmup_steps": args.warmup_steps, "positive_weight": args.positive_weight,
+            "crop_sizes_px": list(args.crop_sizes), "rotation_deg": args.rotation_deg,
+            "scale": args.scale, "flip_prob": args.flip_prob, "seed": args.seed,
+            "device": str(device), "wall_time_s": round(wall_time, 1),
+            "torch": torch.__version__,
+        },
+        "validation": {"scans": [describe_scan(s) for s in val_scans], "results": results},
+        "final_training_loss": history[-1]["loss"] if history else None,
+        "retrain": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+    if args.cross_validation_from:
+        sidecar["cross_validation"] = [
+            {"run": Path(d).name, **json.loads((Path(d) / "liver_unet.json").read_text())[
+                "validation"], "retrain": json.loads(
+                    (Path(d) / "liver_unet.json").read_text())["retrain"]}
+            for d in args.cross_validation_from]
+    (out / "liver_unet.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train", nargs=2, action="append", metavar=("CT", "MASK"),
+                      help="a training scan and its liver mask (repeatable)")
+    data.add_argument("--val", nargs=2, action="append", metavar=("CT", "MASK"),
+                      help="a validation scan and its liver mask (repeatable); replaces "
+                           "--val-fraction")
+    data.add_argument("--dataset", action="append", metavar="DIR",
+                      help="a dataset folder in MSD, LiTS or TotalSegmentator layout (repeatable)")
+    data.add_argument("--label", type=int, default=None,
+                      help="mask value of the liver (TotalSegmentator multi-label: 5); default: "
+                           "any non-zero voxel")
+    data.add_argument("--val-fraction", type=float, default=0.2,
+                      help="fraction of patients held out when no --val is given (default 0.2)")
+    data.add_argument("--phantoms", type=int, default=0,
+                      help="synthetic phantoms added to training (default 0)")
+    data.add_argument("--phantom-fraction", type=float, default=0.3,
+                      help="share of sampled slices that come from phantoms (default 0.3)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--widths", type=int, nargs="+", default=list(UNetConfig.widths),
+                       help="channels per level, one number per level (default 12 24 48 96 192)")
+    model.add_argument("--spacing-mm", type=float, default=UNetConfig.spacing_mm,
+                       help="in-plane pixel size the network sees (default 2.0)")
+    model.add_argument("--window", type=float, nargs=2, default=list(UNetConfig.window),
+                       metavar=("LOW", "HIGH"), help="HU window (default -200 300)")
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--steps", type=int, default=2500, help="optimiser steps (2500)")
+    optimisation.add_argument("--batch-size", type=int, default=8, help="slices per step (8)")
+    optimisation.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
+    optimisation.add_argument("--warmup-steps", type=int, default=100,
+                              help="linear warm-up steps (100)")
+    optimisation.add_argument("--positive-weight", type=float, default=2.0,
+                              help="BCE weight of liver pixels; > 1 favours recall (2.0)")
+    optimisation.add_argument("--crop-sizes", type=int, nargs="+", default=[128, 160, 192, 224],
+                              help="crop side lengths in pixels, one drawn per batch; multiples "
+                                   "of 16 (default 128 160 192 224)")
+    optimisation.add_argument("--rotation-deg", type=float, default=15.0,
+                              help="maximum rotation (15 degrees)")
+    optimisation.add_argument("--scale", type=float, default=0.2,
+                              help="maximum zoom change, log-symmetric (0.2: x0.83 to x1.2)")
+    optimisation.add_argument("--flip-prob", type=float, default=0.0,
+                              help="probability of a left-right flip (default 0: the liver is on "
+                                   "the patient's right, and the canonical orientation keeps it "
+                                   "there; mirroring teaches confusion with the spleen)")
+    optimisation.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, required=True, help="output folder")
+    run.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
+    run.add_argument("--threads", type=int, default=2, help="CPU threads for torch (2)")
+    run.add_argument("--val-every", type=int, default=500,
+                     help="validate every N steps and at the end (500)")
+    run.add_argument("--checkpoint-every", type=int, default=100,
+                     help="write the resumable checkpoint every N steps (100)")
+    run.add_argument("--cross-validation-from", nargs="+", metavar="RUN_DIR",
+                     help="earlier runs (e.g. the folds) whose validation figures the sidecar "
+                          "should quote")
+    args = parser.parse_args(argv)
+    if not (args.train or args.dataset or args.phantoms):
+        parser.error("give training data: --train CT MASK, --dataset DIR or --phantoms N")
+    positive = {"steps": args.steps, "batch-size": args.batch_size, "threads": args.threads,
+                "val-every": args.val_every, "checkpoint-every": args.checkpoint_every}
+    for name, value in positive.items():
+        if value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    if args.phantoms < 0 or not 0 <= args.phantom_fraction <= 1:
+        parser.error("--phantoms must be >= 0 and --phantom-fraction in [0, 1]")
+    if not 0 <= args.val_fraction < 1 or not 0 <= args.flip_prob <= 1:
+        parser.error("--val-fraction must be in [0, 1) and --flip-prob in [0, 1]")
+    if args.lr <= 0 or args.positive_weight <= 0 or args.scale < 0 or args.rotation_deg < 0:
+        parser.error("--lr and --positive-weight must be > 0, --scale and --rotation-deg >= 0")
+    multiple = 2 ** (len(args.widths) - 1)
+    if any(size < multiple or size % multiple for size in args.crop_sizes):
+        parser.error(f"--crop-sizes must be positive multiples of {multiple}, got "
+                     f"{args.crop_sizes}")
+    if args.label is not None and args.label < 1:
+        parser.error(f"--label must be a positive integer, got {args.label}")
+    args.widths, args.window = tuple(args.widths), tuple(args.window)
+    args.crop_sizes = tuple(args.crop_sizes)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    out: Path = args.out
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint = None
+    if args.resume:
+        if not checkpoint_path.is_file():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise SystemExit(f"{checkpoint_path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        changed = [k for k in FROZEN_OPTIONS
+                   if _jsonable(getattr(args, k)) != checkpoint["options"][k]]
+        if changed:
+            raise SystemExit(f"--resume with changed options {changed}; the checkpoint was made "
+                             f"with {[checkpoint['options'][k] for k in changed]}")
+    elif checkpoint_path.exists():
+        raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue, or choose "
+                         "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = UNetConfig(widths=args.widths, spacing_mm=args.spacing_mm, window=args.window)
+    train_cases, val_cases = split_cases(args)
+    train_scans = load_cases(train_cases, args.label, config, "training")
+    if args.phantoms:
+        train_scans += make_phantom_scans(args.phantoms, args.seed, config)
+    val_scans = load_cases(val_cases, args.label, config, "validation")
+    if not val_scans:
+        tqdm.write("no validation scans: the figures in the sidecar will be empty")
+
+    model = LiverUNet(config).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    history, start, earlier_time = [], 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        history, start = list(checkpoint["history"]), int(checkpoint["step"])
+        earlier_time = float(checkpoint["wall_time_s"])
+        tqdm.write(f"resuming at step {start} of {args.steps}")
+
+    model.train()
+    began = time.monotonic()
+    running = None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training",
+               unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        images, targets = make_batch(train_scans, args, config, step)
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(images)
+        loss = loss_function(logits, targets, args.positive_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{learning_rate(step, args):.2e}")
+        entry = {"step": step + 1, "loss": round(running, 5)}
+        if val_scans and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
+            entry["validation"] = evaluate(model, val_scans, args.batch_size)
+            tqdm.write(format_results(step + 1, entry["validation"]))
+        if (step + 1) % 10 == 0 or "validation" in entry:
+            history.append(entry)
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            save_checkpoint(checkpoint_path, model, optimizer, scaler, step + 1, args, history,
+                            earlier_time + time.monotonic() - began)
+    bar.close()
+
+    results = next((e["validation"] for e in reversed(history) if "validation" in e), [])
+    wall_time = earlier_time + time.monotonic() - began
+    write_outputs(out, model, args, train_scans, val_scans, results, history, wall_time, device)
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    tqdm.write(f"wrote {out / 'liver_unet.pt'} and {out / 'liver_unet.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

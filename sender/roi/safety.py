@@ -1,0 +1,125 @@
+"""Safety of an automatic ROI: how much liver it keeps, and when not to trust it.
+
+Diffusion is lossy outside the ROI, so the one error that matters is liver tissue left
+outside it. Two tools:
+
+* :func:`roi_metrics` measures a probability map against a reference liver mask: the Dice
+  coefficient of the thresholded prediction ``P = {p > 0.5}`` against the truth ``T``,
+  ``Dice = 2 |P ∩ T| / (|P| + |T|)``, and the **liver recall in the final ROI**
+  ``R = |ROI ∩ T| / |T|``, where ``ROI = steer(p).roi`` is the map after the paper's
+  per-slice disc dilation and ``p > 0.75 → 1`` (Luu et al.; :mod:`sender.roi.steering`),
+  i.e. the voxels that really reach the receiver bit-exact. The ROI's cost is its fraction
+  of the volume, compared with that of the dilated true liver ``steer(T).roi``.
+* :func:`check_roi_plausibility` is what the sender runs without a reference: it flags a
+  predicted liver that is empty or too small to be a liver, and :data:`FALLBACK_POLICY`
+  says what to do then.
+
+Plausibility thresholds (on the predicted liver ``p > 0.5``, or on the ROI of a
+:class:`~sender.roi.steering.SteeringMap`):
+
+* :data:`MIN_LIVER_VOLUME_ML` = 30 mL. An adult liver holds 1200-1800 mL; even a 4 cm slab
+  through its lower tip holds more than 30 mL (the two shared scans: about 700 mL in 40 mm
+  and 1000 mL in 90 mm).
+* :data:`MIN_LIVER_SECTION_CM2` = 15 cm² for the largest axial cross-section. Away from its
+  very dome and tip an adult liver's axial section is 50-250 cm² (the shared scans: 29 to
+  187 cm² per slice).
+
+A scan whose field of view misses the liver (head, pelvis, legs) fails the check too: the
+sender cannot tell "no liver here" from "liver missed", so it takes the safe fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sender.roi.steering import SteeringMap, SteeringSettings, steer
+from shared.volume import Volume
+
+MIN_LIVER_VOLUME_ML = 30.0
+MIN_LIVER_SECTION_CM2 = 15.0
+#: Probability above which a voxel counts as predicted liver.
+LIVER_THRESHOLD = 0.5
+
+#: What the sender does when :func:`check_roi_plausibility` warns (unless told otherwise):
+FALLBACK_POLICY = "no-diffusion"
+FALLBACK_DESCRIPTION = (
+    "no diffusion: the whole volume is treated as ROI (probability 1 everywhere) and sent "
+    "bit-exact, so no liver voxel can be lost; compression falls back to lossless coding")
+
+
+def fallback_probability(volume: Volume) -> np.ndarray:
+    """The probability map of :data:`FALLBACK_POLICY`: 1 everywhere (all voxels are ROI)."""
+    return np.ones(volume.shape, dtype=np.float32)
+
+
+def check_roi_plausibility(steering_map_or_probability, volume: Volume) -> str | None:
+    """A warning if the predicted liver is empty or implausibly small, else ``None``.
+
+    Args:
+        steering_map_or_probability: the provider's probability map (preferred: the
+            thresholds apply to the liver itself) or the :class:`SteeringMap` made from it
+            (then the dilated ROI is measured, a weaker check).
+        volume: the CT the map belongs to (for its shape and voxel size).
+    """
+    if isinstance(steering_map_or_probability, SteeringMap):
+        liver, what = steering_map_or_probability.roi, "ROI"
+    else:
+        probability = np.asarray(steering_map_or_probability)
+        if probability.shape != volume.shape:
+            raise ValueError(f"probability map shape {probability.shape} does not match the "
+                             f"volume {volume.shape}")
+        liver, what = probability > LIVER_THRESHOLD, "predicted liver"
+    sx, sy, sz = volume.spacing
+    voxels_per_slice = liver.reshape(liver.shape[0], -1).sum(axis=1)
+    volume_ml = float(voxels_per_slice.sum()) * sx * sy * sz / 1000.0
+    section_cm2 = float(voxels_per_slice.max()) * sx * sy / 100.0
+    advice = f"falling back to the safe policy: {FALLBACK_DESCRIPTION}"
+    if volume_ml == 0.0:
+        return f"the {what} is empty; {advice}"
+    if volume_ml < MIN_LIVER_VOLUME_ML or section_cm2 < MIN_LIVER_SECTION_CM2:
+        return (f"the {what} is implausibly small ({volume_ml:.1f} mL, largest axial section "
+                f"{section_cm2:.1f} cm²; a liver has at least {MIN_LIVER_VOLUME_ML:g} mL and "
+                f"{MIN_LIVER_SECTION_CM2:g} cm²); {advice}")
+    return None
+
+
+@dataclass(frozen=True)
+class RoiMetrics:
+    """How a probability map's ROI covers a reference liver (fractions in ``[0, 1]``)."""
+
+    dice: float
+    """Dice of ``p > 0.5`` against the liver."""
+    recall: float
+    """Fraction of liver voxels inside the final ROI (after dilation and thresholding)."""
+    roi_fraction: float
+    """Fraction of the volume in the final ROI."""
+    truth_roi_fraction: float
+    """Fraction of the volume in the ROI made from the true liver mask."""
+
+    @property
+    def roi_ratio(self) -> float:
+        """``roi_fraction / truth_roi_fraction``: the ROI's cost relative to a perfect map."""
+        return self.roi_fraction / self.truth_roi_fraction if self.truth_roi_fraction else np.inf
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "roi_ratio": self.roi_ratio}
+
+
+def roi_metrics(probability: np.ndarray, liver: np.ndarray, spacing,
+                settings: SteeringSettings = SteeringSettings()) -> RoiMetrics:
+    """Dice, liver recall in the final ROI and ROI fractions of ``probability`` vs ``liver``."""
+    probability = np.asarray(probability, dtype=np.float32)
+    liver = np.asarray(liver, dtype=bool)
+    if probability.shape != liver.shape:
+        raise ValueError(f"probability {probability.shape} and liver mask {liver.shape} differ "
+                         "in shape")
+    if not liver.any():
+        raise ValueError("the reference liver mask is empty: recall is undefined")
+    predicted = probability > LIVER_THRESHOLD
+    dice = 2.0 * float((predicted & liver).sum()) / float(predicted.sum() + liver.sum())
+    roi = steer(probability, spacing, settings).roi
+    truth_roi = steer(liver.astype(np.float32), spacing, settings).roi
+    return RoiMetrics(dice=dice, recall=float((roi & liver).sum()) / float(liver.sum()),
+                      roi_fraction=float(roi.mean()), truth_roi_fraction=float(truth_roi.mean()))

@@ -1,0 +1,643 @@
+"""``dlad-send --to URL``: stream a study to ``dlad-receive --listen`` over a WebRTC data channel.
+
+One attempt: create a peer connection with one ordered, reliable data channel ``dlad``; POST
+the SDP offer to the receiver with the bearer token (WHIP-style) and apply the answer; send the
+hello and the header frame; read the receiver's inventory; send the frames of every planned
+chunk it lacks, then an end frame; wait for its ``done``. Chunks are encoded one at a time in
+a worker thread while the previous one is on the wire, so the first ROI chunk leaves before the
+rest of the volume is encoded. Two limits bound memory: the data channel's ``bufferedAmount``
+(pause above ``high_water``, resume on ``bufferedamountlow``) and the receiver's credit window
+(bytes beyond what it has processed).
+
+If the connection drops, the sender connects again (``retries`` times, with backoff) and, the
+receiver's inventory telling what it already has, sends only the rest. A sender run again later
+does the same: study id, plan and chunks are derived from the input and the settings. See
+:mod:`receiver.protocol` for the messages and docs/STREAMING.md for the whole picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import aiohttp
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from receiver.ice import ice_hosts, loopback_hosts_for
+from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
+                               PROTOCOL_VERSION, ProtocolError, encode_control, int_list,
+                               parse_control, split_message)
+from shared.wire import DataChunk, FrameReader, StreamEnd, StreamHeader
+
+log = logging.getLogger("dlad.sender")
+
+DEFAULT_PATH = "/studies"
+SDP_CONTENT_TYPE = "application/sdp"
+MILESTONE_TEXT = {"roi_complete": "ROI complete (bit-exact)",
+                  "base_complete": "base complete (every slice viewable)",
+                  "exact_complete": "exact layer complete", "complete": "all chunks applied"}
+
+
+class TransportError(RuntimeError):
+    """The stream could not be delivered."""
+
+
+class Refused(TransportError):
+    """The receiver refused for good (wrong token, bad request, study refused): no retry."""
+
+
+class Disconnected(TransportError):
+    """The connection failed or dropped: worth another attempt."""
+
+
+@dataclass
+class StreamOptions:
+    """Knobs of :func:`stream_study`."""
+
+    retries: int = 5
+    """Further attempts after a failed one (each resumes from the receiver's inventory)."""
+    connect_timeout: float = 30.0
+    """Seconds for signaling + ICE + DTLS + channel open + inventory."""
+    stall_timeout: float = 60.0
+    """Seconds without any receiver acknowledgement before the connection counts as dead."""
+    high_water: int = 1024 * 1024
+    """Pause sending while the channel buffers more than this many bytes."""
+    low_water: int = 256 * 1024
+    """... and resume when it drops to this (``bufferedAmountLowThreshold``)."""
+    message_bytes: int = MAX_MESSAGE_BYTES
+    """Size of the binary messages the frame stream is cut into."""
+    max_passes: int = 3
+    """Passes within one connection (a pass resends what the receiver reports missing)."""
+    prefetch: int = 2
+    """Encoded frames waiting to be sent, at most."""
+    backoff: float = 1.0
+    """First wait before reconnecting (doubles, at most 10 s)."""
+    max_rate: float | None = None
+    """Cap on the sending rate in bit/s (None: as fast as the channel goes)."""
+    quiet: bool = False
+    """No progress bar or milestone lines."""
+    drop_after_chunks: int | None = None
+    """Testing: cut the first connection abruptly after this many data chunks were sent."""
+
+
+@dataclass
+class StreamResult:
+    """What happened, as confirmed by the receiver."""
+
+    complete: bool = False
+    verified: bool | None = None
+    attempts: int = 0
+    chunks_planned: int = 0
+    chunks_sent: int = 0
+    """Data chunks sent over all attempts (a chunk lost with a connection counts twice)."""
+    chunks_skipped: int = 0
+    """Chunks the receiver already had when the first attempt began."""
+    bytes_sent: int = 0
+    """Frame bytes sent over all attempts (header and end frames included)."""
+    transfer_s: float = 0.0
+    """Seconds from the first data byte to the receiver's last ``done``."""
+    milestones: dict = field(default_factory=dict)
+    """Milestone -> seconds since ``started`` when the receiver reported it."""
+    folder: str | None = None
+    missing: list = field(default_factory=list)
+    problems: int = 0
+    duplicates: int = 0
+
+    @property
+    def goodput_mbit_s(self) -> float:
+        return 8 * self.bytes_sent / self.transfer_s / 1e6 if self.transfer_s > 0 else 0.0
+
+
+# --- what is sent ----------------------------------------------------------------------------
+
+class FrameSource:
+    """The frames of one study: a header, data frames by seq. Subclasses make them."""
+
+    header: StreamHeader
+    header_frame: bytes
+    order: list[int]
+    """Every planned seq, in sending order."""
+
+    @property
+    def study_id(self) -> str:
+        return self.header.study_id
+
+    def frame(self, seq: int) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class EncoderSource(FrameSource):
+    """Frames encoded on demand by a :class:`~sender.encoder.StudyEncoder` (pipelined)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.header = encoder.header
+        self.header_frame = encoder.header.to_frame()
+        self.order = [planned.seq for planned in encoder.plan]
+        self._planned = {planned.seq: planned for planned in encoder.plan}
+
+    def frame(self, seq: int) -> bytes:
+        return self.encoder.encode_chunk(self._planned[seq]).to_frame()
+
+
+class FileSource(FrameSource):
+    """The frames of a ``.dlad`` file written by ``dlad-send --out`` (replayed as they are)."""
+
+    def __init__(self, path: Path):
+        self.data = Path(path).read_bytes()
+        self._frames: dict[int, tuple[int, int]] = {}
+        header = None
+        reader = FrameReader()
+        events = reader.feed(self.data) + reader.finish()
+        for event in events:
+            if event.error is not None:
+                raise ValueError(f"{path}: damaged stream at byte {event.offset}: {event.error}")
+            if isinstance(event.chunk, StreamHeader) and header is None:
+                header = event.chunk
+                self.header_frame = self.data[event.offset:event.offset + event.size]
+            elif isinstance(event.chunk, DataChunk):
+                self._frames[event.chunk.seq] = (event.offset, event.size)
+        if header is None:
+            raise ValueError(f"{path} holds no dlad-stream header")
+        self.header = header
+        self.order = [entry[0] for entry in header.plan]
+        absent = [seq for seq in self.order if seq not in self._frames]
+        if absent:
+            raise ValueError(f"{path} lacks {len(absent)} planned chunks (first: {absent[0]})")
+
+    def frame(self, seq: int) -> bytes:
+        offset, size = self._frames[seq]
+        return self.data[offset:offset + size]
+
+
+# --- one connection --------------------------------------------------------------------------
+
+class _Channel:
+    """A peer connection's data channel with the waits the sender needs."""
+
+    def __init__(self, pc: RTCPeerConnection, options: StreamOptions):
+        self.pc = pc
+        self.options = options
+        self.channel = pc.createDataChannel(CHANNEL_LABEL, ordered=True)
+        self.channel.bufferedAmountLowThreshold = options.low_water
+        self.opened = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.low = asyncio.Event()
+        self.acked = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.close_reason = ""
+        self.refusal = ""
+        self.sent_data = 0  # bytes sent after the inventory (the receiver's "consumed" scale)
+        self.consumed = 0
+        self.window = DEFAULT_WINDOW
+        self.last_ack = time.monotonic()
+        self.on_ack = None
+        self._pace_until = 0.0
+        self.channel.on("open", self.opened.set)
+        self.channel.on("close", lambda: self._close("the data channel closed"))
+        self.channel.on("bufferedamountlow", self.low.set)
+        self.channel.on("message", self._on_message)
+
+        @pc.on("connectionstatechange")
+        def on_state():
+            if pc.connectionState in ("failed", "closed"):
+                self._close(f"connection {pc.connectionState}")
+
+    def _close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = self.close_reason or reason
+            self.closed.set()
+
+    def _on_message(self, message) -> None:
+        try:
+            control = parse_control(message)
+        except ProtocolError as error:
+            log.warning("ignored a message from the receiver: %s", error)
+            return
+        kind = control["type"]
+        if kind == "ack":
+            consumed = control.get("consumed")
+            if isinstance(consumed, int) and consumed > self.consumed:
+                self.consumed = consumed
+            self.last_ack = time.monotonic()
+            self.acked.set()
+            self.arrived.set()
+            if self.on_ack is not None:
+                self.on_ack(control)
+        else:
+            self.last_ack = time.monotonic()
+            if kind == "error":
+                reason = str(control.get("reason", "?"))
+                self.close_reason = f"the receiver closed the session: {reason}"
+                if not control.get("retry"):
+                    self.refusal = f"the receiver refused: {reason}"
+            self.messages.put_nowait(control)
+            self.arrived.set()
+
+    async def _wait(self, event: asyncio.Event, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for ``event``; False on timeout; Disconnected if closed."""
+        if not event.is_set() and not self.closed.is_set():
+            waiter = asyncio.ensure_future(event.wait())
+            closer = asyncio.ensure_future(self.closed.wait())
+            try:
+                await asyncio.wait({waiter, closer}, timeout=max(timeout, 0.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                closer.cancel()
+        if event.is_set():
+            return True
+        if self.closed.is_set():
+            self.raise_closed()
+        return False
+
+    def raise_closed(self):
+        if self.refusal:
+            raise Refused(self.refusal)
+        raise Disconnected(self.close_reason)
+
+    async def _until(self, event: asyncio.Event, timeout: float, what: str) -> None:
+        if not await self._wait(event, timeout):
+            raise Disconnected(f"timed out after {timeout:g} s waiting for {what}")
+
+    async def _stalled_wait(self, event: asyncio.Event, what: str,
+                            deadline: float = float("inf")) -> None:
+        """Wait for ``event`` while the receiver shows signs of life (acks) and until deadline."""
+        while True:
+            limit = min(deadline, self.last_ack + self.options.stall_timeout)
+            if await self._wait(event, limit - time.monotonic()):
+                return
+            if time.monotonic() >= min(deadline, self.last_ack + self.options.stall_timeout):
+                raise Disconnected(f"no answer from the receiver while waiting for {what}")
+
+    async def expect(self, kind: str, timeout: float) -> dict:
+        """The next control message of type ``kind`` (acks are handled as they come)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.messages.empty():
+                self.arrived.clear()
+                await self._stalled_wait(self.arrived, f"the receiver's {kind!r}", deadline)
+            message = self.messages.get_nowait()
+            if message["type"] == "error":
+                reason = message.get("reason", "?")
+                if message.get("retry"):
+                    raise Disconnected(f"the receiver closed the session: {reason}")
+                raise Refused(f"the receiver refused: {reason}")
+            if message["type"] == kind:
+                return message
+            log.debug("ignored a %r message while waiting for %r", message["type"], kind)
+
+    async def send_bytes(self, data: bytes, counted: bool) -> None:
+        options = self.options
+        for piece in split_message(data, options.message_bytes):
+            while self.channel.bufferedAmount > options.high_water:
+                self.low.clear()
+                await self._until(self.low, options.stall_timeout, "the send buffer to drain")
+            while counted and self.sent_data - self.consumed > self.window:
+                self.acked.clear()
+                await self._stalled_wait(self.acked, "the receiver to process data")
+            if options.max_rate:
+                now = time.monotonic()
+                self._pace_until = max(self._pace_until, now) + 8 * len(piece) / options.max_rate
+                if self._pace_until - now > 0.005:
+                    await asyncio.sleep(self._pace_until - now)
+            if self.closed.is_set():
+                self.raise_closed()
+            self.channel.send(piece)
+            if counted:
+                self.sent_data += len(piece)
+
+
+class _Attempt:
+    """One connection to the receiver (signaling, channel, passes)."""
+
+    def __init__(self, streamer: "Streamer"):
+        self.s = streamer
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.ch = _Channel(self.pc, streamer.options)
+        self.location: str | None = None
+
+    async def run(self) -> None:
+        s = self.s
+        try:
+            await asyncio.wait_for(self._connect(), s.options.connect_timeout)
+        except asyncio.TimeoutError:
+            raise Disconnected(f"could not connect within {s.options.connect_timeout:g} s") \
+                from None
+        self.ch.channel.send(encode_control("hello", protocol=PROTOCOL_VERSION,
+                                            client="dlad-send/0.1"))
+        await self.ch.send_bytes(s.source.header_frame, counted=False)
+        s.result.bytes_sent += len(s.source.header_frame)
+        inventory = await self.ch.expect("inventory", s.options.connect_timeout)
+        planned = set(s.source.order)
+        have = set(int_list(inventory.get("have"), 1 << 31)) & planned
+        window = inventory.get("window")
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            self.ch.window = max(window, s.options.message_bytes)
+        s.result.folder = inventory.get("folder")
+        if s.result.attempts == 1:
+            s.result.chunks_skipped = len(have)
+        s.report_inventory(have, inventory)
+        self.ch.on_ack = s.on_ack
+        for number in range(s.options.max_passes):
+            todo = [seq for seq in s.source.order if seq not in have]
+            done = await self._pass(todo)
+            s.on_done(done)
+            if done.get("complete"):
+                return
+            missing = set(int_list(done.get("missing", []), 1 << 31)) & planned
+            if not missing:
+                break
+            log.warning("the receiver lacks %d chunks after pass %d; sending them again",
+                        len(missing), number + 1)
+            have = planned - missing
+        raise TransportError("the receiver still lacks chunks after "
+                             f"{s.options.max_passes} passes")
+
+    async def _connect(self) -> None:
+        s = self.s
+        with ice_hosts(s.ice_addresses):
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+        answer = await s.post_offer(self.pc.localDescription.sdp, self)
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await self.ch._until(self.ch.opened, s.options.connect_timeout, "the data channel")
+
+    async def _pass(self, todo: list[int]) -> dict:
+        s = self.s
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, s.options.prefetch))
+
+        async def produce():
+            for seq in todo:
+                frame = await loop.run_in_executor(s.encode_pool, s.source.frame, seq)
+                await queue.put((seq, frame))
+            await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        sent = 0
+        total = len(s.source.header_frame)
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                try:
+                    await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        producer.result()  # raises what the encoder raised
+                        continue
+                    item = getter.result()
+                finally:
+                    getter.cancel()
+                if item is None:
+                    break
+                seq, frame = item
+                if s.first_data_at is None:
+                    s.first_data_at = time.monotonic()
+                await self.ch.send_bytes(frame, counted=True)
+                sent += 1
+                total += len(frame)
+                s.result.chunks_sent += 1
+                s.result.bytes_sent += len(frame)
+                s.on_sent(seq, len(frame))
+                drop = s.options.drop_after_chunks
+                if drop is not None and s.result.attempts == 1 and s.result.chunks_sent >= drop:
+                    log.warning("testing: cutting the connection after %d chunks", sent)
+                    await self.pc.close()
+                    raise Disconnected("connection cut on purpose (--drop-after)")
+            end = StreamEnd(s.source.study_id, sent, total).to_frame()
+            await self.ch.send_bytes(end, counted=True)
+            s.result.bytes_sent += len(end)
+        finally:
+            producer.cancel()
+            try:
+                await producer
+            except (asyncio.CancelledError, Exception):
+                pass
+        return await self.ch.expect("done", s.options.stall_timeout)
+
+    async def close(self) -> None:
+        try:
+            await self.pc.close()
+        except Exception as error:  # closing a half-open connection
+            log.debug("closing the peer connection: %s", error)
+        if self.location:
+            await self.s.delete_session(self.location)
+
+
+class Streamer:
+    """Delivers one study to one receiver, across as many connections as it takes."""
+
+    def __init__(self, source: FrameSource, url: str, token: str,
+                 options: StreamOptions = StreamOptions(), started: float | None = None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--to must be http(s)://HOST:PORT[/PATH], got {url!r}")
+        path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
+        self.url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        self.token = token
+        self.source = source
+        self.options = options
+        self.started = time.monotonic() if started is None else started
+        self.ice_addresses = loopback_hosts_for(parts.hostname)
+        self.result = StreamResult(chunks_planned=len(source.order))
+        self.first_data_at: float | None = None
+        self.encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlad-encode")
+        self.http: aiohttp.ClientSession | None = None
+        self.bar = None
+        self._applied = 0
+
+    # --- HTTP signaling ----------------------------------------------------------------------
+
+    async def post_offer(self, sdp: str, attempt: _Attempt) -> str:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": SDP_CONTENT_TYPE}
+        try:
+            async with self.http.post(self.url, data=sdp.encode(), headers=headers) as response:
+                text = await response.text()
+                if response.status == 201 or response.status == 200:
+                    if "Location" in response.headers:
+                        attempt.location = urljoin(self.url, response.headers["Location"])
+                    return text
+                message = f"signaling: HTTP {response.status} from {self.url}: {text.strip()}"
+                if response.status in (401, 403):
+                    raise Refused(f"{message} (is --token-file the receiver's token?)")
+                if response.status in (408, 429) or response.status >= 500:
+                    raise Disconnected(message)
+                raise Refused(message)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            raise Disconnected(f"signaling: cannot reach {self.url}: {error}") from None
+
+    async def delete_session(self, location: str) -> None:
+        try:
+            async with self.http.delete(location, headers={
+                    "Authorization": f"Bearer {self.token}"},
+                    timeout=aiohttp.ClientTimeout(total=5)) as response:
+                await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+
+    # --- progress ----------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self.options.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(f"dlad-send: {text}", file=sys.stderr)
+        else:
+            print(f"dlad-send: {text}", file=sys.stderr)
+
+    def report_inventory(self, have: set, inventory: dict) -> None:
+        planned = len(self.source.order)
+        if have:
+            self._say(f"receiver already has {len(have)}/{planned} chunks "
+                      f"(folder {inventory.get('folder')}); sending the other {planned - len(have)}")
+        if self.bar is None and not self.options.quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=planned, initial=len(have), unit="chunk",
+                            desc="applied at receiver", file=sys.stderr, dynamic_ncols=True)
+        self._applied = len(have)
+
+    def on_sent(self, seq: int, size: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"sent {self.result.bytes_sent / 1e6:.1f} MB", refresh=False)
+
+    def on_ack(self, ack: dict) -> None:
+        now = round(time.monotonic() - self.started, 3)
+        for name in ack.get("reached") or []:
+            if name in MILESTONE_TEXT and name not in self.result.milestones:
+                self.result.milestones[name] = now
+                self._say(f"receiver: {MILESTONE_TEXT[name]} at {now:.2f} s")
+        applied = ack.get("applied")
+        if isinstance(applied, int) and self.bar is not None and applied > self._applied:
+            self.bar.update(applied - self._applied)
+            self._applied = applied
+
+    def on_done(self, done: dict) -> None:
+        self.result.complete = bool(done.get("complete"))
+        verified = done.get("verified")
+        self.result.verified = verified if isinstance(verified, bool) else None
+        missing = done.get("missing")
+        self.result.missing = missing if isinstance(missing, list) else []
+        for name in ("problems", "duplicates"):
+            value = done.get(name)
+            if isinstance(value, int):
+                setattr(self.result, name, value)
+        if self.first_data_at is not None:
+            self.result.transfer_s = time.monotonic() - self.first_data_at
+        if self.result.complete:
+            self.result.milestones.setdefault("complete", round(
+                time.monotonic() - self.started, 3))
+
+    # --- the whole delivery ------------------------------------------------------------------
+
+    async def run(self) -> StreamResult:
+        options = self.options
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        try:
+            delay = options.backoff
+            while True:
+                self.result.attempts += 1
+                attempt = _Attempt(self)
+                try:
+                    await attempt.run()
+                    return self.result
+                except Disconnected as error:
+                    if self.result.attempts > options.retries:
+                        raise TransportError(f"{error} (gave up after "
+                                             f"{self.result.attempts} attempts)") from None
+                    self._say(f"connection lost ({error}); reconnecting in {delay:g} s "
+                              f"(attempt {self.result.attempts + 1} of {options.retries + 1})")
+                finally:
+                    await attempt.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        finally:
+            await self.http.close()
+            self.encode_pool.shutdown(wait=True, cancel_futures=True)
+            if self.bar is not None:
+                self.bar.close()
+
+
+async def stream_study(source: FrameSource, url: str, token: str,
+                       options: StreamOptions = StreamOptions(),
+                       started: float | None = None) -> StreamResult:
+    """Deliver ``source`` to the receiver at ``url``; raise TransportError if it cannot."""
+    return await Streamer(source, url, token, options, started).run()
+
+
+def process_started() -> float:
+    """``time.monotonic()`` of this process's start (Linux), else now."""
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rpartition(")")[2].split()[19])
+        import os
+        uptime_at_start = ticks / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return time.monotonic() - max(0.0, uptime - uptime_at_start)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+def main_to(args, parser) -> int:
+    """``dlad-send INPUT --to URL``: the CLI's network mode (called by :func:`sender.cli.main`)."""
+    from receiver.signaling import TokenError, read_token_file
+    from shared.volume import VolumeError
+
+    started = process_started()
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    if args.token_file is None:
+        parser.error("--to needs --token-file")
+    if args.retries < 0:
+        parser.error("--retries must be >= 0")
+    try:
+        token = read_token_file(args.token_file, role="sender")
+    except TokenError as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    try:
+        if str(args.input).lower().endswith(".dlad"):
+            source = FileSource(Path(args.input))
+            log.info("replaying %s: study %s, %d chunks", args.input, source.study_id,
+                     len(source.order))
+        else:
+            from sender.cli import build_encoder
+            source = EncoderSource(build_encoder(args))
+    except (VolumeError, ValueError, OSError) as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate must be > 0")
+    options = StreamOptions(retries=args.retries, quiet=args.quiet,
+                            drop_after_chunks=args.drop_after,
+                            max_rate=args.max_rate * 1e6 if args.max_rate else None)
+    try:
+        result = asyncio.run(stream_study(source, args.to, token, options, started))
+    except Refused as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    except (TransportError, ValueError) as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("dlad-send: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        m = result.milestones
+        roi = f"{m['roi_complete']:.2f} s" if "roi_complete" in m else "before this run"
+        verified = {True: ", SHA-256 verified by the receiver",
+                    False: ", SHA-256 MISMATCH at the receiver", None: ""}[result.verified]
+        print(f"sent study {source.study_id} to {args.to} (folder {result.folder}): "
+              f"{result.chunks_sent} chunks, {result.bytes_sent} bytes in "
+              f"{result.attempts} connection(s), {result.chunks_skipped} already there; "
+              f"ROI complete {roi}, complete at {time.monotonic() - started:.2f} s"
+              f"{verified}")
+    if result.verified is False:
+        return 1
+    return 0 if result.complete else 3

@@ -1,0 +1,117 @@
+"""The wire format: round trips, and rejection of everything malformed."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from shared import wire
+from shared.wire import DataChunk, FrameReader, StreamEnd, StreamHeader, WireError, parse_frame
+
+
+def make_header(study_id="s1", shape=(3, 8, 8)) -> StreamHeader:
+    roi = np.zeros(shape, bool)
+    roi[1, 2:5, 2:6] = True
+    return StreamHeader(study_id=study_id, shape=shape, affine=np.diag([-0.7, -0.7, 2.5, 1]),
+                        spacing=(0.7, 0.7, 2.5), source_dtype="uint16", rescale=(1.0, -1024.0),
+                        value_range=(-1024, 2000), sha256="ab" * 32, roi=roi,
+                        layers={0: {"codec": "zstd", "lossless": True, "region": "all"}},
+                        plan=[(0, 0, 0, 2), (1, 0, 2, 3)], provenance={"k": 1})
+
+
+def make_chunk(**overrides) -> DataChunk:
+    fields = dict(study_id="s1", seq=0, layer=0, z0=0, z1=2, codec="zstd", params={"a": 1},
+                  payload=b"\x00\x01" * 50)
+    fields.update(overrides)
+    return DataChunk(**fields)
+
+
+def test_header_round_trip():
+    header = make_header()
+    parsed = parse_frame(header.to_frame())
+    assert isinstance(parsed, StreamHeader)
+    np.testing.assert_array_equal(parsed.roi, header.roi)
+    np.testing.assert_array_equal(parsed.affine, header.affine)
+    assert parsed.plan == header.plan and parsed.layers == header.layers
+    assert (parsed.source_dtype, parsed.rescale, parsed.value_range) == ("uint16", (1.0, -1024.0),
+                                                                         (-1024, 2000))
+
+
+def test_data_and_end_round_trip():
+    chunk = make_chunk()
+    assert parse_frame(chunk.to_frame()) == chunk
+    end = StreamEnd("s1", 2, 1234)
+    assert parse_frame(end.to_frame()) == end
+
+
+def test_checksum_detects_any_flipped_byte():
+    data = bytearray(make_chunk().to_frame())
+    for position in (wire.PREFIX_BYTES + 3, len(data) - 1, 12):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x40
+        with pytest.raises(WireError, match="checksum"):
+            parse_frame(bytes(damaged))
+
+
+def test_unknown_versions_and_kinds_are_rejected():
+    data = bytearray(make_chunk().to_frame())
+    data[4] = 9
+    with pytest.raises(WireError, match="wire version"):
+        parse_frame(bytes(data))
+    body = msgpack.packb({"format": "dlad-stream", "version": 99})
+    with pytest.raises(WireError, match="format version 99"):
+        parse_frame(wire.frame(wire.KIND_HEADER, {"format": "dlad-stream", "version": 99}))
+    assert body
+    with pytest.raises(WireError, match="kind"):
+        parse_frame(wire.frame(7, {}))
+
+
+def test_malformed_fields_are_rejected():
+    with pytest.raises(WireError, match="layer"):
+        parse_frame(make_chunk(layer=5).to_frame())
+    with pytest.raises(WireError, match="slice range"):
+        parse_frame(make_chunk(z0=4, z1=2).to_frame())
+    with pytest.raises(WireError, match="wrong type"):
+        parse_frame(wire.frame(wire.KIND_DATA, {**vars(make_chunk()), "payload": "text"}))
+    with pytest.raises(WireError, match="missing"):
+        parse_frame(wire.frame(wire.KIND_DATA, {"study_id": "s1"}))
+    header = vars(make_header())
+    with pytest.raises(WireError):
+        bad = make_header()
+        bad.plan = [(0, 0, 0, 9)]  # beyond the 3 slices
+        parse_frame(bad.to_frame())
+    assert header
+
+
+def test_oversized_frames_are_refused_before_reading_them():
+    prefix = wire.PREFIX.pack(wire.MAGIC, 1, wire.KIND_DATA, wire.MAX_BODY_BYTES + 1, bytes(16))
+    reader = FrameReader()
+    events = reader.feed(prefix + make_chunk().to_frame())
+    assert events[0].error and "oversized" in events[0].error
+    assert [type(e.chunk) for e in events if e.chunk] == [DataChunk]
+    with pytest.raises(WireError, match="limit"):
+        parse_frame(prefix)
+
+
+def test_reader_handles_split_input_corruption_and_truncation():
+    frames = [make_header().to_frame(), make_chunk().to_frame(),
+              make_chunk(seq=1, z0=2, z1=3).to_frame(), StreamEnd("s1", 2, 10).to_frame()]
+    stream = bytearray(b"".join(frames))
+    stream[len(frames[0]) + 40] ^= 0xFF  # damage the first data chunk
+    reader = FrameReader()
+    events = []
+    for start in range(0, len(stream) - 30, 7):  # odd-sized pieces, last 30 bytes cut off
+        events += reader.feed(bytes(stream[start:start + 7]))
+    events += reader.finish()
+    chunks = [e.chunk for e in events if e.chunk is not None]
+    errors = [e.error for e in events if e.error]
+    assert [type(c).__name__ for c in chunks] == ["StreamHeader", "DataChunk"]
+    assert chunks[1].seq == 1  # the damaged seq 0 was skipped, never returned
+    assert any("checksum" in e for e in errors) and any("truncated" in e for e in errors)
+
+
+def test_garbage_is_skipped_and_reported():
+    reader = FrameReader()
+    events = reader.feed(b"garbage!" * 10 + make_chunk().to_frame())
+    assert events[0].error and events[-1].chunk == make_chunk()
