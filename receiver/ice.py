@@ -58,3 +58,37 @@ def loopback_hosts_for(host: str | None) -> tuple[str, ...] | None:
     if not is_loopback(host):
         return None
     return ("::1",) if ":" in (host or "") else ("127.0.0.1",)
+
+
+#: Socket buffer asked for the peer connection's UDP sockets. The default (about 200 KiB of
+#: kernel memory, some 90 datagrams) overflows on loopback whenever the receiving process is
+#: briefly busy, and each loss costs SCTP a retransmission timeout (at least 1 s).
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def enlarge_socket_buffers(pc, size: int = SOCKET_BUFFER_BYTES) -> int:
+    """Ask for ``size``-byte send/receive buffers on ``pc``'s ICE sockets (best effort).
+
+    Call after ``setLocalDescription`` (the sockets exist once candidates are gathered). The
+    kernel caps the size at net.core.rmem_max / wmem_max. Returns the sockets changed.
+    """
+    import socket
+
+    changed = 0
+    try:
+        connection = pc.sctp.transport.transport.iceGatherer._connection
+        protocols = list(connection._protocols)
+    except AttributeError:  # another aiortc layout: keep the defaults
+        return 0
+    for protocol in protocols:
+        sock = getattr(getattr(protocol, "transport", None), "get_extra_info", lambda _: None)(
+            "socket")
+        if sock is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            changed += 1
+        except OSError:
+            pass
+    return changed

@@ -40,15 +40,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
+import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from receiver.ice import ice_hosts, loopback_hosts_for
+from receiver.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
 from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
                                PROTOCOL_VERSION, ProtocolError, encode_control, parse_control)
 from receiver.signaling import MAX_SDP_BYTES, SDP_CONTENT_TYPE, check_offer, token_matches
 from receiver.store import StoreError, StudyRecord, StudyStore
-from shared.wire import FrameReader, StreamHeader
+from shared.wire import KIND_HEADER, MAGIC, PREFIX, StreamHeader, WireError, parse_frame
 
 log = logging.getLogger("dlad.receiver")
 
@@ -90,6 +92,8 @@ class ServiceConfig:
     """Seconds between progress log lines of a study that is receiving."""
     workers: int = 2
     """Threads that decode chunks and write snapshots (one study uses one at a time)."""
+    max_voxels: int = 512 * 1024 * 1024
+    """Largest study accepted (voxels); the receiver holds about 3 bytes per voxel."""
 
 
 @dataclass
@@ -306,7 +310,6 @@ class Session:
         self.channel = None
         self.state = "new"  # new -> header -> opening -> data -> closed
         self.study: StudyRuntime | None = None
-        self.header_reader = FrameReader(max_body_bytes=MAX_HEADER_BYTES)
         self.header_bytes = bytearray()
         self.consumed = 0
         self.received = 0
@@ -359,12 +362,12 @@ class Session:
         self.state = "header"
 
     def _on_binary(self, data: bytes) -> None:
-        self.received += len(data)
         if self.state == "new":
             raise ProtocolError("binary data before the hello")
         if self.state == "data":
+            self.received += len(data)
             backlog = self.received - self.consumed
-            if backlog > 2 * self.service.config.window + MAX_MESSAGE_BYTES * 4:
+            if backlog > 2 * self.service.config.window + MAX_MESSAGE_BYTES * 16:
                 raise ProtocolError(f"sender ignores the flow-control window ({backlog} bytes "
                                     "unprocessed)")
             self.study.feed(self, data)
@@ -372,24 +375,35 @@ class Session:
         if self.state == "opening":
             self.note_error(f"{len(data)} bytes sent before the inventory were ignored")
             return
-        # state "header": the first frame must be the stream header.
+        # state "header": the first frame must be the stream header. Its prefix and size are
+        # checked first, then the volume it announces, and only then is it parsed (the parse
+        # unpacks the ROI mask, as large as the volume).
         self.header_bytes += data
-        if len(self.header_bytes) > MAX_HEADER_BYTES + 64:
-            raise ProtocolError("no header frame in the first 16 MiB")
-        for event in self.header_reader.feed(data):
-            if event.error is not None:
-                raise ProtocolError(f"bad header frame: {event.error}")
-            if not isinstance(event.chunk, StreamHeader):
-                raise ProtocolError("the first frame must be the stream header")
-            frame = bytes(self.header_bytes[event.offset:event.offset + event.size])
-            if self.header_reader.pending:
-                self.note_error(f"{self.header_reader.pending} bytes after the header were "
-                                "sent before the inventory and ignored")
-            self.header_bytes = bytearray()
-            self.header_reader = None
-            self.state = "opening"
-            self.service.spawn(self._open_study(event.chunk, frame))
+        if len(self.header_bytes) < PREFIX.size:
             return
+        magic, version, kind, length, _ = PREFIX.unpack_from(self.header_bytes)
+        if magic != MAGIC or kind != KIND_HEADER:
+            raise ProtocolError("the first frame must be the stream header")
+        if length > MAX_HEADER_BYTES:
+            raise ProtocolError(f"header frame of {length} bytes is too large")
+        end = PREFIX.size + length
+        if len(self.header_bytes) < end:
+            return
+        frame = bytes(self.header_bytes[:end])
+        if len(self.header_bytes) > end:
+            self.note_error(f"{len(self.header_bytes) - end} bytes after the header were sent "
+                            "before the inventory and ignored")
+        self.header_bytes = bytearray()
+        voxels = announced_voxels(frame)
+        if voxels is not None and voxels > self.service.config.max_voxels:
+            raise ProtocolError(f"the study has {voxels} voxels, more than this receiver takes "
+                                f"({self.service.config.max_voxels})")
+        try:
+            header = parse_frame(frame)
+        except WireError as error:
+            raise ProtocolError(f"bad header frame: {error}") from None
+        self.state = "opening"
+        self.service.spawn(self._open_study(header, frame))
 
     async def _open_study(self, header: StreamHeader, frame: bytes) -> None:
         try:
@@ -603,6 +617,7 @@ class ReceiverService:
             with ice_hosts(self.ice_addresses):
                 await pc.setRemoteDescription(RTCSessionDescription(text, "offer"))
                 await pc.setLocalDescription(await pc.createAnswer())
+            enlarge_socket_buffers(pc)
         except Exception as error:  # aiortc rejects offers it cannot answer in many ways
             await pc.close()
             log.warning("refused an offer from %s: %s", request.remote, error)
@@ -633,6 +648,20 @@ class ReceiverService:
                      "bytes": s.received} for s in self.sessions.values()]
         return web.Response(text=json.dumps({"studies": studies, "sessions": sessions},
                                             indent=1), content_type="application/json")
+
+
+def announced_voxels(frame: bytes) -> int | None:
+    """The voxel count a header frame announces (None if it does not say), without parsing it."""
+    try:
+        body = msgpack.unpackb(frame[PREFIX.size:], raw=False, max_str_len=1 << 20,
+                               max_bin_len=MAX_HEADER_BYTES, max_array_len=1 << 20,
+                               max_map_len=1 << 12, max_ext_len=0)
+        shape = body.get("shape")
+        if isinstance(shape, list) and all(isinstance(n, int) for n in shape):
+            return int(np.prod([max(n, 0) for n in shape], dtype=object))
+    except Exception:  # malformed: parse_frame will say why
+        return None
+    return None
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -410,7 +410,7 @@ def describe_scan(scan) -> dict:
 
 
 def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, results, history,
-                  wall_time: float, device: torch.device) -> None:
+                  wall_time: float, device: torch.device, command: list[str]) -> None:
     """``liver_unet.pt`` (half-precision weights) and its ``liver_unet.json`` sidecar."""
     real = [s for s in train_scans if not s.synthetic]
     metadata = {
@@ -452,7 +452,7 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
         },
         "validation": {"scans": [describe_scan(s) for s in val_scans], "results": results},
         "final_training_loss": history[-1]["loss"] if history else None,
-        "retrain": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "retrain": shlex.join(["python", "scripts/train_liver_unet.py", *command]),
     }
     if args.cross_validation_from:
         sidecar["cross_validation"] = [
@@ -582,6 +582,7 @@ def main(argv=None) -> int:
     if not val_scans:
         tqdm.write("no validation scans: the figures in the sidecar will be empty")
 
+    torch.manual_seed(args.seed)  # the initial weights
     model = LiverUNet(config).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     amp = device.type == "cuda"
@@ -629,7 +630,9 @@ def main(argv=None) -> int:
 
     results = next((e["validation"] for e in reversed(history) if "validation" in e), [])
     wall_time = earlier_time + time.monotonic() - began
-    write_outputs(out, model, args, train_scans, val_scans, results, history, wall_time, device)
+    command = list(sys.argv[1:] if argv is None else argv)
+    write_outputs(out, model, args, train_scans, val_scans, results, history, wall_time, device,
+                  command)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     tqdm.write(f"wrote {out / 'liver_unet.pt'} and {out / 'liver_unet.json'}")
     return 0

@@ -29,7 +29,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from receiver.ice import ice_hosts, loopback_hosts_for
+from receiver.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
 from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
                                PROTOCOL_VERSION, ProtocolError, encode_control, int_list,
                                parse_control, split_message)
@@ -365,6 +365,7 @@ class _Attempt:
         s = self.s
         with ice_hosts(s.ice_addresses):
             await self.pc.setLocalDescription(await self.pc.createOffer())
+        enlarge_socket_buffers(self.pc)
         answer = await s.post_offer(self.pc.localDescription.sdp, self)
         await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         await self.ch._until(self.ch.opened, s.options.connect_timeout, "the data channel")
@@ -636,7 +637,8 @@ def main_to(args, parser) -> int:
         print(f"sent study {source.study_id} to {args.to} (folder {result.folder}): "
               f"{result.chunks_sent} chunks, {result.bytes_sent} bytes in "
               f"{result.attempts} connection(s), {result.chunks_skipped} already there; "
-              f"ROI complete {roi}, complete at {time.monotonic() - started:.2f} s"
+              f"transfer {result.transfer_s:.2f} s ({result.goodput_mbit_s:.1f} Mbit/s); "
+              f"ROI complete {roi}, complete at {time.monotonic() - started:.2f} s since start"
               f"{verified}")
     if result.verified is False:
         return 1

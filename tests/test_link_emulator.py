@@ -123,9 +123,11 @@ def test_one_way_delay_and_jitter_keep_order():
             return upstream.one_way_delays(), relay.stats.uplink.mean_delay
 
     delays, mean_delay = run(scenario(LinkParams(delay=0.040)))
-    assert min(delays) >= 0.039
-    assert 0.039 <= statistics.median(delays) <= 0.046
-    assert mean_delay == pytest.approx(statistics.mean(delays), abs=0.002)
+    # Never early; the quickest packet shows the delay the link adds, the median that it is
+    # added to all (a process waiting for a CPU only makes packets late).
+    assert 0.039 <= min(delays) <= 0.044
+    assert statistics.median(delays) <= 0.055
+    assert 0.039 <= mean_delay <= statistics.mean(delays) + 0.001  # the relay's own account of it
 
     delays, _ = run(scenario(LinkParams(delay=0.040, jitter=0.010)))
     assert min(delays) >= 0.029
@@ -231,5 +233,6 @@ def test_each_client_gets_its_own_upstream_source_and_its_own_answers():
     assert len(sources) == 2 and not sources & {first.address, second.address}
     assert first.sequence_numbers() == list(range(5))
     assert second.sequence_numbers() == list(range(100, 105))
-    round_trips = first.one_way_delays() + second.one_way_delays()
-    assert 0.039 <= statistics.median(round_trips) <= 0.050
+    # 10 ms up, 30 ms down; the quickest packets show it, a loaded machine only adds lateness.
+    assert 0.0095 <= min(upstream.one_way_delays()) <= 0.020
+    assert 0.039 <= min(first.one_way_delays() + second.one_way_delays()) <= 0.060

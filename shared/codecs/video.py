@@ -124,7 +124,10 @@ def best_12bit_offset(block: np.ndarray) -> int:
 
 
 def _x265_options(params: str, preset: str) -> dict:
-    return {"x265-params": f"{params}:log-level=error", "preset": preset}
+    # A fixed thread layout (4 worker threads, one frame at a time) makes the bitstream
+    # identical on every machine: a resumed or restarted sender reproduces exactly the base the
+    # receiver already holds, which its residuals are computed against.
+    return {"x265-params": f"{params}:frame-threads=1:pools=4:log-level=error", "preset": preset}
 
 
 def _padded_shape(shape) -> tuple[int, int, int]:

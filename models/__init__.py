@@ -1,0 +1,13 @@
+"""The liver U-Net shipped with the sender: network, preprocessing, inference, bundled weights.
+
+* :mod:`models.unet`: the 2D five-level U-Net, its config and the weights file format
+  (read with ``torch.load(weights_only=True)``);
+* :mod:`models.preprocessing`: canonical orientation, HU window, in-plane resampling;
+* :mod:`models.inference`: whole-volume probability maps, batched, on CPU or CUDA;
+* :mod:`models.phantoms`: synthetic abdominal phantoms used to supplement training data;
+* ``liver_unet.pt`` / ``liver_unet.json``: the bundled weights and their sidecar (data,
+  preprocessing, validation, how to retrain); see ``docs/UNET.md``.
+
+The sender uses it through :class:`sender.roi.unet.UNetProvider`. This package needs torch;
+``shared/`` and ``receiver/`` never import it.
+"""

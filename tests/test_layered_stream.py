@@ -1,0 +1,124 @@
+"""Layered coding and reassembly on small synthetic volumes: exactness, order, prefixes, rejects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from receiver.reassembly import ChunkRejected, Reassembler
+from receiver.stream import StudyStream
+from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
+from sender.scheduler import plan_chunks
+from shared.volume import Volume
+from shared.wire import DataChunk, parse_frame
+
+
+def prepared_study(rng, shape=(6, 20, 24), extremes=True) -> PreparedStudy:
+    data = rng.normal(40, 30, shape).round().astype(np.int16)
+    data[:, :4] = -1024
+    if extremes:
+        data[1, 0, 0], data[4, 3, 5], data[2, 10, 10] = -32768, 32767, 30000
+    roi = np.zeros(shape, bool)
+    roi[1:4, 5:15, 6:18] = True
+    if extremes:
+        roi[2, 10, 10] = True
+    diffused = np.where(roi, data, (data // 4) * 4).astype(np.int16)  # a stand-in "diffusion"
+    volume = Volume(data=data, affine=np.diag([-0.8, -0.8, 2.0, 1.0]), spacing=(0.8, 0.8, 2.0))
+    return PreparedStudy(volume=volume, roi=roi, diffused=diffused, study_id="unit")
+
+
+def decode(frames) -> StudyStream:
+    stream = StudyStream()
+    for frame in frames:
+        stream.feed(frame)
+    stream.finish()
+    return stream
+
+
+@pytest.mark.parametrize("settings", [
+    EncodeSettings(exact=True, group_slices=2),
+    EncodeSettings(exact=True, group_slices=4, qp=40),
+    EncodeSettings(codec="zstd", exact=True, group_slices=3),
+    EncodeSettings(codec="hevc-lossless", exact=True, group_slices=1)])
+def test_roi_exact_after_layers_0_1_and_all_exact_after_layer_2(rng, settings):
+    study = prepared_study(rng)
+    encoder = StudyEncoder(study, settings)
+    frames = list(encoder.frames())
+    original = study.volume.data
+    layer_of = {seq: layer for seq, layer, _, _ in encoder.header.plan}
+    first_exact_chunk = 1 + min(s for s, layer in layer_of.items() if layer == 2)
+    partial = decode(frames[:first_exact_chunk])
+    assert partial.reassembler.roi_complete and partial.reassembler.base_complete
+    np.testing.assert_array_equal(partial.reassembler.volume[study.roi], original[study.roi])
+    complete = decode(frames)
+    assert complete.reassembler.verified is True and not complete.problems
+    np.testing.assert_array_equal(complete.reassembler.volume, original)
+
+
+def test_every_prefix_decodes_and_roi_comes_first(rng):
+    study = prepared_study(rng, shape=(9, 20, 20))
+    frames = list(StudyEncoder(study, EncodeSettings(group_slices=1, exact=True)).frames())
+    roi_slices = set(np.flatnonzero(study.roi.any(axis=(1, 2))))
+    for cut in range(1, len(frames) + 1):
+        stream = decode(frames[:cut])
+        assert stream.reassembler is not None and not stream.problems
+        exact_roi = set(np.flatnonzero(stream.reassembler.roi_exact_slices))
+        applied = cut - 1
+        # The first 2 x |ROI slices| chunks make exactly the ROI slices exact, in order.
+        if applied >= 2 * len(roi_slices):
+            assert roi_slices <= exact_roi
+
+
+def test_plan_orders_most_roi_blocks_first_then_outwards_then_layer_2():
+    roi = np.zeros((10, 4, 4), bool)
+    roi[5, :2] = True  # 8 voxels
+    roi[6] = True  # 16 voxels
+    plan = [(c.layer, c.z0) for c in plan_chunks(roi, 1, (0, 1, 2))]
+    assert plan[:4] == [(0, 6), (1, 6), (0, 5), (1, 5)]
+    assert [z for layer, z in plan[4:12]] == [4, 7, 3, 8, 2, 9, 1, 0]
+    assert all(layer == 2 for layer, _ in plan[12:]) and (2, 6) not in plan  # slice 6 all ROI
+
+
+def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
+    study = prepared_study(rng)
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2))
+    frames = list(encoder.frames())
+    header = parse_frame(frames[0])
+    chunks = [parse_frame(f) for f in frames[1:-1]]
+    reassembler = Reassembler(header)
+    base, residual = chunks[0], chunks[1]
+    assert (base.layer, residual.layer) == (0, 1)
+    assert reassembler.apply(residual)  # before its base: waits, applied when the base comes
+    assert reassembler.apply(base) and {base.seq, residual.seq} <= reassembler.applied
+    assert not reassembler.apply(base)  # duplicate: ignored, never applied twice
+    bad = [DataChunk(**{**vars(base), "study_id": "other"}),
+           DataChunk(**{**vars(base), "seq": 999}),
+           DataChunk(**{**vars(base), "z1": base.z1 + 1}),
+           DataChunk(**{**vars(base), "codec": "zstd"}),
+           DataChunk(**{**vars(chunks[2]), "payload": chunks[2].payload[:-7]})]
+    for chunk in bad:
+        with pytest.raises(ChunkRejected):
+            reassembler.apply(chunk)
+    wrong_base = DataChunk(**{**vars(chunks[3]), "params": {**chunks[3].params,
+                                                             "base_digest": bytes(16)}})
+    fresh = Reassembler(header)
+    fresh.apply(next(c for c in chunks if c.layer == 0 and (c.z0, c.z1) ==
+                     (wrong_base.z0, wrong_base.z1)))
+    with pytest.raises(ChunkRejected, match="different base"):
+        fresh.apply(wrong_base)
+
+
+def test_encoder_refuses_a_diffused_volume_that_touches_the_roi(rng):
+    study = prepared_study(rng)
+    study.diffused[study.roi] += 1
+    with pytest.raises(ValueError, match="inside the ROI"):
+        StudyEncoder(study)
+
+
+def test_tiny_slices_survive_hevc(rng):
+    study = prepared_study(rng, shape=(3, 9, 5), extremes=False)
+    study.roi[:] = False
+    study.roi[1, 2:5, 1:3] = True
+    study.diffused = np.where(study.roi, study.volume.data, study.diffused)
+    stream = decode(StudyEncoder(study, EncodeSettings(exact=True)).frames())
+    np.testing.assert_array_equal(stream.reassembler.volume, study.volume.data)

@@ -1,0 +1,139 @@
+"""Smoke test of scripts/train_liver_unet.py on tiny phantoms: outputs, resume, data layouts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.phantoms import make_phantom
+from models.unet import load_weights
+from shared.nifti import write_nifti
+from shared.volume import Volume
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_liver_unet.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_liver_unet", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_pair(folder: Path, stem: str, seed: int, ct_name=None, mask_name=None):
+    """A tiny phantom and its liver mask as NIfTI; the first seed from ``seed`` with a liver."""
+    while True:
+        volume, liver = make_phantom(shape=(3, 40, 48), spacing=(8.0, 8.0, 6.0), seed=seed)
+        if liver.sum() > 50:
+            break
+        seed += 1000
+    ct = write_nifti(volume, folder / (ct_name or f"{stem}_ct.nii.gz"))
+    mask_volume = Volume(data=liver.astype("int16"), affine=volume.affine, spacing=volume.spacing,
+                         source_dtype="uint8")
+    mask = write_nifti(mask_volume, folder / (mask_name or f"{stem}_liver.nii.gz"))
+    return ct, mask
+
+
+def tiny_run(tmp_path: Path, steps: int, *extra: str) -> list[str]:
+    train_ct, train_mask = write_pair(tmp_path, "train", seed=11)
+    val_ct, val_mask = write_pair(tmp_path, "val", seed=12)
+    return ["--out", str(tmp_path / "run"), "--train", str(train_ct), str(train_mask),
+            "--val", str(val_ct), str(val_mask), "--steps", str(steps), "--batch-size", "2",
+            "--widths", "4", "8", "--crop-sizes", "16", "32", "--warmup-steps", "1",
+            "--val-every", "2", "--checkpoint-every", "1", "--threads", "1",
+            "--device", "cpu", *extra]
+
+
+def test_training_writes_weights_sidecar_and_checkpoint(train, tmp_path):
+    assert train.main(tiny_run(tmp_path, 2, "--phantoms", "1")) == 0
+    run = tmp_path / "run"
+    sidecar = json.loads((run / "liver_unet.json").read_text())
+    assert sidecar["training_data"]["phantoms"] == 1
+    assert sidecar["validation"]["results"][0]["scan"] == "val_ct.nii.gz"
+    assert {"dice", "recall", "roi_fraction", "roi_ratio"} <= set(
+        sidecar["validation"]["results"][0])
+    assert "--phantoms 1" in sidecar["retrain"]
+    assert load_weights(run / "liver_unet.pt").config.widths == (4, 8)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2
+    with pytest.raises(SystemExit, match="exists"):
+        train.main(tiny_run(tmp_path, 2))
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(train, tmp_path, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    straight.mkdir()
+    interrupted.mkdir()
+    assert train.main(tiny_run(straight, 3)) == 0
+
+    make_batch = train.make_batch
+
+    def crash_at_step_two(scans, args, config, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return make_batch(scans, args, config, step)
+
+    monkeypatch.setattr(train, "make_batch", crash_at_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_run(interrupted, 3))
+    monkeypatch.setattr(train, "make_batch", make_batch)
+    assert torch.load(interrupted / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    with pytest.raises(SystemExit, match="changed options"):
+        train.main(tiny_run(interrupted, 3, "--resume", "--lr", "0.1"))
+    assert train.main(tiny_run(interrupted, 3, "--resume")) == 0
+    expected = torch.load(straight / "run" / "liver_unet.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(interrupted / "run" / "liver_unet.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
+def test_dataset_layouts_are_recognised(train, tmp_path):
+    msd = tmp_path / "Task03_Liver"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "labelsTr").mkdir()
+    write_pair(msd, "", 1, "imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz")
+    lits = tmp_path / "LiTS"
+    (lits / "batch1").mkdir(parents=True)
+    write_pair(lits, "", 2, "batch1/volume-7.nii", "batch1/segmentation-7.nii")
+    total = tmp_path / "Totalsegmentator"
+    (total / "s0001" / "segmentations").mkdir(parents=True)
+    write_pair(total, "", 3, "s0001/ct.nii.gz", "s0001/segmentations/liver.nii.gz")
+    found = {root.name: train.discover_dataset(root) for root in (msd, lits, total)}
+    assert [c.patient for c in found["Task03_Liver"]] == ["Task03_Liver/liver_0"]
+    assert [c.mask.name for c in found["LiTS"]] == ["segmentation-7.nii"]
+    assert [c.ct.name for c in found["Totalsegmentator"]] == ["ct.nii.gz"]
+    with pytest.raises(SystemExit, match="no CT has a matching mask"):
+        (tmp_path / "empty" / "imagesTr").mkdir(parents=True)
+        (tmp_path / "empty" / "labelsTr").mkdir()
+        train.discover_dataset(tmp_path / "empty")
+
+
+def test_patient_level_split_never_shares_a_patient(train, tmp_path):
+    root = tmp_path / "ts"
+    for index in range(5):
+        (root / f"s{index}" / "segmentations").mkdir(parents=True)
+        for name in ("ct.nii.gz", "segmentations/liver.nii.gz"):
+            (root / f"s{index}" / name).write_bytes(b"")
+    args = train.parse_args(["--out", str(tmp_path / "o"), "--dataset", str(root),
+                             "--val-fraction", "0.4"])
+    training, validation = train.split_cases(args)
+    assert len(validation) == 2 and len(training) == 3
+    assert not {c.patient for c in training} & {c.patient for c in validation}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x"], "give training data"),
+    (["--out", "x", "--phantoms", "1", "--crop-sizes", "24"], "multiples of 16"),
+    (["--out", "x", "--phantoms", "1", "--steps", "0"], "--steps must be at least 1"),
+    (["--out", "x", "--phantoms", "1", "--label", "0"], "--label must be a positive"),
+])
+def test_bad_options_are_refused(train, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
