@@ -40,7 +40,7 @@ MAX_MESSAGE_BYTES = 16 * 1024
 #: Largest control message either side accepts.
 MAX_CONTROL_BYTES = 64 * 1024
 #: Default credit window: bytes the sender may have in flight beyond what the receiver processed.
-DEFAULT_WINDOW = 2 * 1024 * 1024
+DEFAULT_WINDOW = 1024 * 1024
 CONTROL_TYPES = ("hello", "inventory", "ack", "done", "error")
 
 

@@ -90,8 +90,10 @@ class ServiceConfig:
     """A study without a session is dropped from memory after this long (it stays on disk)."""
     progress_interval: float = 5.0
     """Seconds between progress log lines of a study that is receiving."""
-    workers: int = 2
-    """Threads that decode chunks and write snapshots (one study uses one at a time)."""
+    workers: int = 1
+    """Threads that decode chunks and write snapshots. One keeps the receiver within a core
+    and its memory low (every thread that decodes keeps its own malloc arena); studies that
+    arrive at once take turns, batch by batch."""
     max_voxels: int = 512 * 1024 * 1024
     """Largest study accepted (voxels); the receiver holds about 3 bytes per voxel."""
 

@@ -42,8 +42,9 @@ class EncodeSettings:
     """x265 constant rate factor of the lossy base (layered mode); ``None`` when ``qp`` is set."""
     qp: int | None = None
     """x265 fixed quantiser of the lossy base, instead of a CRF."""
-    preset: str = "medium"
-    """x265 speed preset of the base."""
+    preset: str = "faster"
+    """x265 speed preset of the base (slower presets gain < 0.5 % here: the ROI residual
+    dominates the stream)."""
     residual_codec: str = "jpegls"
     """Lossless codec of the residual layers in layered mode."""
     group_slices: int = 4

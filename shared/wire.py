@@ -165,7 +165,7 @@ class StreamHeader:
             "rescale": [float(v) for v in self.rescale],
             "value_range": [int(v) for v in self.value_range], "sha256": self.sha256,
             "roi": {"encoding": "packbits-zstd",
-                    "data": zstandard.ZstdCompressor(level=19).compress(packed_roi.tobytes()),
+                    "data": zstandard.ZstdCompressor(level=9).compress(packed_roi.tobytes()),
                     "voxels": int(self.roi.sum())},
             "layers": {str(k): v for k, v in self.layers.items()},
             "plan": [list(map(int, entry)) for entry in self.plan],

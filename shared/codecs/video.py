@@ -119,7 +119,8 @@ class Ffv1Codec(Codec):
 def best_12bit_offset(block: np.ndarray) -> int:
     """Start of the 4096-value window holding the most voxels (ties: the lowest start)."""
     counts = np.bincount((block.astype(np.int32) + 32768).ravel(), minlength=65536)
-    window = np.convolve(counts, np.ones(TWELVE_BIT_LEVELS, dtype=np.int64), mode="valid")
+    cumulative = np.concatenate([[0], np.cumsum(counts)])
+    window = cumulative[TWELVE_BIT_LEVELS:] - cumulative[:-TWELVE_BIT_LEVELS]
     return int(np.argmax(window)) - 32768
 
 
