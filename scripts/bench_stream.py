@@ -10,6 +10,8 @@ Scenarios (each with a fresh receiver process and out-dir):
 * ``replay``: the same study pre-encoded (``--out``) and replayed (``dlad-send FILE.dlad
   --to``): transport goodput without the encoder in the way.
 * ``paced``: the replay capped at 20 Mbit/s (``--max-rate 20``): receiver CPU at that rate.
+* ``large`` (only when asked): a synthetic 96 x 512 x 512 phantom (50 MB of voxels), encoded
+  beforehand and replayed, to show how the receiver's memory scales with the volume.
 
 Goodput = stream bytes of the pass / (receiver's ``done`` - inventory sent), measured by the
 receiver (status.json ``transfer.last_pass``). Receiver CPU = utime+stime of its process over
@@ -144,6 +146,20 @@ def run_once(name: str, sender_args: list[str], token_file: Path, work: Path) ->
     }
 
 
+def encode_large_phantom(path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from sender.encoder import EncodeSettings, StudyEncoder
+    from sender.pipeline import prepare_study
+    from sender.roi.provider import StaticMaskProvider
+    from sender.synthetic_phantom import make_phantom
+
+    volume, liver = make_phantom((96, 512, 512), spacing=(0.8, 0.8, 2.0), seed=1)
+    prepared = prepare_study(volume, StaticMaskProvider(liver, "phantom liver"))
+    with open(path, "wb") as out:
+        for data in StudyEncoder(prepared, EncodeSettings(exact=True)).frames():
+            out.write(data)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dicom", type=Path, default=DATA / "abdomen_ct_dicom")
@@ -165,6 +181,10 @@ def main(argv=None) -> int:
                     str(encoded), "--quiet"], cwd=ROOT, check=True)
     scenarios = {"live": [str(args.dicom), *study], "replay": [str(encoded)],
                  "paced": [str(encoded), "--max-rate", "20"]}
+    if "large" in args.scenarios:
+        large = work / "large.dlad"
+        encode_large_phantom(large)
+        scenarios["large"] = [str(large)]
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
           file=sys.stderr)
     results = []

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=lossless, help="codec of the residual layers (default %(default)s)")
     coding.add_argument("--group-slices", type=int, default=encode_defaults.group_slices,
                         help="slices per chunk (default %(default)s)")
+    coding.add_argument("--min-ssim", type=float, default=encode_defaults.min_ssim,
+                        help="quality guard: re-code base blocks whose SSIM (L=4095) after the "
+                             "ROI layer is below this (default %(default)s; 0 = off)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     return parser
 
@@ -130,7 +133,7 @@ def settings_from_args(args):
     encode = EncodeSettings(codec=args.codec, exact=args.exact,
                             crf=None if args.qp is not None else args.crf, qp=args.qp,
                             preset=args.preset, residual_codec=args.residual_codec,
-                            group_slices=args.group_slices)
+                            group_slices=args.group_slices, min_ssim=args.min_ssim or None)
     return steering, diffusion, encode
 
 

@@ -15,12 +15,14 @@ leave before the rest of the volume is encoded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 
+from sender.quality import block_ssim
 from sender.scheduler import PlannedChunk, plan_chunks
 from shared.codecs import codec_names, get_codec
 from shared.layers import block_digest, clip_base, residual
@@ -28,6 +30,9 @@ from shared.volume import Volume
 from shared.wire import REGION_OF_LAYER, DataChunk, StreamEnd, StreamHeader, voxel_sha256
 
 LAYERED = "layered"
+#: CRF/QP decrement of the base quality guard per retry.
+GUARD_STEP = 4
+log = logging.getLogger("dlad.sender")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class EncodeSettings:
     """Lossless codec of the residual layers in layered mode."""
     group_slices: int = 4
     """Slices per chunk: HEVC predicts between the slices of a chunk."""
+    min_ssim: float | None = 0.99
+    """Quality guard of the lossy base: every block's SSIM (L = 4095) after layers 0+1 must
+    reach this, else it is re-coded at a lower CRF/QP, and at last without diffusion."""
 
     def __post_init__(self):
         lossless = [n for n in codec_names() if get_codec(n).lossless]
@@ -61,8 +69,15 @@ class EncodeSettings:
         if not 1 <= self.group_slices <= 256:
             raise ValueError(f"slices per chunk must be in [1, 256], got {self.group_slices}")
         if self.codec == LAYERED:
-            get_codec("hevc", crf=self.crf if self.qp is None else None, qp=self.qp,
-                      preset=self.preset)  # validates the rate settings
+            self.base_codec()  # validates the rate settings
+        if self.min_ssim is not None and not 0 < self.min_ssim < 1:
+            raise ValueError(f"minimum SSIM must be in (0, 1), got {self.min_ssim}")
+
+    def base_codec(self, rate: float | None = None):
+        """The lossy HEVC base codec, at the configured rate or at ``rate`` (CRF or QP)."""
+        if self.qp is None:
+            return get_codec("hevc", crf=self.crf if rate is None else rate, preset=self.preset)
+        return get_codec("hevc", qp=self.qp if rate is None else int(rate), preset=self.preset)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -73,10 +88,7 @@ class EncodeSettings:
     def codec_of_layer(self, layer: int):
         if self.codec != LAYERED:
             return get_codec(self.codec)
-        if layer == 0:
-            return get_codec("hevc", crf=self.crf if self.qp is None else None, qp=self.qp,
-                             preset=self.preset)
-        return get_codec(self.residual_codec)
+        return self.base_codec() if layer == 0 else get_codec(self.residual_codec)
 
 
 @dataclass
@@ -165,14 +177,48 @@ class StudyEncoder:
     def _encode_base(self, z0: int, z1: int) -> tuple[bytes, dict]:
         codec = self._codecs[0]
         block = self.study.diffused[z0:z1]
-        payload, params = codec.encode(block)
-        # The residual layers are computed against what the receiver will decode, not against
-        # the diffused input: decode our own payload (and clip it exactly as the receiver does).
-        decoded = block if codec.lossless else clip_base(
-            codec.decode(payload, block.shape, params), self.value_range)
+        if codec.lossless:
+            payload, params = codec.encode(block)
+            decoded = block
+        else:
+            payload, params, decoded = self._encode_guarded_base(z0, z1)
         self._base[z0:z1] = decoded
         self._base_ready.add((z0, z1))
         return payload, params
+
+    def _encode_guarded_base(self, z0: int, z1: int) -> tuple[bytes, dict, np.ndarray]:
+        """Lossy base of one block, re-coded until the receiver's view reaches ``min_ssim``.
+
+        The residual layers are computed against what the receiver will decode, so the encoder
+        decodes its own payload (and clips it exactly as the receiver does). The steps: the
+        configured CRF/QP, then lower by GUARD_STEP down to 0, then the undiffused block (where
+        the diffusion itself cost too much structure). Deterministic, so a resumed sender makes
+        the same choices.
+        """
+        settings = self.settings
+        original = self.study.volume.data[z0:z1]
+        roi = self.study.roi[z0:z1]
+        source, diffused = self.study.diffused[z0:z1], True
+        rate = settings.crf if settings.qp is None else settings.qp
+        while True:
+            codec = settings.base_codec(rate)
+            payload, params = codec.encode(source)
+            decoded = clip_base(codec.decode(payload, source.shape, params), self.value_range)
+            if settings.min_ssim is None:
+                return payload, params, decoded
+            score = block_ssim(original, np.where(roi, original, decoded))
+            if not score < settings.min_ssim:  # also NaN: slices too small to measure
+                break
+            if rate > 0:
+                rate = max(0, rate - GUARD_STEP)
+            elif diffused:
+                source, diffused = original, False
+            else:
+                log.warning("slices %d-%d: SSIM %.4f below %.4f even at the best quality",
+                            z0, z1 - 1, score, settings.min_ssim)
+                break
+        params["quality"] = {"rate": rate, "diffused": diffused, "ssim": round(float(score), 5)}
+        return payload, params, decoded
 
     def _decoded_base(self, z0: int, z1: int) -> np.ndarray:
         if (z0, z1) not in self._base_ready:

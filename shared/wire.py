@@ -435,4 +435,5 @@ class FrameReader:
 
 def voxel_sha256(voxels: np.ndarray) -> str:
     """SHA-256 of int16 voxels as little-endian bytes in C (slice-major) order."""
-    return hashlib.sha256(np.ascontiguousarray(voxels, dtype="<i2").tobytes()).hexdigest()
+    # Hash the array's buffer directly: no 2-byte-per-voxel copy of the volume.
+    return hashlib.sha256(np.ascontiguousarray(voxels, dtype="<i2")).hexdigest()
