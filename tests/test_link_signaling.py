@@ -197,7 +197,7 @@ def test_answer_without_ipv4_candidate_and_unreachable_receiver_give_502():
             async with http.post(f"{proxy.url}/ipv6-only", data=OFFER, headers={
                     "Content-Type": "application/sdp", "Authorization": "Bearer secret"}) as response:
                 assert response.status == 502
-                assert "no IPv4 UDP candidate" in await response.text()
+                assert "no IPv4 UDP host candidate" in await response.text()
 
         with socket.socket() as probe:  # a port where nothing listens
             probe.bind(("127.0.0.1", 0))

@@ -101,10 +101,10 @@ class TraceSchedule:
         self._times = [t / 1000 for t in trace.opportunities_ms]
         self._period = trace.period_ms / 1000
         self._origin = origin
+        # Opportunities are numbered from 0 along the looping trace: the last one used, and
+        # the bytes it can still carry.
         self._index = -1
-        "Opportunities are numbered from 0 over the looping trace; the last one used."
         self._bytes_left = 0
-        "What the last opportunity used can still carry."
 
     def _time(self, index: int) -> float:
         cycle, position = divmod(index, len(self._times))
@@ -150,8 +150,8 @@ class LinkModel:
             self._shaper = TokenBucket(params.rate, params.burst)
         else:
             self._shaper = Unshaped()
+        # (departure, size) of the packets that have not left the queue yet, oldest first.
         self._backlog: deque[tuple[float, int]] = deque()
-        "(departure, size) of the packets that have not left the queue yet, oldest first."
         self._backlog_bytes = 0
         self._last_delivery = float("-inf")
 

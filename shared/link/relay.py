@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from .emulator import DirectionStats, EmulatedLink
@@ -12,6 +13,18 @@ from .params import LinkParams
 logger = logging.getLogger("dlad.link")
 
 Address = tuple[str, int]
+
+#: Receive buffer asked of the kernel for every relay socket (it caps the request at
+#: net.core.rmem_max). A burst that fills the default buffer while the event loop is busy
+#: would be lost before the emulated queue, which is the one that should decide.
+_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def _enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    try:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+    except OSError:
+        pass  # The default buffer still works; it absorbs shorter stalls only.
 
 
 @dataclass
@@ -33,6 +46,9 @@ class _ListenProtocol(asyncio.DatagramProtocol):
     def __init__(self, relay: LinkRelay) -> None:
         self._relay = relay
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _enlarge_receive_buffer(transport)
+
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self._relay._from_client(data, (addr[0], addr[1]))
 
@@ -48,11 +64,11 @@ class _UpstreamSession(asyncio.DatagramProtocol):
         self._relay = relay
         self.client = client
         self._transport: asyncio.DatagramTransport | None = None
-        self._waiting: list[bytes] = []
-        "Datagrams the link delivered before the socket was open."
+        self._waiting: list[bytes] = []  # What the link delivered before the socket was open.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        _enlarge_receive_buffer(transport)
         for data in self._waiting:
             self._transport.sendto(data)
         self._waiting.clear()
@@ -155,8 +171,8 @@ class LinkRelay:
         session = self._sessions.get(client)
         if session is None:
             if len(self._sessions) >= self._max_clients:
-                logger.warning("relay %s:%d: ignoring client %s beyond %d clients",
-                               *self.address, client, self._max_clients)
+                logger.debug("relay %s:%d: ignoring client %s beyond %d clients",
+                             *self.address, client, self._max_clients)
                 return
             session = self._open_session(client)
         self._uplink.send(data, session.send)
@@ -167,16 +183,18 @@ class LinkRelay:
     def _open_session(self, client: Address) -> _UpstreamSession:
         session = _UpstreamSession(self, client)
         self._sessions[client] = session
-        loop = asyncio.get_running_loop()
         # Opening the socket is a coroutine; the session holds what the link delivers meanwhile.
-        task = loop.create_task(loop.create_datagram_endpoint(lambda: session, remote_addr=self.upstream))
+        task = asyncio.get_running_loop().create_task(self._connect(session))
         self._opening.add(task)
-        task.add_done_callback(self._session_opened)
+        task.add_done_callback(self._opening.discard)
         logger.info("relay %s:%d: new client %s:%d", *self.address, *client)
         return session
 
-    def _session_opened(self, task: asyncio.Task) -> None:
-        self._opening.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+    async def _connect(self, session: _UpstreamSession) -> None:
+        try:
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: session, remote_addr=self.upstream)
+        except OSError as exc:
             logger.warning("relay %s:%d: cannot open a socket to %s:%d: %s",
-                           *self.address, *self.upstream, task.exception())
+                           *self.address, *self.upstream, exc)
+            # Forget the client, so that its next datagram tries again.
+            del self._sessions[session.client]

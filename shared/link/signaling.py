@@ -98,8 +98,8 @@ class SignalingProxy:
         self._client: aiohttp.ClientSession | None = None
         self._origin = ""
         self._relays: list[LinkRelay] = []
+        # Relays by the path of the session resource the receiver named in its Location header.
         self._sessions: dict[str, list[LinkRelay]] = {}
-        "Relays by the path of the session resource the receiver named in its Location header."
 
     @property
     def url(self) -> str:
@@ -188,7 +188,7 @@ class SignalingProxy:
         upstreams = list(dict.fromkeys(
             (candidate.host, candidate.port) for candidate in sdp_candidates(sdp) if is_relayable(candidate)))
         if not upstreams:
-            raise _NoRelayableCandidate("the answer lists no IPv4 UDP candidate")
+            raise _NoRelayableCandidate("the answer lists no IPv4 UDP host candidate")
         relays = []
         for upstream in upstreams:
             seed = None if self._seed is None else f"{self._seed}/relay{len(self._relays)}"
