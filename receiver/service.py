@@ -58,6 +58,7 @@ SESSIONS_PATH = "/studies/sessions/"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 BATCH_BYTES = 256 * 1024
 MAX_SESSION_ERRORS = 50
+HEARTBEAT_S = 2.0
 MILESTONES = ("roi_complete", "base_complete", "exact_complete", "complete")
 MILESTONE_TEXT = {"first_chunk": "first chunk applied", "roi_complete": "ROI complete (bit-exact)",
                   "base_complete": "base complete (every slice viewable)",
@@ -107,7 +108,6 @@ class Progress:
     planned: int
     reached: list
     ended: bool
-    summary: dict
 
 
 class StudyRuntime:
@@ -199,16 +199,13 @@ class StudyRuntime:
         if applied:
             record.dirty = True
         interval = self.service.config.snapshot_interval
-        summary = None
         if (any(name in MILESTONES for name in reached) or ended
                 or (record.dirty and time.monotonic() - record.last_snapshot >= interval)):
-            summary = record.write_snapshot(with_volume=self.service.config.snapshot_volume
-                                            or ended or "complete" in reached)
+            record.write_snapshot(with_volume=self.service.config.snapshot_volume
+                                  or ended or "complete" in reached)
         r = record.reassembler
         return Progress(consumed=len(data), applied=len(r.applied), planned=len(r.plan),
-                        reached=reached, ended=ended,
-                        summary=summary or {"duplicates": record.stream.duplicates,
-                                            "problems": record.stream.problems[-5:]})
+                        reached=reached, ended=ended)
 
     def _finish_pass(self) -> dict | None:
         """After a session: drop a partial frame, write the snapshot if anything changed."""
@@ -317,6 +314,7 @@ class Session:
         self.received = 0
         self.errors = 0
         self.data_started = 0.0
+        self.last_sent = 0.0
         self.closing = False
 
         @pc.on("datachannel")
@@ -440,6 +438,7 @@ class Session:
         channel = self.channel
         if channel is None or channel.readyState != "open":
             return
+        self.last_sent = time.monotonic()
         try:
             channel.send(encode_control(kind, **fields))
         except Exception as error:  # a channel closing under us
@@ -553,6 +552,10 @@ class ReceiverService:
                     session.fail("no stream header in time", retry=True)
                 elif now - session.last_activity > self.config.idle_timeout:
                     session.fail(f"idle for {self.config.idle_timeout:g} s", retry=True)
+                elif session.state == "data" and now - session.last_sent >= HEARTBEAT_S:
+                    # Sign of life while a long batch (decode, snapshot) keeps the acks away:
+                    # the sender tells a slow receiver from a dead one by these.
+                    session.send_control("ack", consumed=session.consumed)
             for key, runtime in list(self.studies.items()):
                 if (runtime.session is None and runtime.idle
                         and now - runtime.detached_at > self.config.unload_after):

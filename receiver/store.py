@@ -335,6 +335,7 @@ class StudyRecord:
     def write_snapshot(self, with_volume: bool = True) -> dict:
         """Atomically replace the NIfTI snapshot (optional) and then status.json."""
         r = self.reassembler
+        with_volume = with_volume and (self.dirty or not (self.folder / self.snapshot_file).exists())
         if with_volume:
             write_nifti_lean(r.volume, r.header, self.folder / self.snapshot_file)
             self.snapshot_info = {"file": self.snapshot_file, "written": _now(),

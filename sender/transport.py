@@ -64,8 +64,9 @@ class StreamOptions:
     """Further attempts after a failed one (each resumes from the receiver's inventory)."""
     connect_timeout: float = 30.0
     """Seconds for signaling + ICE + DTLS + channel open + inventory."""
-    stall_timeout: float = 60.0
-    """Seconds without any receiver acknowledgement before the connection counts as dead."""
+    stall_timeout: float = 15.0
+    """Seconds without any message from the receiver (it sends one at least every 2 s while
+    data flows) before the connection counts as dead."""
     high_water: int = 1024 * 1024
     """Pause sending while the channel buffers more than this many bytes."""
     low_water: int = 256 * 1024
@@ -98,6 +99,8 @@ class StreamResult:
     """Data chunks sent over all attempts (a chunk lost with a connection counts twice)."""
     chunks_skipped: int = 0
     """Chunks the receiver already had when the first attempt began."""
+    chunks_resumed: int = 0
+    """Chunks the receiver had when the last reconnection began (0 without reconnection)."""
     bytes_sent: int = 0
     """Frame bytes sent over all attempts (header and end frames included)."""
     transfer_s: float = 0.0
@@ -342,8 +345,12 @@ class _Attempt:
         if isinstance(window, int) and not isinstance(window, bool) and window > 0:
             self.ch.window = max(window, s.options.message_bytes)
         s.result.folder = inventory.get("folder")
+        s._say(f"connected to {s.url}: inventory after {time.monotonic() - s.started:.2f} s "
+               f"since start ({len(have)} chunks there)")
         if s.result.attempts == 1:
             s.result.chunks_skipped = len(have)
+        else:
+            s.result.chunks_resumed = len(have)
         s.report_inventory(have, inventory)
         self.ch.on_ack = s.on_ack
         for number in range(s.options.max_passes):
@@ -376,30 +383,29 @@ class _Attempt:
         queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, s.options.prefetch))
 
         async def produce():
-            for seq in todo:
-                frame = await loop.run_in_executor(s.encode_pool, s.source.frame, seq)
-                await queue.put((seq, frame))
-            await queue.put(None)
+            try:
+                for seq in todo:
+                    frame = await loop.run_in_executor(s.encode_pool, s.source.frame, seq)
+                    await queue.put((seq, frame))
+                await queue.put(None)
+            except Exception as error:  # an encoder failure ends the pass with it
+                await queue.put(error)
 
         producer = asyncio.create_task(produce())
         sent = 0
         total = len(s.source.header_frame)
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
-                try:
-                    await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        producer.result()  # raises what the encoder raised
-                        continue
-                    item = getter.result()
-                finally:
-                    getter.cancel()
+                item = await queue.get()
                 if item is None:
                     break
+                if isinstance(item, Exception):
+                    raise item
                 seq, frame = item
                 if s.first_data_at is None:
                     s.first_data_at = time.monotonic()
+                    s._say(f"first chunk (#{seq}, {len(frame)} bytes) left at "
+                           f"{s.first_data_at - s.started:.2f} s since start")
                 await self.ch.send_bytes(frame, counted=True)
                 sent += 1
                 total += len(frame)
@@ -636,7 +642,9 @@ def main_to(args, parser) -> int:
                     False: ", SHA-256 MISMATCH at the receiver", None: ""}[result.verified]
         print(f"sent study {source.study_id} to {args.to} (folder {result.folder}): "
               f"{result.chunks_sent} chunks, {result.bytes_sent} bytes in "
-              f"{result.attempts} connection(s), {result.chunks_skipped} already there; "
+              f"{result.attempts} connection(s), {result.chunks_skipped} already there"
+              + (f", {result.chunks_resumed} there on reconnecting" if result.attempts > 1
+                 else "") + "; "
               f"transfer {result.transfer_s:.2f} s ({result.goodput_mbit_s:.1f} Mbit/s); "
               f"ROI complete {roi}, complete at {time.monotonic() - started:.2f} s since start"
               f"{verified}")
