@@ -32,8 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the sender's command line (and a replay of a recorded
+# stream) must not pay its import time before it knows it will diffuse.
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class DiffusionSettings:
 
 def default_device() -> torch.device:
     """CUDA when present, CPU otherwise."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -89,7 +98,6 @@ def _accumulate_axis(image: torch.Tensor, update: torch.Tensor, axis: int,
     update.narrow(axis, 1, n - 1).sub_(flux)
 
 
-@torch.no_grad()
 def diffuse(volume: np.ndarray, probability: np.ndarray,
             settings: DiffusionSettings = DiffusionSettings(),
             device: torch.device | str | None = None) -> np.ndarray:
@@ -113,7 +121,17 @@ def diffuse(volume: np.ndarray, probability: np.ndarray,
         raise ValueError(f"probability shape {probability.shape} != volume shape {volume.shape}")
     if settings.iterations == 0:
         return volume.astype(np.int16, copy=True)
-    device = torch.device(device) if device is not None else default_device()
+    import torch
+
+    with torch.no_grad():
+        return _diffuse(volume, probability, settings,
+                        torch.device(device) if device is not None else default_device())
+
+
+def _diffuse(volume: np.ndarray, probability: np.ndarray, settings: DiffusionSettings,
+             device: torch.device) -> np.ndarray:
+    import torch
+
     image = torch.from_numpy(volume.astype(np.float32)).to(device)
     # Per-voxel factor dt * (1 - p): exactly 0 inside the ROI, so its voxels never move.
     weight = (1.0 - torch.from_numpy(np.asarray(probability, np.float32)).to(device)) * settings.dt

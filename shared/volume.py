@@ -95,11 +95,16 @@ class Volume:
         """
         hu = self.data if hu is None else hu
         dtype = np.dtype(self.source_dtype)
-        stored = (hu.astype(np.float64) - self.rescale_intercept) / self.rescale_slope
+        if self.rescale_slope == 1.0 and float(self.rescale_intercept).is_integer():
+            # The usual case (slope 1, integral intercept): integer arithmetic, no float64 copy.
+            stored = hu.astype(np.int32) - int(self.rescale_intercept)
+        else:
+            stored = np.rint((hu.astype(np.float64) - self.rescale_intercept) / self.rescale_slope)
         if dtype.kind in "iu":
             info = np.iinfo(dtype)
-            stored = np.clip(np.rint(stored), info.min, info.max)
-        return stored.astype(dtype)
+            if stored.min() < info.min or stored.max() > info.max:
+                stored = np.clip(stored, info.min, info.max)
+        return stored.astype(dtype, copy=False)
 
 
 def to_hu_int16(values: np.ndarray, what: str) -> np.ndarray:
