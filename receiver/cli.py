@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from receiver.stream import StudyStream
+from shared.atomic import atomic_path
 from shared.nifti import write_nifti
 
 EXAMPLES = """examples:
@@ -59,15 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_json_atomic(path: Path, value) -> None:
     """Write JSON under a temporary name and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(value, out, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=1))
 
 
 def receive_file(source: Path, stream: StudyStream) -> None:

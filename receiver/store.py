@@ -28,25 +28,22 @@ Nothing here is thread-safe: the service calls one study's methods from one task
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from receiver.cli import write_json_atomic
 from receiver.protocol import stream_key
 from receiver.stream import StudyStream
+from shared.nifti import write_nifti
 from shared.wire import DataChunk, FrameReader, StreamHeader, WireError, parse_frame
 
 log = logging.getLogger("dlad.receiver")
@@ -128,67 +125,6 @@ def read_header_file(path: Path) -> tuple[StreamHeader, bytes]:
     if not isinstance(header, StreamHeader):
         raise StoreError(f"{path}: not a header frame")
     return header, data
-
-
-def stored_slice(hu: np.ndarray, header: StreamHeader) -> np.ndarray:
-    """HU voxels of one slice (or block) in the source's stored dtype, like
-    :meth:`shared.volume.Volume.stored_values`, without a float64 copy of a whole volume."""
-    dtype = np.dtype(header.source_dtype)
-    slope, intercept = header.rescale
-    if (slope, intercept) == (1.0, 0.0) and dtype == hu.dtype:
-        return hu
-    if slope == 1.0 and float(intercept).is_integer() and dtype.kind in "iu":
-        info = np.iinfo(dtype)  # integer shortcut, equal to the float path for integer HU
-        return np.clip(hu.astype(np.int32) - int(intercept), info.min, info.max).astype(dtype)
-    stored = (hu.astype(np.float64) - intercept) / slope
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        stored = np.clip(np.rint(stored), info.min, info.max)
-    return stored.astype(dtype)
-
-
-def write_nifti_lean(hu: np.ndarray, header: StreamHeader, path: Path) -> Path:
-    """Write the volume as NIfTI-1 slice by slice, atomically (temp file + rename).
-
-    The file equals what :func:`shared.nifti.write_nifti` writes for the same volume (stored
-    dtype, scl_slope/scl_inter, zooms, qform and sform with code 1), but memory stays at one
-    slice: the slice-major int16 array is already in NIfTI's x-fastest order.
-    """
-    path = Path(path)
-    nz, ny, nx = hu.shape
-    dtype = np.dtype(header.source_dtype)
-    nifti = nib.Nifti1Header()
-    nifti.set_data_shape((nx, ny, nz))
-    nifti.set_data_dtype(dtype)
-    nifti.set_xyzt_units("mm", "sec")
-    affine = np.asarray(header.affine, dtype=np.float64)
-    # The same order of calls as write_nifti (set_qform rewrites pixdim from the affine).
-    nifti.set_sform(affine, code=2)
-    nifti.set_zooms(header.spacing)
-    nifti.set_slope_inter(*header.rescale)  # what nibabel writes for write_nifti's image
-    nifti.set_qform(affine, code=1)
-    nifti.set_sform(affine, code=1)
-    offset = 352
-    nifti["vox_offset"] = offset
-    compressed = str(path).lower().endswith(".gz")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as raw:
-            out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) \
-                if compressed else raw
-            prefix = io.BytesIO()
-            nifti.write_to(prefix)  # 348 bytes of header + the 4-byte extension flag
-            out.write(prefix.getvalue().ljust(offset, b"\x00"))
-            little = dtype.newbyteorder("<")
-            for z in range(nz):
-                out.write(stored_slice(hu[z], header).astype(little, copy=False).tobytes())
-            if compressed:
-                out.close()
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class StudyRecord:
@@ -337,7 +273,7 @@ class StudyRecord:
         r = self.reassembler
         with_volume = with_volume and (self.dirty or not (self.folder / self.snapshot_file).exists())
         if with_volume:
-            write_nifti_lean(r.volume, r.header, self.folder / self.snapshot_file)
+            write_nifti(r.to_volume(), self.folder / self.snapshot_file, compresslevel=1)
             self.snapshot_info = {"file": self.snapshot_file, "written": _now(),
                                   "chunks_applied": len(r.applied),
                                   "roi_complete": r.roi_complete, "complete": r.complete}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from tqdm import tqdm
 from sender.diffusion import DiffusionSettings
 from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
 from sender.roi.steering import SteeringSettings
+from shared.atomic import atomic_path
 from shared.codecs import codec_names, get_codec
 from shared.volume import VolumeError
 
@@ -161,21 +160,14 @@ def build_encoder(args) -> StudyEncoder:
 
 def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:
     """Encode into ``path`` atomically; return the bytes written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     written = 0
-    try:
-        with os.fdopen(handle, "wb") as out, tqdm(
-                total=len(encoder.plan) + 2, unit="chunk", desc="encoding", disable=quiet,
-                file=sys.stderr) as progress:
-            for data in encoder.frames():
-                out.write(data)
-                written += len(data)
-                progress.update()
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as out, tqdm(
+            total=len(encoder.plan) + 2, unit="chunk", desc="encoding", disable=quiet,
+            file=sys.stderr) as progress:
+        for data in encoder.frames():
+            out.write(data)
+            written += len(data)
+            progress.update()
     return written
 
 

@@ -7,16 +7,18 @@ so its voxel values (after scaling) equal the input's.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import gzip
+import io
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from shared.atomic import atomic_path
 from shared.volume import Volume, VolumeError, spacing_from_affine, to_hu_int16
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOXEL_OFFSET = 352
 
 
 def is_nifti_path(path) -> bool:
@@ -51,32 +53,50 @@ def read_nifti(path) -> Volume:
     )
 
 
-def write_nifti(volume: Volume, path, hu: np.ndarray | None = None) -> Path:
+def nifti_header(volume: Volume) -> nib.Nifti1Header:
+    """The NIfTI-1 header of ``volume``: stored dtype, scl_slope/scl_inter, zooms, q/sform.
+
+    The calls are in the order nibabel makes them when it saves an image, so the file equals
+    ``nib.save(nib.Nifti1Image(stored, affine), ...)`` byte for byte (a test checks it).
+    """
+    nz, ny, nx = volume.shape
+    affine = volume.affine
+    header = nib.Nifti1Header()
+    header.set_data_shape((nx, ny, nz))
+    header.set_data_dtype(np.dtype(volume.source_dtype))
+    header.set_xyzt_units("mm", "sec")
+    header.set_sform(affine, code=2)
+    header.set_zooms(volume.spacing)
+    header.set_slope_inter(volume.rescale_slope, volume.rescale_intercept)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header["vox_offset"] = VOXEL_OFFSET
+    return header
+
+
+def write_nifti(volume: Volume, path, hu: np.ndarray | None = None, compresslevel: int = 6
+                ) -> Path:
     """Write ``hu`` (default ``volume.data``) as NIfTI with the volume's geometry, atomically.
 
-    The file is written under a temporary name in the destination folder and renamed, so a
-    reader never sees a half-written file.
+    Slices are converted to the stored dtype and written one at a time (the slice-major array is
+    already in NIfTI's x-fastest order), so memory stays at one slice beyond the volume. The file
+    is written under a temporary name in the destination folder and renamed: a reader never
+    sees a half-written file.
     """
     path = Path(path)
     hu = volume.data if hu is None else hu
-    stored = volume.stored_values(hu).transpose(2, 1, 0)
-    image = nib.Nifti1Image(stored, volume.affine)
-    header = image.header
-    header.set_data_dtype(stored.dtype)
-    header.set_xyzt_units("mm", "sec")
-    header.set_zooms(volume.spacing)
-    if (volume.rescale_slope, volume.rescale_intercept) != (1.0, 0.0):
-        header.set_slope_inter(volume.rescale_slope, volume.rescale_intercept)
-    image.set_qform(volume.affine, code=1)
-    image.set_sform(volume.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    header = nifti_header(volume)
+    little_endian = np.dtype(volume.source_dtype).newbyteorder("<")
+    compressed = str(path).lower().endswith(".gz")
+    with atomic_path(path, ".nii.gz" if compressed else ".nii") as temporary, \
+            open(temporary, "wb") as raw:
+        out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) \
+            if compressed else raw
+        prefix = io.BytesIO()
+        header.write_to(prefix)  # 348 bytes of header + the 4-byte "no extension" flag
+        out.write(prefix.getvalue().ljust(VOXEL_OFFSET, b"\x00"))
+        for z in range(hu.shape[0]):
+            out.write(volume.stored_values(hu[z]).astype(little_endian, copy=False).tobytes())
+        if compressed:
+            out.close()
     return path

@@ -93,3 +93,31 @@ def test_nifti_write_is_atomic_and_leaves_no_temporaries(tmp_path, phantom):
     write_nifti(volume, tmp_path / "a.nii.gz")
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
     assert np.array_equal(read_nifti(tmp_path / "a.nii.gz").data, volume.data)
+
+
+@pytest.mark.parametrize("source_dtype, rescale", [("int16", (1.0, 0.0)),
+                                                   ("uint16", (1.0, -1024.0)),
+                                                   ("int16", (0.5, -1000.0)),
+                                                   ("float32", (1.0, 0.0))])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_slice_by_slice_writer_equals_nibabel(tmp_path, source_dtype, rescale, suffix, rng):
+    import gzip
+    hu = rng.integers(-1024, 2000, size=(5, 7, 9)).astype(np.int16)
+    if rescale[0] == 0.5:
+        hu = (hu // 2 * 2).astype(np.int16)  # representable as stored * 0.5 - 1000
+    affine = np.array([[-0.8, 0, 0, 120], [0, 0.8, 0.1, -90], [0, 0, 2.5, 40], [0, 0, 0, 1]])
+    volume = Volume(data=hu, affine=affine, spacing=(0.8, 0.8, 2.5), source_dtype=source_dtype,
+                    rescale_slope=rescale[0], rescale_intercept=rescale[1])
+    write_nifti(volume, tmp_path / f"ours{suffix}")
+    image = nib.Nifti1Image(volume.stored_values().transpose(2, 1, 0), affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header.set_zooms(volume.spacing)
+    image.header.set_slope_inter(*rescale)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, tmp_path / f"nibabel{suffix}")
+    read = gzip.open if suffix.endswith(".gz") else open
+    with read(tmp_path / f"ours{suffix}", "rb") as ours, \
+            read(tmp_path / f"nibabel{suffix}", "rb") as reference:
+        assert ours.read() == reference.read()
+    np.testing.assert_array_equal(read_nifti(tmp_path / f"ours{suffix}").data, hu)
