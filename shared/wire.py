@@ -243,7 +243,7 @@ def _decode_roi(roi_field: dict, shape) -> np.ndarray:
         raise WireError("header: corrupt ROI mask") from None
     if len(packed) != expected:
         raise WireError("header: ROI mask has the wrong size")
-    roi = np.unpackbits(np.frombuffer(packed, np.uint8), count=total).astype(bool).reshape(shape)
+    roi = np.unpackbits(np.frombuffer(packed, np.uint8), count=total).view(bool).reshape(shape)
     if int(roi.sum()) != roi_field.get("voxels"):
         raise WireError("header: ROI mask voxel count mismatch")
     return roi

@@ -150,8 +150,14 @@ class _Hevc12Bit(Codec):
         if not isinstance(offset, int) or not -32768 <= offset <= 32767:
             raise CodecError(f"{self.name}: missing or invalid 12-bit offset")
         planes = decode_frames("hevc", payload, _padded_shape(shape), params)
-        values = planes[:, : shape[1], : shape[2]].astype(np.int32) + offset
-        return check_decoded(np.clip(values, -32768, 32767).astype(BLOCK_DTYPE), shape, self.name)
+        planes = planes[:, : shape[1], : shape[2]]
+        if offset + TWELVE_BIT_LEVELS - 1 <= 32767:
+            # No int16 overflow possible: add in place of the 12-bit planes, no int32 copies.
+            values = planes.view(BLOCK_DTYPE)
+            values += np.int16(offset)
+        else:
+            values = np.clip(planes.astype(np.int32) + offset, -32768, 32767).astype(BLOCK_DTYPE)
+        return check_decoded(np.ascontiguousarray(values), shape, self.name)
 
 
 @register
