@@ -21,6 +21,8 @@ PHANTOM = "phantom"
 EXAMPLES = """examples:
   # built-in synthetic abdominal phantom (its own liver mask), no data needed
   dlad-send phantom --out demo.dlad
+  # no mask: the bundled liver U-Net finds the ROI
+  dlad-send ../shared/data/abdomen_ct_dicom --out study.dlad
   # DICOM series with a liver mask (aligned through physical space), default layered mode
   dlad-send ../shared/data/abdomen_ct_dicom --roi-mask ../shared/data/abdomen_ct_liver.nii.gz \\
       --out study.dlad
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--drop-after", type=int, metavar="N", help=argparse.SUPPRESS)
     where.add_argument("--study-id", help="study id in the stream (default: input name + hash)")
     roi = parser.add_argument_group("region of interest (sent bit-exact)")
+    roi.add_argument("--roi", metavar="unet|body|box:x0,x1,y0,y1,z0,z1",
+                     help="automatic ROI when no --roi-mask is given: 'unet' (default: the "
+                          "bundled liver U-Net), 'body' (everything inside the body), or "
+                          "'box:...' (a RAS+ box in mm)")
     roi.add_argument("--roi-mask", type=Path,
                      help="segmentation file (NIfTI/NRRD/MHA) aligned to the CT in physical space")
     roi.add_argument("--roi-label", type=int,
@@ -76,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dilation radius in mm instead of pixels")
     roi.add_argument("--threshold", type=float, default=0.75,
                      help="after dilation p := 1 where p > threshold (default 0.75)")
+    roi.add_argument("--allow-small-roi", action="store_true",
+                     help="keep a U-Net liver that looks empty or implausibly small instead of "
+                          "the safe fallback (no diffusion, whole volume bit-exact)")
     diffusion = parser.add_argument_group("probability-steered diffusion")
     defaults = DiffusionSettings()
     diffusion.add_argument("--kappa", type=float, default=defaults.kappa,
@@ -116,12 +125,42 @@ def make_provider(args, phantom_mask=None):
     from sender.roi.provider import StaticMaskProvider
 
     if args.roi_mask is not None:
+        if args.roi is not None:
+            raise ValueError("give either --roi-mask or --roi, not both")
         return MaskFileProvider(args.roi_mask, args.roi_label)
     if args.roi_label is not None:
         raise ValueError("--roi-label needs --roi-mask")
-    if phantom_mask is not None:
+    if args.roi is None and phantom_mask is not None:
         return StaticMaskProvider(phantom_mask, "synthetic phantom liver")
-    raise ValueError("give --roi-mask (automatic liver segmentation is not available yet)")
+    spec = args.roi or "unet"
+    if spec == "unet":
+        from sender.roi.unet import UNetProvider
+        return UNetProvider(device=args.device)
+    if spec == "body":
+        from sender.roi.body import BodyProvider
+        return BodyProvider()
+    if spec.startswith("box:"):
+        from sender.roi.box import BoxProvider
+        return BoxProvider.from_spec(spec.removeprefix("box:"))
+    raise ValueError(f"--roi must be 'unet', 'body' or 'box:x0,x1,y0,y1,z0,z1', got {spec!r}")
+
+
+def safety_check(allow_small_roi: bool):
+    """The U-Net's plausibility check: warn, and fall back to the safe policy unless allowed."""
+    from sender.roi.safety import check_roi_plausibility, fallback_probability
+
+    def check(probability, volume):
+        warning = check_roi_plausibility(probability, volume)
+        if warning is None:
+            return probability
+        if allow_small_roi:
+            log.warning("%s -- kept because of --allow-small-roi",
+                        warning.split("; falling back")[0])
+            return probability
+        log.warning("%s", warning)
+        return fallback_probability(volume)
+
+    return check
 
 
 def settings_from_args(args):
@@ -153,8 +192,10 @@ def build_encoder(args) -> StudyEncoder:
              "x".join(map(str, volume.shape)), tuple(round(s, 3) for s in volume.spacing),
              volume.source_dtype, time.perf_counter() - started)
     provider = make_provider(args, phantom_mask)
+    automatic = provider.name == "unet"
     prepared = prepare_study(volume, provider, steering, diffusion, device=args.device,
-                             study_id=args.study_id)
+                             study_id=args.study_id,
+                             roi_check=safety_check(args.allow_small_roi) if automatic else None)
     return StudyEncoder(prepared, encode)
 
 

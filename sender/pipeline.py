@@ -34,14 +34,14 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
                   roi_check=None) -> PreparedStudy:
     """Compute the ROI and the diffused volume.
 
-    ``roi_check(steering_map, volume)`` may return a replacement steering map (a safety
-    fallback) or None to keep it.
+    ``roi_check(probability, volume)`` returns the probability map to use: the provider's, or a
+    safe replacement when an automatic segmentation looks implausible.
     """
     started = time.perf_counter()
     probability = provider.probability(volume)
-    steering_map = steer(probability, volume.spacing, steering)
     if roi_check is not None:
-        steering_map = roi_check(steering_map, volume) or steering_map
+        probability = roi_check(probability, volume)
+    steering_map = steer(probability, volume.spacing, steering)
     log.info("ROI (%s): %.1f %% of voxels in %.1f s", provider.name,
              100 * steering_map.roi_fraction, time.perf_counter() - started)
     started = time.perf_counter()

@@ -19,6 +19,7 @@ from sender.cli import main as send_main
 from sender.roi.mask_file import MaskFileProvider
 from sender.roi.steering import steer
 from shared.metrics import ssim
+from tests.conftest import data_file
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +131,20 @@ def test_help_has_examples():
         result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
                                 text=True, check=True)
         assert "examples:" in result.stdout
+
+
+def test_roi_choice_and_safe_fallback(tmp_path, capsys):
+    from sender.cli import safety_check
+    from sender.synthetic_phantom import make_phantom
+
+    volume, _ = make_phantom((4, 64, 64))
+    empty = np.zeros(volume.shape, np.float32)
+    assert safety_check(False)(empty, volume).min() == 1.0  # fallback: everything is ROI
+    assert safety_check(True)(empty, volume).max() == 0.0  # --allow-small-roi keeps it
+    ct = data_file("torso_ct_sm.nii.gz")
+    out = tmp_path / "box.dlad"
+    assert send_main([str(ct), "--roi", "box:-60,0,60,120,100,140", "--out", str(out),
+                      "--quiet"]) == 0
+    assert receive_main(["--in", str(out), "--out", str(tmp_path / "box.nii.gz"), "--quiet"]) == 0
+    assert send_main([str(ct), "--roi", "sphere", "--out", str(out)]) == 1
+    assert "--roi must be" in capsys.readouterr().err
