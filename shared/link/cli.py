@@ -52,7 +52,8 @@ examples:
       --gilbert 1%,30% --queue 100kB --seed 1
   dlad-link --listen 127.0.0.1:9000 --to http://127.0.0.1:8080 --down-trace lte.down --up-trace lte.up --delay 30ms
 
-See `dlad-link udp --help` for the plain UDP relay and docs/LINK.md for the model.
+See `dlad-link udp --help` for the plain UDP relay, `dlad-link demo --help` for receiver, link
+and sender in one command, and docs/LINK.md for the model.
 """
 
 _UDP_EPILOG = """\
@@ -318,6 +319,9 @@ async def _run_udp(args: argparse.Namespace, uplink: LinkParams, downlink: LinkP
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dlad-link`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main  # imported here: demo imports this module
+        return demo_main(argv[1:])
     udp = bool(argv) and argv[0] == "udp"
     parser = _udp_parser() if udp else _proxy_parser()
     args = parser.parse_args(argv[1:] if udp else argv)
