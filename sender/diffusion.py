@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 class DiffusionSettings:
     """Parameters of the probability-steered Perona–Malik scheme."""
 
-    kappa: float = 20.0
+    kappa: float = 10.0
     """Edge threshold K in HU: neighbour differences well above K stop the flow."""
     iterations: int = 15
     """Number of explicit time steps (the paper uses 15)."""

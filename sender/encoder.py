@@ -43,7 +43,7 @@ class EncodeSettings:
     """``"layered"`` or the name of a lossless codec applied to the diffused volume."""
     exact: bool = False
     """Also send layer 2, so the whole volume arrives bit-exact."""
-    crf: float | None = 14.0
+    crf: float | None = 18.0
     """x265 constant rate factor of the lossy base (layered mode); ``None`` when ``qp`` is set."""
     qp: int | None = None
     """x265 fixed quantiser of the lossy base, instead of a CRF."""
