@@ -120,11 +120,18 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 
     # 1. Diffusion speed: torch scheme against the plain NumPy scheme, same run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the NumPy scheme is single-threaded: compare like with like
+    _, single_s = timed(diffuse, original, steering.probability, defaults, "cpu", repeat=3)
+    torch.set_num_threads(threads)
     diffused, torch_s = timed(diffuse, original, steering.probability, defaults, "cpu", repeat=3)
     reference, numpy_s = timed(diffuse_numpy, original, steering.probability, defaults.kappa,
                                defaults.iterations)
-    rows = [["NumPy explicit (float64, 4 fluxes)", f"{numpy_s:.3f}", "1.0"],
-            ["dlad-stream torch CPU (float32)", f"{torch_s:.3f}", f"{numpy_s / torch_s:.1f}"]]
+    rows = [["NumPy explicit (float64, 4 fluxes), 1 thread", f"{numpy_s:.3f}", "1.0"],
+            ["dlad-stream torch CPU (float32), 1 thread", f"{single_s:.3f}",
+             f"{numpy_s / single_s:.1f}"],
+            [f"dlad-stream torch CPU (float32), {threads} threads", f"{torch_s:.3f}",
+             f"{numpy_s / torch_s:.1f}"]]
     if torch.cuda.is_available():
         big = np.tile(original, (5, 1, 1))[:90]
         big_p = np.tile(steering.probability, (5, 1, 1))[:90]
