@@ -14,8 +14,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.preprocessing import (canonical_spacing, from_canonical, network_size,
-                                  pad_to_multiple, resize, to_canonical, window)
+from models.preprocessing import (
+    canonical_spacing,
+    from_canonical,
+    network_size,
+    pad_to_multiple,
+    resize,
+    to_canonical,
+    window,
+)
 from models.unet import LiverUNet
 
 

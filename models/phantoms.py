@@ -10,8 +10,9 @@ heart have liver-like HU on purpose: they are what a liver detector must learn t
 
 Tissue HU are drawn per phantom within physiological ranges for plain and contrast-enhanced
 (portal venous) CT; the liver carries texture, vessels and sometimes hypodense lesions
-(both inside its mask: a lesion belongs to the liver ROI). Gaussian noise and a slight blur
-finish the image. The liver mask is exact by construction.
+(both inside its mask: a lesion belongs to the liver ROI), and below its widest part the left
+lobe's tip often shows as a separate island far anterior, among bowel loops. Gaussian noise
+and a slight blur finish the image. The liver mask is exact by construction.
 
 These phantoms are crude compared to real anatomy; ``docs/UNET.md`` reports whether adding
 them to training helps on held-out real scans.
@@ -29,7 +30,7 @@ def _smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float
     """Random field, smooth over ``shape / coarse`` voxels, with values in about ``±amplitude``."""
     coarse_shape = tuple(max(2, n // coarse) for n in shape)
     field = rng.uniform(-1.0, 1.0, coarse_shape)
-    zoom = [n / c for n, c in zip(shape, coarse_shape)]
+    zoom = [n / c for n, c in zip(shape, coarse_shape, strict=True)]
     return amplitude * ndimage.zoom(field, zoom, order=1, mode="nearest")[
         tuple(slice(0, n) for n in shape)]
 
@@ -135,8 +136,14 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
     cut = cut + _smooth_field(rng, grid, 16, 12.0)
     liver_extent = _ellipse(x, y, -0.25 * inner_x * (1 - profile), 0.1 * inner_y * (1 - upper),
                             inner_x * (0.2 + 0.8 * profile), inner_y * (0.2 + 0.8 * profile))
-    liver = (inner & liver_extent & (x < cut) & (profile > 0.05)
-             & ~(vertebra | process | paraspinal | aorta | ribs))
+    liver = inner & liver_extent & (x < cut) & (profile > 0.05)
+    if rng.uniform() < 0.6:  # the left lobe's lower tip: a separate island, far anterior
+        tip = _present(u3, rng.uniform(0.3, 0.5) * liver_length,
+                       rng.uniform(0.75, 0.95) * liver_length)
+        liver |= inner & _ellipse(x, y, rng.uniform(-0.15, 0.15) * inner_x, -0.65 * inner_y,
+                                  rng.uniform(15, 35) * tip + 1e-3,
+                                  rng.uniform(10, 22) * tip + 1e-3, rng.uniform(-0.5, 0.5))
+    liver &= ~(vertebra | process | paraspinal | aorta | ribs)
     hu[liver] = liver_hu
     for _ in range(rng.integers(3, 9)):  # intrahepatic vessels: random straight tubes
         start = np.array([rng.uniform(-0.8, 0.0) * inner_x, rng.uniform(-0.6, 0.6) * inner_y])
@@ -150,6 +157,10 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
         hu[lesion] = liver_hu - rng.uniform(25, 60)
 
     hu[_ellipse(x, y, -22, spine_y - 30, 13, 10) & ~liver & inner] = vessel_hu  # vena cava
+    if rng.uniform() < 0.5:  # gallbladder: bile against the liver's lower surface
+        bladder = _present(u3, 0.4 * liver_length, 0.8 * liver_length)
+        hu[_ellipse(x, y, -0.2 * inner_x, -0.25 * inner_y, 20 * bladder + 1e-3,
+                    14 * bladder + 1e-3) & inner & ~liver] = rng.uniform(0, 25)
     # Spleen (liver-like HU) and stomach on the left, kidneys at the back, bowel below.
     spleen = _ellipse(x, y, 0.62 * inner_x, 0.35 * inner_y,
                       45 * _present(u3, 15, 140) + 1e-3, 28 * _present(u3, 15, 140) + 1e-3, 0.6)

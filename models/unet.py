@@ -77,7 +77,7 @@ class UNetConfig:
                 for key, value in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "UNetConfig":
+    def from_dict(cls, values: dict) -> UNetConfig:
         known = {name for name in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown:
@@ -123,7 +123,7 @@ class LiverUNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.upsamplers = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for deep, shallow in zip(widths[:0:-1], widths[-2::-1]):
+        for deep, shallow in zip(widths[:0:-1], widths[-2::-1], strict=True):
             self.upsamplers.append(nn.ConvTranspose2d(deep, shallow, 2, stride=2))
             self.decoders.append(_conv_block(2 * shallow, shallow))
         self.head = nn.Conv2d(widths[0], 1, 1)
@@ -141,7 +141,8 @@ class LiverUNet(nn.Module):
                 x = self.pool(x)
             x = encoder(x)
             skips.append(x)
-        for upsample, decoder, skip in zip(self.upsamplers, self.decoders, skips[-2::-1]):
+        for upsample, decoder, skip in zip(self.upsamplers, self.decoders, skips[-2::-1],
+                                           strict=True):
             x = decoder(torch.cat([upsample(x), skip], dim=1))
         return self.head(x)
 
@@ -163,6 +164,7 @@ def save_weights(model: LiverUNet, path, metadata: dict | None = None) -> Path:
     os.close(handle)
     try:
         torch.save(payload, temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates owner-only files
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -197,10 +199,4 @@ def load_weights(path=None, device: str | torch.device = "cpu") -> LiverUNet:
              for name, tensor in payload["state_dict"].items()}
     model.load_state_dict(state)
     return model.to(device).to(memory_format=torch.channels_last).eval()
-
-
-def weights_metadata(path=None) -> dict:
-    """The ``metadata`` dict stored in a weights file (``None``: the bundled one)."""
-    path = BUNDLED_WEIGHTS if path is None else Path(path)
-    return dict(torch.load(path, map_location="cpu", weights_only=True).get("metadata", {}))
 

@@ -11,6 +11,8 @@ Inputs, any mix of:
   ``segmentation-N.nii``, in any sub-folder), TotalSegmentator (``<subject>/ct.nii.gz`` with
   ``<subject>/segmentations/liver.nii.gz``, or a multi-label ``<subject>/seg.nii.gz`` /
   ``segmentations.nii.gz``: pass ``--label 5``).
+* ``--negative CT START STOP``: slices ``START..STOP-1`` of a scan known to hold no liver
+  (say, the pelvis below a labelled liver), trained as background.
 * ``--phantoms N`` synthetic abdominal phantoms (models/phantoms.py), training only.
 
 Masks: ``--label L`` takes the voxels equal to ``L`` as liver; without it, every non-zero
@@ -22,14 +24,15 @@ validation reports the Dice of ``p > 0.5``, the liver recall in the final ROI af
 paper's dilation and thresholding, and the ROI fraction (sender/roi/safety.py).
 
 Training samples a batch of axial slices (already in canonical orientation and at the
-network's pixel size) and augments each one: a random crop (128-224 px, i.e. 26-45 cm, so
+network's pixel size) and augments each one: a random crop (128-192 px, i.e. 26-38 cm, so
 most crops do not show the whole body) centred on the liver or anywhere in the body, rotation,
-scaling, optional left-right flips, a contrast-enhancement shift of soft tissue, global
-brightness/contrast, resolution loss and Gaussian noise. The loss is binary cross-entropy with
-a positive-class weight (recall over precision) plus a soft Dice term (Milletari et al. 2016,
-"V-Net", 3DV): ``L = BCE_w + 1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)``. AdamW with a cosine
-learning-rate schedule after a linear warm-up. On CUDA the forward pass runs under float16
-autocast with a gradient scaler.
+scaling, elastic deformation, optional left-right flips, a contrast-enhancement shift of soft
+tissue, global brightness/contrast, resolution loss and Gaussian noise. The loss is binary
+cross-entropy with a positive-class weight (recall over precision) plus a soft Dice term
+(Milletari et al. 2016, "V-Net", 3DV):
+``L = BCE_w + 1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)``. AdamW with a cosine learning-rate
+schedule after a linear warm-up. On CUDA the forward pass runs under float16 autocast with a
+gradient scaler.
 
 Every random draw of step ``s`` comes from generators seeded with ``(seed, s)``, so a run
 resumed from its checkpoint continues exactly as if it had not stopped.
@@ -88,7 +91,7 @@ CHECKPOINT_FORMAT = "dlad-liver-unet-checkpoint/1"
 #: Options that must not change when a run is resumed.
 FROZEN_OPTIONS = ("widths", "spacing_mm", "window", "seed", "batch_size", "lr", "steps",
                   "warmup_steps", "positive_weight", "crop_sizes", "rotation_deg", "scale",
-                  "flip_prob", "phantoms", "phantom_fraction", "label")
+                  "elastic_px", "flip_prob", "phantoms", "phantom_fraction", "label")
 #: HU given to pixels that a crop or rotation brings in from outside the scan.
 AIR_HU = -1024.0
 #: Mask values above this (multi-label map without --label) make us ask for --label.
@@ -184,6 +187,9 @@ def split_cases(args) -> tuple[list[Case], list[Case]]:
             held_out = {patients[i] for i in order[:count]}
             val = [case for case in train if case.patient in held_out]
             train = [case for case in train if case.patient not in held_out]
+            tqdm.write(f"holding out {count} of {len(patients)} patients for validation "
+                       f"(--val-fraction {args.val_fraction:g}; 0 trains on all): "
+                       f"{', '.join(sorted(held_out))}")
     shared = {c.patient for c in train} & {c.patient for c in val}
     if shared:
         raise SystemExit(f"patients in both training and validation: {sorted(shared)}")
@@ -225,17 +231,42 @@ def to_training_scan(name: str, volume: Volume, liver: np.ndarray, config: UNetC
                         (mask[:, 0].clamp(0, 1) * 255).round().to(torch.uint8), synthetic)
 
 
-def load_cases(cases: list[Case], label: int | None, config: UNetConfig, what: str):
-    training, validation = [], []
-    for case in tqdm(cases, desc=f"loading {what} scans", unit="scan"):
+def scan_name(case: Case) -> str:
+    return case.ct.name if case.patient == case.ct.name else f"{case.patient}:{case.ct.name}"
+
+
+def load_training_scans(cases: list[Case], label: int | None, config: UNetConfig
+                        ) -> list[TrainingScan]:
+    scans = []
+    for case in tqdm(cases, desc="loading training scans", unit="scan"):
         volume = load_volume(case.ct)
-        liver = load_liver(case, volume, label)
-        name = f"{case.patient}:{case.ct.name}" if case.patient != case.ct.name else case.ct.name
-        if what == "training":
-            training.append(to_training_scan(name, volume, liver, config))
-        else:
-            validation.append(ValidationScan(name, volume, liver))
-    return training if what == "training" else validation
+        scans.append(to_training_scan(scan_name(case), volume, load_liver(case, volume, label),
+                                      config))
+    return scans
+
+
+def load_validation_scans(cases: list[Case], label: int | None) -> list[ValidationScan]:
+    scans = []
+    for case in tqdm(cases, desc="loading validation scans", unit="scan"):
+        volume = load_volume(case.ct)
+        scans.append(ValidationScan(scan_name(case), volume, load_liver(case, volume, label)))
+    return scans
+
+
+def load_negative_scans(specs, config: UNetConfig) -> list[TrainingScan]:
+    """Slice ranges known to hold no liver (``[start, stop)``), labelled background throughout."""
+    scans = []
+    for ct, start, stop in tqdm(specs, desc="loading liver-free slices", unit="scan"):
+        volume = load_volume(ct)
+        if stop > volume.shape[0]:
+            raise SystemExit(f"--negative {ct} {start} {stop}: the scan has only "
+                             f"{volume.shape[0]} slices")
+        affine = volume.affine.copy()
+        affine[:3, 3] += affine[:3, 2] * start
+        part = Volume(data=volume.data[start:stop], affine=affine, spacing=volume.spacing)
+        scans.append(to_training_scan(f"{Path(ct).name}[{start}:{stop}] (no liver)", part,
+                                      np.zeros(part.shape, dtype=bool), config))
+    return scans
 
 
 def make_phantom_scans(count: int, seed: int, config: UNetConfig) -> list[TrainingScan]:
@@ -282,9 +313,11 @@ def augment(scan: TrainingScan, index: int, size: int, args, rng: np.random.Gene
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented ``(HU, liver)`` pair of ``size x size`` pixels from a stored slice.
 
-    Output pixel ``o`` samples the stored slice at ``c + A (o - o_c)`` (bilinear), with
+    Output pixel ``o`` samples the stored slice at ``c + A (o - o_c) + d(o)`` (bilinear), with
     ``A = R(theta) diag(z_x, z_y) diag(f, 1)``: rotation ``theta``, zoom ``z`` and an optional
-    left-right flip ``f = -1``; ``c`` is the crop centre (jittered).
+    left-right flip ``f = -1``; ``c`` is the crop centre (jittered) and ``d`` a smooth elastic
+    displacement (Ronneberger et al. 2015): random vectors in ``[-1, 1]^2`` times
+    ``elastic_px`` on a 5 x 5 grid over the crop, interpolated bicubically.
     """
     hu = scan.hu[index].float()
     liver = scan.liver[index].float() / 255.0
@@ -300,6 +333,11 @@ def augment(scan: TrainingScan, index: int, size: int, args, rng: np.random.Gene
     out_y, out_x = torch.meshgrid(offsets, offsets, indexing="ij")
     source_x = centre[0] + matrix[0, 0] * out_x + matrix[0, 1] * out_y
     source_y = centre[1] + matrix[1, 0] * out_x + matrix[1, 1] * out_y
+    if args.elastic_px > 0:
+        control = torch.from_numpy(rng.uniform(-1.0, 1.0, (1, 2, 5, 5)))
+        displacement = F.interpolate(control, size=(size, size), mode="bicubic",
+                                     align_corners=True)[0] * args.elastic_px
+        source_x, source_y = source_x + displacement[0], source_y + displacement[1]
     # grid_sample's normalised coordinates for align_corners=False.
     grid = torch.stack([(2 * source_x + 1) / width - 1, (2 * source_y + 1) / height - 1], dim=-1)
     stacked = torch.stack([hu - AIR_HU, liver])[None]
@@ -409,6 +447,13 @@ def describe_scan(scan) -> dict:
     return {"name": scan.name, "slices": int(scan.hu.shape[0])}
 
 
+def quote_run(run: Path) -> dict:
+    """The data, validation figures and command of an earlier run, from its sidecar."""
+    sidecar = json.loads((run / "liver_unet.json").read_text())
+    return {"run": run.name, "trained_on": sidecar["training_data"],
+            "validation": sidecar["validation"], "retrain": sidecar["retrain"]}
+
+
 def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, results, history,
                   wall_time: float, device: torch.device, command: list[str]) -> None:
     """``liver_unet.pt`` (half-precision weights) and its ``liver_unet.json`` sidecar."""
@@ -421,6 +466,7 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
     }
     weights = save_weights(model, out / "liver_unet.pt", metadata)
     config = model.config
+    low, high = config.window
     sidecar = {
         "weights_file": weights.name,
         "sha256": sha256(weights),
@@ -432,12 +478,14 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
         "config": config.to_dict(),
         "preprocessing": (
             "axes permuted/flipped to canonical LPS (rows anterior->posterior, columns "
-            "right->left); HU clipped to [{0:g}, {1:g}] and mapped to [-1, 1]; every slice "
-            "resampled in-plane to {2:g} mm (bilinear, antialiased when shrinking); padded to a "
-            "multiple of {3}; sigmoid probabilities resampled back to the native grid "
-            "(bilinear)").format(*config.window, config.spacing_mm, config.size_multiple),
+            f"right->left); HU clipped to [{low:g}, {high:g}] and mapped to [-1, 1]; every slice "
+            f"resampled in-plane to {config.spacing_mm:g} mm (bilinear, antialiased when "
+            f"shrinking); padded to a multiple of {config.size_multiple}; sigmoid probabilities "
+            "resampled back to the native grid (bilinear)"),
         "training_data": {
             "real_scans": [describe_scan(s) for s in real],
+            "liver_free_slices": [{"ct": Path(ct).name, "slices": [start, stop]}
+                                  for ct, start, stop in args.negative],
             "phantoms": args.phantoms,
             "phantom_fraction_of_batches": args.phantom_fraction if args.phantoms else 0.0,
             "label": args.label,
@@ -446,7 +494,8 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "positive_weight": args.positive_weight,
             "crop_sizes_px": list(args.crop_sizes), "rotation_deg": args.rotation_deg,
-            "scale": args.scale, "flip_prob": args.flip_prob, "seed": args.seed,
+            "scale": args.scale, "elastic_px": args.elastic_px, "flip_prob": args.flip_prob,
+            "seed": args.seed,
             "device": str(device), "wall_time_s": round(wall_time, 1),
             "torch": torch.__version__,
         },
@@ -455,11 +504,7 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
         "retrain": shlex.join(["python", "scripts/train_liver_unet.py", *command]),
     }
     if args.cross_validation_from:
-        sidecar["cross_validation"] = [
-            {"run": Path(d).name, **json.loads((Path(d) / "liver_unet.json").read_text())[
-                "validation"], "retrain": json.loads(
-                    (Path(d) / "liver_unet.json").read_text())["retrain"]}
-            for d in args.cross_validation_from]
+        sidecar["cross_validation"] = [quote_run(Path(run)) for run in args.cross_validation_from]
     (out / "liver_unet.json").write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
@@ -475,11 +520,15 @@ def parse_args(argv=None):
                            "--val-fraction")
     data.add_argument("--dataset", action="append", metavar="DIR",
                       help="a dataset folder in MSD, LiTS or TotalSegmentator layout (repeatable)")
+    data.add_argument("--negative", nargs=3, action="append", metavar=("CT", "START", "STOP"),
+                      help="slices START..STOP-1 of CT hold no liver (e.g. the pelvis): trained "
+                           "as background (repeatable); never from a validation patient")
     data.add_argument("--label", type=int, default=None,
                       help="mask value of the liver (TotalSegmentator multi-label: 5); default: "
                            "any non-zero voxel")
     data.add_argument("--val-fraction", type=float, default=0.2,
-                      help="fraction of patients held out when no --val is given (default 0.2)")
+                      help="fraction of patients held out when no --val is given (default 0.2, "
+                           "at least one patient when there are two or more; 0 trains on all)")
     data.add_argument("--phantoms", type=int, default=0,
                       help="synthetic phantoms added to training (default 0)")
     data.add_argument("--phantom-fraction", type=float, default=0.3,
@@ -492,20 +541,22 @@ def parse_args(argv=None):
     model.add_argument("--window", type=float, nargs=2, default=list(UNetConfig.window),
                        metavar=("LOW", "HIGH"), help="HU window (default -200 300)")
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--steps", type=int, default=2500, help="optimiser steps (2500)")
+    optimisation.add_argument("--steps", type=int, default=1200, help="optimiser steps (1200)")
     optimisation.add_argument("--batch-size", type=int, default=8, help="slices per step (8)")
     optimisation.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
     optimisation.add_argument("--warmup-steps", type=int, default=100,
                               help="linear warm-up steps (100)")
     optimisation.add_argument("--positive-weight", type=float, default=2.0,
                               help="BCE weight of liver pixels; > 1 favours recall (2.0)")
-    optimisation.add_argument("--crop-sizes", type=int, nargs="+", default=[128, 160, 192, 224],
+    optimisation.add_argument("--crop-sizes", type=int, nargs="+", default=[128, 160, 192],
                               help="crop side lengths in pixels, one drawn per batch; multiples "
-                                   "of 16 (default 128 160 192 224)")
+                                   "of 16 (default 128 160 192)")
     optimisation.add_argument("--rotation-deg", type=float, default=15.0,
                               help="maximum rotation (15 degrees)")
     optimisation.add_argument("--scale", type=float, default=0.2,
                               help="maximum zoom change, log-symmetric (0.2: x0.83 to x1.2)")
+    optimisation.add_argument("--elastic-px", type=float, default=8.0,
+                              help="elastic displacement amplitude in pixels (8; 0 disables)")
     optimisation.add_argument("--flip-prob", type=float, default=0.0,
                               help="probability of a left-right flip (default 0: the liver is on "
                                    "the patient's right, and the canonical orientation keeps it "
@@ -535,14 +586,28 @@ def parse_args(argv=None):
         parser.error("--phantoms must be >= 0 and --phantom-fraction in [0, 1]")
     if not 0 <= args.val_fraction < 1 or not 0 <= args.flip_prob <= 1:
         parser.error("--val-fraction must be in [0, 1) and --flip-prob in [0, 1]")
-    if args.lr <= 0 or args.positive_weight <= 0 or args.scale < 0 or args.rotation_deg < 0:
-        parser.error("--lr and --positive-weight must be > 0, --scale and --rotation-deg >= 0")
+    if args.lr <= 0 or args.positive_weight <= 0:
+        parser.error("--lr and --positive-weight must be > 0")
+    if min(args.scale, args.rotation_deg, args.elastic_px) < 0:
+        parser.error("--scale, --rotation-deg and --elastic-px must be >= 0")
     multiple = 2 ** (len(args.widths) - 1)
     if any(size < multiple or size % multiple for size in args.crop_sizes):
         parser.error(f"--crop-sizes must be positive multiples of {multiple}, got "
                      f"{args.crop_sizes}")
     if args.label is not None and args.label < 1:
         parser.error(f"--label must be a positive integer, got {args.label}")
+    negatives = []
+    for ct, start, stop in args.negative or []:
+        if not (start.isdigit() and stop.isdigit() and int(start) < int(stop)):
+            parser.error(f"--negative {ct} {start} {stop}: START and STOP must be slice indices "
+                         "with START < STOP")
+        if any(Path(ct) == Path(val_ct) for val_ct, _ in args.val or []):
+            parser.error(f"--negative {ct}: that scan is a validation scan")
+        negatives.append((ct, int(start), int(stop)))
+    args.negative = negatives
+    for run in args.cross_validation_from or []:
+        if not (Path(run) / "liver_unet.json").is_file():
+            parser.error(f"--cross-validation-from {run}: no liver_unet.json there")
     args.widths, args.window = tuple(args.widths), tuple(args.window)
     args.crop_sizes = tuple(args.crop_sizes)
     return args
@@ -575,12 +640,14 @@ def main(argv=None) -> int:
 
     config = UNetConfig(widths=args.widths, spacing_mm=args.spacing_mm, window=args.window)
     train_cases, val_cases = split_cases(args)
-    train_scans = load_cases(train_cases, args.label, config, "training")
+    train_scans = load_training_scans(train_cases, args.label, config)
+    train_scans += load_negative_scans(args.negative or [], config)
     if args.phantoms:
         train_scans += make_phantom_scans(args.phantoms, args.seed, config)
-    val_scans = load_cases(val_cases, args.label, config, "validation")
+    val_scans = load_validation_scans(val_cases, args.label)
     if not val_scans:
         tqdm.write("no validation scans: the figures in the sidecar will be empty")
+
 
     torch.manual_seed(args.seed)  # the initial weights
     model = LiverUNet(config).to(device).to(memory_format=torch.channels_last)

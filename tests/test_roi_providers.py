@@ -7,8 +7,13 @@ import pytest
 
 from sender.roi.body import BodyProvider
 from sender.roi.box import BoxProvider
-from sender.roi.safety import (FALLBACK_POLICY, MIN_LIVER_VOLUME_ML, check_roi_plausibility,
-                               fallback_probability, roi_metrics)
+from sender.roi.safety import (
+    FALLBACK_POLICY,
+    MIN_LIVER_VOLUME_ML,
+    check_roi_plausibility,
+    fallback_probability,
+    roi_metrics,
+)
 from sender.roi.steering import steer
 from shared.volume import Volume, VolumeError
 

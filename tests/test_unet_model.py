@@ -9,10 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from models.preprocessing import (canonical_spacing, from_canonical, network_size,
-                                  pad_to_multiple, resize, to_canonical, window)
-from models.unet import (BUNDLED_WEIGHTS, MAX_WEIGHTS_BYTES, WEIGHTS_FORMAT, LiverUNet,
-                         UNetConfig, load_weights, save_weights)
+from models.preprocessing import (
+    canonical_spacing,
+    from_canonical,
+    network_size,
+    pad_to_multiple,
+    resize,
+    to_canonical,
+    window,
+)
+from models.unet import (
+    BUNDLED_WEIGHTS,
+    MAX_WEIGHTS_BYTES,
+    WEIGHTS_FORMAT,
+    LiverUNet,
+    UNetConfig,
+    load_weights,
+    save_weights,
+)
 
 SIDECAR = BUNDLED_WEIGHTS.with_suffix(".json")
 
@@ -97,7 +111,7 @@ DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0),
 def test_canonical_orientation_is_exact_and_invertible(axcodes):
     spacing = (2.0, 3.0, 4.0)
     affine = np.eye(4)
-    for axis, (code, size) in enumerate(zip(axcodes, spacing)):
+    for axis, (code, size) in enumerate(zip(axcodes, spacing, strict=True)):
         affine[:3, axis] = np.array(DIRECTIONS[code]) * size
     k, j, i = np.meshgrid(np.arange(5), np.arange(6), np.arange(7), indexing="ij")
     world = np.einsum("rc,c...->r...", affine[:3, :3], np.stack([i, j, k]).astype(float))

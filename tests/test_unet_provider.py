@@ -8,10 +8,9 @@ guards against regressions; the held-out figures are in docs/UNET.md.)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import data_file
 
 from models.phantoms import make_phantom
 from sender.io import load_volume
@@ -20,17 +19,6 @@ from sender.roi.safety import check_roi_plausibility, roi_metrics
 from sender.roi.unet import UNetProvider
 from shared.volume import Volume
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_file(name: str) -> Path:
-    """A file of ../shared/data; skip only when the whole folder is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is not present on this machine")
-    path = SHARED_DATA / name
-    assert path.exists(), f"{path} is missing from the shared data folder"
-    return path
-
 
 @pytest.fixture(scope="module")
 def provider():
@@ -38,33 +26,33 @@ def provider():
 
 
 @pytest.fixture(scope="module")
-def phantom() -> Volume:
+def synthetic_abdomen() -> Volume:
     volume, _ = make_phantom(shape=(5, 96, 112), spacing=(3.0, 3.0, 5.0), seed=3)
     return volume
 
 
-def test_probability_has_the_volume_shape_and_range(provider, phantom):
-    p = provider.probability(phantom)
-    assert p.shape == phantom.shape and p.dtype == np.float32
+def test_probability_has_the_volume_shape_and_range(provider, synthetic_abdomen):
+    p = provider.probability(synthetic_abdomen)
+    assert p.shape == synthetic_abdomen.shape and p.dtype == np.float32
     assert 0.0 <= p.min() and p.max() <= 1.0
 
 
-def test_inference_is_deterministic_and_independent_of_the_batch(provider, phantom):
-    first = provider.probability(phantom)
-    assert np.array_equal(first, provider.probability(phantom))
-    one_by_one = UNetProvider(device="cpu", batch_size=1).probability(phantom)
+def test_inference_is_deterministic_and_independent_of_the_batch(provider, synthetic_abdomen):
+    first = provider.probability(synthetic_abdomen)
+    assert np.array_equal(first, provider.probability(synthetic_abdomen))
+    one_by_one = UNetProvider(device="cpu", batch_size=1).probability(synthetic_abdomen)
     assert np.abs(one_by_one - first).max() < 1e-4
 
 
-def test_array_orientation_does_not_change_the_prediction(provider, phantom):
+def test_array_orientation_does_not_change_the_prediction(provider, synthetic_abdomen):
     """The same voxels stored flipped (LPS vs RAS rows/columns) get the same probabilities."""
-    nz, ny, nx = phantom.shape
+    nz, ny, nx = synthetic_abdomen.shape
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[0, 3], flip[1, 3] = nx - 1, ny - 1  # index i -> nx - 1 - i, j -> ny - 1 - j
-    flipped = Volume(data=phantom.data[:, ::-1, ::-1], affine=phantom.affine @ flip,
-                     spacing=phantom.spacing)
+    flipped = Volume(data=synthetic_abdomen.data[:, ::-1, ::-1],
+                     affine=synthetic_abdomen.affine @ flip, spacing=synthetic_abdomen.spacing)
     assert np.array_equal(provider.probability(flipped)[:, ::-1, ::-1],
-                          provider.probability(phantom))
+                          provider.probability(synthetic_abdomen))
 
 
 def test_arguments_are_checked(tmp_path):
@@ -83,14 +71,20 @@ def test_describe_names_the_weights(provider):
     assert len(description["weights_sha256"]) == 16 and description["device"] == "cpu"
 
 
-@pytest.mark.parametrize("ct, mask", [("abdomen_ct_dicom", "abdomen_ct_liver.nii.gz"),
-                                      ("torso_ct_sm.nii.gz", "torso_ct_sm_liver.nii.gz")])
-def test_liver_recall_on_the_shared_scans(provider, ct, mask):
-    volume = load_volume(shared_file(ct))
-    liver = MaskFileProvider(shared_file(mask)).probability(volume) > 0.5
+def check_recall(provider, volume, mask_path):
+    liver = MaskFileProvider(mask_path).probability(volume) > 0.5
     probability = provider.probability(volume)
     metrics = roi_metrics(probability, liver, volume.spacing)
     assert metrics.recall >= 0.995, metrics
     assert metrics.roi_ratio <= 1.6, metrics
     assert metrics.dice >= 0.90, metrics
     assert check_roi_plausibility(probability, volume) is None
+
+
+def test_liver_recall_on_the_abdomen_ct(provider, abdomen_volume, abdomen_liver):
+    check_recall(provider, abdomen_volume, abdomen_liver)
+
+
+def test_liver_recall_on_the_torso_ct(provider):
+    check_recall(provider, load_volume(data_file("torso_ct_sm.nii.gz")),
+                 data_file("torso_ct_sm_liver.nii.gz"))

@@ -52,10 +52,14 @@ def tiny_run(tmp_path: Path, steps: int, *extra: str) -> list[str]:
 
 
 def test_training_writes_weights_sidecar_and_checkpoint(train, tmp_path):
-    assert train.main(tiny_run(tmp_path, 2, "--phantoms", "1")) == 0
+    negative = write_pair(tmp_path, "pelvis", seed=13)[0]
+    assert train.main(tiny_run(tmp_path, 2, "--phantoms", "1",
+                               "--negative", str(negative), "0", "2")) == 0
     run = tmp_path / "run"
     sidecar = json.loads((run / "liver_unet.json").read_text())
     assert sidecar["training_data"]["phantoms"] == 1
+    assert sidecar["training_data"]["liver_free_slices"] == [
+        {"ct": "pelvis_ct.nii.gz", "slices": [0, 2]}]
     assert sidecar["validation"]["results"][0]["scan"] == "val_ct.nii.gz"
     assert {"dice", "recall", "roi_fraction", "roi_ratio"} <= set(
         sidecar["validation"]["results"][0])
@@ -132,6 +136,9 @@ def test_patient_level_split_never_shares_a_patient(train, tmp_path):
     (["--out", "x", "--phantoms", "1", "--crop-sizes", "24"], "multiples of 16"),
     (["--out", "x", "--phantoms", "1", "--steps", "0"], "--steps must be at least 1"),
     (["--out", "x", "--phantoms", "1", "--label", "0"], "--label must be a positive"),
+    (["--out", "x", "--phantoms", "1", "--negative", "ct.nii", "5", "2"], "START < STOP"),
+    (["--out", "x", "--phantoms", "1", "--negative", "a.nii", "0", "2", "--val", "a.nii",
+      "m.nii"], "is a validation scan"),
 ])
 def test_bad_options_are_refused(train, argv, message, capsys):
     with pytest.raises(SystemExit):

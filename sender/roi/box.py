@@ -37,14 +37,14 @@ class BoxProvider(ProbabilityProvider):
             raise ValueError(f"a box needs 6 bounds x0,x1,y0,y1,z0,z1 (mm), got {len(values)}")
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"box bounds must be finite numbers, got {values}")
-        for axis, low, high in zip("xyz", values[0::2], values[1::2]):
+        for axis, low, high in zip("xyz", values[0::2], values[1::2], strict=True):
             if not low < high:
                 raise ValueError(f"box bounds need {axis}0 < {axis}1, got {axis}0={low:g} "
                                  f"{axis}1={high:g}")
         self.bounds = values
 
     @classmethod
-    def from_spec(cls, spec: str) -> "BoxProvider":
+    def from_spec(cls, spec: str) -> BoxProvider:
         """Parse ``"x0,x1,y0,y1,z0,z1"`` (mm, RAS+), as given to ``--roi box:...``."""
         if not isinstance(spec, str):
             raise ValueError(f"a box spec is a string 'x0,x1,y0,y1,z0,z1', got {spec!r}")

@@ -46,7 +46,7 @@ class UNetProvider(ProbabilityProvider):
     name = "unet"
 
     def __init__(self, weights=None, device: str | None = None, batch_size: int = 8):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.weights = BUNDLED_WEIGHTS if weights is None else Path(weights)
