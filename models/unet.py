@@ -23,13 +23,13 @@ the preprocessing it was trained with.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from shared.atomic import atomic_path
 
 #: The weights shipped with the sender, and their human-readable sidecar.
 BUNDLED_WEIGHTS = Path(__file__).with_name("liver_unet.pt")
@@ -159,16 +159,8 @@ def save_weights(model: LiverUNet, path, metadata: dict | None = None) -> Path:
              for name, tensor in model.state_dict().items()}
     payload = {"format": WEIGHTS_FORMAT, "config": model.config.to_dict(), "state_dict": state,
                "metadata": metadata or {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates owner-only files
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 

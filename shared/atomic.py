@@ -12,6 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# mkstemp creates owner-only files; a finished file gets the permissions a plain open() would
+# give it, so a viewer running as another user can read a received volume.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = "") -> Iterator[Path]:
@@ -30,6 +35,7 @@ def atomic_path(path, suffix: str = "") -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
