@@ -88,3 +88,13 @@ def test_liver_recall_on_the_abdomen_ct(provider, abdomen_volume, abdomen_liver)
 def test_liver_recall_on_the_torso_ct(provider):
     check_recall(provider, load_volume(data_file("torso_ct_sm.nii.gz")),
                  data_file("torso_ct_sm_liver.nii.gz"))
+
+
+def test_a_scan_without_liver_takes_the_safe_fallback(provider):
+    """The torso patient's pelvis (slices 0-59 of torso_ct_3mm, well below the liver): the
+    predicted liver is at most a speck, so the sender falls back to sending everything
+    bit-exact. (These slices were trained on as liver-free: a regression check.)"""
+    torso = load_volume(data_file("torso_ct_3mm.nii.gz"))
+    pelvis = Volume(data=torso.data[:60], affine=torso.affine, spacing=torso.spacing)
+    warning = check_roi_plausibility(provider.probability(pelvis), pelvis)
+    assert warning is not None and "no diffusion" in warning
