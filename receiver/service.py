@@ -45,6 +45,7 @@ import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from receiver import sctp
 from receiver.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
 from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
                                PROTOCOL_VERSION, ProtocolError, encode_control, parse_control)
@@ -505,6 +506,7 @@ class ReceiverService:
         self._janitor = asyncio.create_task(self._housekeeping())
         log.info("listening on http://%s:%d (out-dir %s)", *self.address[:2],
                  self.config.out_dir)
+        log.debug("SCTP tuning (receiver/sctp.py): %s", sctp.status())
         return self.address
 
     @property

@@ -105,6 +105,8 @@ class PreparedStudy:
     """Id written into every chunk."""
     provenance: dict = field(default_factory=dict)
     """Provider, diffusion settings and input description for the header."""
+    sha256: str = ""
+    """SHA-256 of the original voxels, when already known (else the encoder computes it)."""
 
 
 class StudyEncoder:
@@ -135,7 +137,7 @@ class StudyEncoder:
             study_id=study.study_id, shape=study.volume.shape, affine=study.volume.affine,
             spacing=study.volume.spacing, source_dtype=study.volume.source_dtype,
             rescale=(study.volume.rescale_slope, study.volume.rescale_intercept),
-            value_range=self.value_range, sha256=voxel_sha256(original), roi=study.roi,
+            value_range=self.value_range, sha256=study.sha256 or voxel_sha256(original), roi=study.roi,
             layers={layer: {"codec": codec.name, "lossless": codec.lossless,
                             "region": REGION_OF_LAYER[layer]}
                     for layer, codec in self._codecs.items()},

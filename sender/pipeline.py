@@ -59,4 +59,4 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     digest = voxel_sha256(volume.data)
     return PreparedStudy(volume=volume, roi=steering_map.roi, diffused=diffused,
                          study_id=study_id or default_study_id(volume, digest),
-                         provenance=provenance)
+                         provenance=provenance, sha256=digest)

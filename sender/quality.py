@@ -10,7 +10,6 @@ four times faster (the float32 error, below 1e-4 of SSIM, is far under the guard
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
 from shared.metrics import SSIM_SIGMA, SSIM_WINDOW, ssim
 
@@ -19,6 +18,10 @@ _RADIUS = SSIM_WINDOW // 2
 
 def scipy_gaussian_valid(image: np.ndarray) -> np.ndarray:
     """Same result as :func:`shared.metrics.gaussian_valid` (radius 5, sigma 1.5)."""
+    # Imported here: scipy.ndimage costs 0.3-0.5 s of start-up that a sender replaying a
+    # .dlad (no encoding, no guard) would pay before its first packet.
+    from scipy.ndimage import gaussian_filter1d
+
     truncate = _RADIUS / SSIM_SIGMA
     blurred = gaussian_filter1d(image, SSIM_SIGMA, axis=-2, truncate=truncate)
     blurred = gaussian_filter1d(blurred, SSIM_SIGMA, axis=-1, truncate=truncate)

@@ -29,6 +29,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from receiver import sctp
 from receiver.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
 from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
                                PROTOCOL_VERSION, ProtocolError, encode_control, int_list,
@@ -71,8 +72,8 @@ class StreamOptions:
     """Pause sending while the channel buffers more than this many bytes."""
     low_water: int = 256 * 1024
     """... and resume when it drops to this (``bufferedAmountLowThreshold``)."""
-    message_bytes: int = MAX_MESSAGE_BYTES
-    """Size of the binary messages the frame stream is cut into."""
+    message_bytes: int = sctp.whole_chunk_message_bytes(MAX_MESSAGE_BYTES)
+    """Size of the binary messages the frame stream is cut into (whole SCTP chunks)."""
     max_passes: int = 3
     """Passes within one connection (a pass resends what the receiver reports missing)."""
     prefetch: int = 2
@@ -325,6 +326,7 @@ class _Attempt:
         self.s = streamer
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.ch = _Channel(self.pc, streamer.options)
+        log.debug("SCTP tuning (receiver/sctp.py): %s", sctp.status())
         self.location: str | None = None
 
     async def run(self) -> None:

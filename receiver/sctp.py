@@ -1,0 +1,204 @@
+"""Three changes to aiortc's SCTP association, taken from the RFCs, applied by both peers.
+
+aiortc (1.16) implements SCTP in Python: every packet costs a DTLS record, a UDP datagram and
+some hundred microseconds of interpreter time on each side, so a stream is CPU-bound well
+below the link rates dlad serves. Two departures from the SCTP specification make it worse,
+and its slow start fills a link's queue until it overflows:
+
+1. **Delayed acknowledgement** (RFC 9260 section 6.2). aiortc sends a SACK for every packet
+   carrying DATA. The RFC asks for a SACK for *at least every second packet* and within
+   200 ms of an unacknowledged DATA chunk, and for an immediate SACK when the packet shows a
+   gap or carries a duplicate. Acknowledging every second packet halves the SACKs: half the
+   encrypt/send work at the receiver and half the receive/decrypt/bookkeeping at the sender.
+   :data:`ACK_DELAY` (well below the RFC's 200 ms) bounds the wait of a lone packet, e.g. the
+   last one of a burst.
+2. **Fast retransmit at most once** (RFC 9260 section 7.2.4: a TSN that has been fast
+   retransmitted is not eligible for a subsequent fast retransmit; the T3 timer covers a
+   lost retransmission). aiortc keeps counting miss indications for a chunk it has already
+   retransmitted and sends it again every three SACKs while the first copy still waits in a
+   queue; behind a 64 kB Wi-Fi queue at 2 Mbit/s fewer than half of its retransmissions
+   replaced a lost packet (docs/LINK_BENCHMARK.md).
+3. **Leaving slow start when the delay rises** (HyStart++, RFC 9406, written for TCP). Slow
+   start doubles the congestion window every round trip until a loss; with an initial
+   threshold as large as the peer's window (1 MiB) it fills the bottleneck's queue and
+   overflows it, and the losses cost retransmissions and a halved window. HyStart++ watches
+   the smallest round-trip time of each round (at least :data:`HYSTART_MIN_SAMPLES`
+   samples); when it exceeds the previous round's by ``clamp(previous / 8, 4 ms, 16 ms)`` the
+   queue has started to grow, and the window stops doubling (congestion avoidance from
+   there: one more packet per round trip). The RFC's intermediate "conservative slow
+   start" phase is left out. And since SACKs now come for every second packet, slow start
+   counts up to two chunks of acknowledged bytes per SACK (Appropriate Byte Counting, RFC
+   3465, L = 2, meant for receivers that delay their acknowledgements), so the window still
+   doubles per round trip instead of growing by half.
+
+The rules wrap three private methods of :class:`aiortc.rtcsctptransport.RTCSctpTransport`, so
+they are applied only to the aiortc versions they were written and tested against
+(:data:`SUPPORTED_AIORTC`) and only when the attributes they rely on exist; otherwise aiortc
+runs unchanged and :func:`status` says why. ``DLAD_SCTP_TUNING=0`` in the environment turns
+them off (for comparison, or if a peer misbehaves). Importing this module applies them once
+per process; both ``dlad-send`` and ``dlad-receive`` import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiortc
+from aiortc import rtcsctptransport
+
+#: aiortc release series whose SCTP internals these wrappers were checked against.
+SUPPORTED_AIORTC = ("1.16.",)
+
+#: Longest wait before a lone DATA packet is acknowledged, in seconds (RFC 9260: <= 200 ms).
+ACK_DELAY = 0.02
+
+#: Acknowledge at least every this many packets carrying DATA (RFC 9260 section 6.2).
+ACK_EVERY_PACKETS = 2
+
+#: Slow start grows the window by at most this many chunks' bytes per SACK (RFC 3465: L = 2).
+SLOW_START_CHUNKS_PER_SACK = 2
+
+#: Round-trip samples a slow-start round needs before HyStart++ compares it (RFC 9406: 8).
+HYSTART_MIN_SAMPLES = 8
+
+#: Bounds of HyStart++'s delay threshold, in seconds (RFC 9406: MIN_RTT_THRESH, MAX_RTT_THRESH).
+HYSTART_THRESHOLD = (0.004, 0.016)
+
+#: Miss count given to a chunk that was already retransmitted: three more misses cannot
+#: bring it to aiortc's fast-retransmit threshold (3) again.
+_NOT_ELIGIBLE = -(1 << 30)
+
+_Transport = rtcsctptransport.RTCSctpTransport
+_CHUNK = getattr(rtcsctptransport, "USERDATA_MAX_LENGTH", 1160)
+_REQUIRED = ("_send_sack", "_receive_sack_chunk", "_update_rto")
+
+
+def status() -> str:
+    """``"applied"``, or why aiortc's SCTP runs unchanged."""
+    return _status
+
+
+async def _send_sack_delayed(self) -> None:
+    """Called by aiortc after each received packet that needs a SACK: send it or defer it."""
+    unacked = getattr(self, "_dlad_unacked_packets", 0) + 1
+    urgent = (self._sack_misordered or self._sack_duplicates
+              or self._association_state != _Transport.State.ESTABLISHED)
+    if not urgent and unacked < ACK_EVERY_PACKETS:
+        self._dlad_unacked_packets = unacked
+        if getattr(self, "_dlad_ack_timer", None) is None:
+            self._dlad_ack_timer = self._loop.call_later(ACK_DELAY, _ack_timer_expired, self)
+        return
+    timer = getattr(self, "_dlad_ack_timer", None)
+    if timer is not None:
+        timer.cancel()
+        self._dlad_ack_timer = None
+    self._dlad_unacked_packets = 0
+    await _Transport._dlad_original_send_sack(self)
+
+
+def _ack_timer_expired(self) -> None:
+    self._dlad_ack_timer = None
+    if self._sack_needed and self._association_state == _Transport.State.ESTABLISHED:
+        self._dlad_unacked_packets = 0
+        asyncio.ensure_future(_send_deferred_sack(self))
+
+
+async def _send_deferred_sack(self) -> None:
+    try:
+        await _Transport._dlad_original_send_sack(self)
+    except ConnectionError:  # the DTLS transport closed meanwhile: nothing left to acknowledge
+        pass
+
+
+async def _receive_sack_chunk_tuned(self, chunk) -> None:
+    """aiortc's SACK handling, with rule 2 before it and the slow-start byte count after it."""
+    fresh = not rtcsctptransport.uint32_gt(self._last_sacked_tsn, chunk.cumulative_tsn)
+    if fresh and chunk.gaps:
+        # Rule 2: chunks already resent are not struck again (only the T3 timer resends them).
+        highest_reported = ((chunk.cumulative_tsn + chunk.gaps[-1][1])
+                            % rtcsctptransport.SCTP_TSN_MODULO)
+        for sent in self._sent_queue:
+            if rtcsctptransport.uint32_gt(sent.tsn, highest_reported):
+                break
+            if sent._sent_count > 1 or sent._retransmit:
+                sent._misses = _NOT_ELIGIBLE
+    slow_start = (fresh and not chunk.gaps and self._fast_recovery_exit is None
+                  and self._flight_size >= self._cwnd and self._cwnd <= self._ssthresh)
+    if slow_start:
+        cwnd, ssthresh, acked = self._cwnd, self._ssthresh, 0
+        for sent in self._sent_queue:
+            if rtcsctptransport.uint32_gt(sent.tsn, chunk.cumulative_tsn):
+                break
+            if not sent._acked:
+                acked += sent._book_size
+    await _Transport._dlad_original_receive_sack_chunk(self, chunk)
+    if slow_start and self._ssthresh == ssthresh and self._cwnd == cwnd + min(acked, _CHUNK):
+        # aiortc grew the window by at most one chunk per SACK; with a SACK for every second
+        # packet that would slow slow start from x2 to x1.5 per round trip. Appropriate Byte
+        # Counting (RFC 3465) allows L = 2 chunks per SACK for a receiver that delays them.
+        self._cwnd += min(max(acked - _CHUNK, 0), (SLOW_START_CHUNKS_PER_SACK - 1) * _CHUNK)
+
+
+class _SlowStartRounds:
+    """HyStart++ state of one association: the current round and the last round's minimum."""
+
+    __slots__ = ("end_tsn", "current_min", "previous_min", "samples")
+
+    def __init__(self):
+        self.end_tsn = None
+        self.current_min = self.previous_min = float("inf")
+        self.samples = 0
+
+
+def _update_rto_hystart(self, rtt: float) -> None:
+    """aiortc's RTO update, then HyStart++'s delay check while in slow start."""
+    _Transport._dlad_original_update_rto(self, rtt)
+    if self._cwnd > self._ssthresh or self._fast_recovery_exit is not None:
+        return
+    rounds = getattr(self, "_dlad_slow_start", None)
+    if rounds is None:
+        rounds = self._dlad_slow_start = _SlowStartRounds()
+    if rounds.end_tsn is None or rtcsctptransport.uint32_gte(self._last_sacked_tsn,
+                                                             rounds.end_tsn):
+        # A round ends when the chunk that was last sent as it began is acknowledged.
+        rounds.previous_min, rounds.current_min, rounds.samples = rounds.current_min, rtt, 0
+        rounds.end_tsn = self._sent_queue[-1].tsn if self._sent_queue else self._last_sacked_tsn
+    rounds.current_min = min(rounds.current_min, rtt)
+    rounds.samples += 1
+    if rounds.samples >= HYSTART_MIN_SAMPLES and rounds.previous_min != float("inf"):
+        low, high = HYSTART_THRESHOLD
+        threshold = min(max(rounds.previous_min / 8, low), high)
+        if rounds.current_min >= rounds.previous_min + threshold:
+            self._ssthresh = self._cwnd
+
+
+def whole_chunk_message_bytes(limit: int) -> int:
+    """The largest multiple of aiortc's DATA chunk payload not above ``limit``.
+
+    aiortc cuts a message into chunks of at most ``USERDATA_MAX_LENGTH`` (1160) bytes, one chunk
+    per packet: a 16 KiB message is 14 full packets and one of 144 bytes. Messages of whole
+    chunks (16,240 bytes) save that short packet, its headers and its acknowledgement.
+    """
+    return limit // _CHUNK * _CHUNK if 0 < _CHUNK <= limit else limit
+
+
+def _apply() -> str:
+    if os.environ.get("DLAD_SCTP_TUNING", "1").strip().lower() in ("0", "off", "no", "false"):
+        return "off (DLAD_SCTP_TUNING)"
+    if not aiortc.__version__.startswith(SUPPORTED_AIORTC):
+        return f"not applied: aiortc {aiortc.__version__} is not one of {SUPPORTED_AIORTC}"
+    missing = [name for name in _REQUIRED if not hasattr(_Transport, name)]
+    if missing:
+        return f"not applied: aiortc has no {', '.join(missing)}"
+    if not hasattr(_Transport, "_dlad_original_send_sack"):  # not yet wrapped in this process
+        _Transport._dlad_original_send_sack = _Transport._send_sack
+        _Transport._dlad_original_receive_sack_chunk = _Transport._receive_sack_chunk
+        _Transport._dlad_original_update_rto = _Transport._update_rto
+    _Transport._send_sack = _send_sack_delayed
+    _Transport._receive_sack_chunk = _receive_sack_chunk_tuned
+    _Transport._update_rto = _update_rto_hystart
+    return "applied"
+
+
+_status = _apply()
