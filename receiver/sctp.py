@@ -24,9 +24,11 @@ and its slow start fills a link's queue until it overflows:
    overflows it, and the losses cost retransmissions and a halved window. HyStart++ watches
    the smallest round-trip time of each round (at least :data:`HYSTART_MIN_SAMPLES`
    samples); when it exceeds the previous round's by ``clamp(previous / 8, 4 ms, 16 ms)`` the
-   queue has started to grow, and the window stops doubling (congestion avoidance from
-   there: one more packet per round trip). The RFC's intermediate "conservative slow
-   start" phase is left out. And since SACKs now come for every second packet, slow start
+   queue has started to grow: the window then grows four times slower ("conservative slow
+   start") for five rounds and congestion avoidance follows (one more packet per round
+   trip), unless the delay falls back below where it rose (jitter, not a queue), which
+   resumes slow start. Only the initial slow start uses it; after a loss aiortc's own
+   threshold rules. And since SACKs now come for every second packet, slow start
    counts up to two chunks of acknowledged bytes per SACK (Appropriate Byte Counting, RFC
    3465, L = 2, meant for receivers that delay their acknowledgements), so the window still
    doubles per round trip instead of growing by half.
@@ -64,6 +66,12 @@ HYSTART_MIN_SAMPLES = 8
 
 #: Bounds of HyStart++'s delay threshold, in seconds (RFC 9406: MIN_RTT_THRESH, MAX_RTT_THRESH).
 HYSTART_THRESHOLD = (0.004, 0.016)
+
+#: Conservative slow start grows the window this many times slower (RFC 9406: 4) ...
+HYSTART_CSS_GROWTH_DIVISOR = 4
+
+#: ... for at most this many rounds before congestion avoidance (RFC 9406: 5).
+HYSTART_CSS_ROUNDS = 5
 
 #: Miss count given to a chunk that was already retransmitted: three more misses cannot
 #: bring it to aiortc's fast-retransmit threshold (3) again.
@@ -137,40 +145,67 @@ async def _receive_sack_chunk_tuned(self, chunk) -> None:
         # aiortc grew the window by at most one chunk per SACK; with a SACK for every second
         # packet that would slow slow start from x2 to x1.5 per round trip. Appropriate Byte
         # Counting (RFC 3465) allows L = 2 chunks per SACK for a receiver that delays them.
-        self._cwnd += min(max(acked - _CHUNK, 0), (SLOW_START_CHUNKS_PER_SACK - 1) * _CHUNK)
+        increase = min(acked, SLOW_START_CHUNKS_PER_SACK * _CHUNK)
+        hystart = getattr(self, "_dlad_hystart", None)
+        if hystart is not None and hystart.in_css():
+            increase //= HYSTART_CSS_GROWTH_DIVISOR
+        self._cwnd = cwnd + increase
 
 
-class _SlowStartRounds:
-    """HyStart++ state of one association: the current round and the last round's minimum."""
+class _HyStart:
+    """HyStart++ (RFC 9406) state of one association during its initial slow start."""
 
-    __slots__ = ("end_tsn", "current_min", "previous_min", "samples")
+    __slots__ = ("initial_ssthresh", "end_tsn", "current_min", "previous_min", "samples",
+                 "css_baseline", "css_rounds", "done")
 
-    def __init__(self):
+    def __init__(self, initial_ssthresh: int):
+        self.initial_ssthresh = initial_ssthresh
         self.end_tsn = None
         self.current_min = self.previous_min = float("inf")
         self.samples = 0
+        self.css_baseline: float | None = None
+        """The round's minimum RTT that started conservative slow start (None: not in it)."""
+        self.css_rounds = 0
+        self.done = False
+
+    def in_css(self) -> bool:
+        return self.css_baseline is not None and not self.done
 
 
 def _update_rto_hystart(self, rtt: float) -> None:
-    """aiortc's RTO update, then HyStart++'s delay check while in slow start."""
+    """aiortc's RTO update, then HyStart++'s round bookkeeping and delay checks."""
     _Transport._dlad_original_update_rto(self, rtt)
-    if self._cwnd > self._ssthresh or self._fast_recovery_exit is not None:
+    state = getattr(self, "_dlad_hystart", None)
+    if state is None:
+        state = self._dlad_hystart = _HyStart(self._ssthresh)
+    if state.done:
         return
-    rounds = getattr(self, "_dlad_slow_start", None)
-    if rounds is None:
-        rounds = self._dlad_slow_start = _SlowStartRounds()
-    if rounds.end_tsn is None or rtcsctptransport.uint32_gte(self._last_sacked_tsn,
-                                                             rounds.end_tsn):
+    if self._ssthresh != state.initial_ssthresh or self._fast_recovery_exit is not None:
+        state.done = True  # a loss set the threshold: standard congestion control from here
+        return
+    if state.end_tsn is None or rtcsctptransport.uint32_gte(self._last_sacked_tsn,
+                                                            state.end_tsn):
         # A round ends when the chunk that was last sent as it began is acknowledged.
-        rounds.previous_min, rounds.current_min, rounds.samples = rounds.current_min, rtt, 0
-        rounds.end_tsn = self._sent_queue[-1].tsn if self._sent_queue else self._last_sacked_tsn
-    rounds.current_min = min(rounds.current_min, rtt)
-    rounds.samples += 1
-    if rounds.samples >= HYSTART_MIN_SAMPLES and rounds.previous_min != float("inf"):
+        if state.in_css():
+            state.css_rounds += 1
+            if state.css_rounds >= HYSTART_CSS_ROUNDS:
+                self._ssthresh = self._cwnd  # congestion avoidance from here
+                state.done = True
+                return
+        state.previous_min, state.current_min, state.samples = state.current_min, rtt, 0
+        state.end_tsn = self._sent_queue[-1].tsn if self._sent_queue else self._last_sacked_tsn
+    state.current_min = min(state.current_min, rtt)
+    state.samples += 1
+    if state.samples < HYSTART_MIN_SAMPLES:
+        return
+    if state.in_css():
+        if state.current_min < state.css_baseline:
+            state.css_baseline = None  # the delay fell back (jitter, not a queue): slow start
+    elif state.previous_min != float("inf"):
         low, high = HYSTART_THRESHOLD
-        threshold = min(max(rounds.previous_min / 8, low), high)
-        if rounds.current_min >= rounds.previous_min + threshold:
-            self._ssthresh = self._cwnd
+        if state.current_min >= state.previous_min + min(max(state.previous_min / 8, low),
+                                                         high):
+            state.css_baseline, state.css_rounds = state.current_min, 0
 
 
 def whole_chunk_message_bytes(limit: int) -> int:

@@ -152,3 +152,74 @@ def test_aiortc_alone_retransmits_the_same_chunk_again_and_again():
     original = asyncio.run(lose_first_chunk(RTCSctpTransport._dlad_original_receive_sack_chunk,
                                             15))
     assert len(original) >= 3
+
+
+# --- HyStart++: leaving slow start when the delay rises ----------------------------------------
+
+
+class _Sent:
+    def __init__(self, tsn):
+        self.tsn = tsn
+
+
+def slow_starting_association():
+    async def create():  # aiortc binds the association to the running loop
+        return RTCSctpTransport(_NoDtls())
+
+    transport = asyncio.run(create())
+    transport._association_state = RTCSctpTransport.State.ESTABLISHED
+    transport._ssthresh = 1 << 20
+    transport._cwnd = 40_000
+    transport._last_sacked_tsn = 0
+    return transport
+
+
+def play_rounds(transport, rtts_per_round: list[float], samples: int = 10) -> list[str]:
+    """Feed RTT samples round by round; return the phase after each round."""
+    phases = []
+    tsn = 0
+    for rtt in rtts_per_round:
+        transport._sent_queue.clear()
+        transport._sent_queue.append(_Sent(tsn + samples))  # the round ends at this TSN
+        for _ in range(samples):
+            tsn += 1
+            transport._last_sacked_tsn = tsn
+            transport._update_rto(rtt)
+        state = transport._dlad_hystart
+        phases.append("avoidance" if transport._cwnd > transport._ssthresh - 1
+                      and transport._ssthresh != state.initial_ssthresh
+                      else "css" if state.in_css() else "slow start")
+    return phases
+
+
+def test_hystart_keeps_slow_start_while_the_delay_is_flat():
+    transport = slow_starting_association()
+    assert play_rounds(transport, [0.040] * 8) == ["slow start"] * 8
+    assert transport._ssthresh == 1 << 20
+
+
+def test_hystart_leaves_slow_start_when_the_queue_grows():
+    transport = slow_starting_association()
+    # 40 ms, then +10 ms (more than clamp(40/8, 4, 16) = 5 ms): conservative slow start for
+    # five rounds, then congestion avoidance with the threshold at the window.
+    phases = play_rounds(transport, [0.040, 0.040, 0.050, 0.050, 0.050, 0.050, 0.050, 0.050,
+                                     0.050])
+    assert phases[:3] == ["slow start", "slow start", "css"]
+    assert phases[-1] == "avoidance"
+    assert transport._ssthresh == transport._cwnd
+
+
+def test_hystart_resumes_slow_start_when_the_delay_falls_back():
+    transport = slow_starting_association()
+    phases = play_rounds(transport, [0.040, 0.040, 0.050, 0.045, 0.030, 0.030])
+    assert phases[2] == "css"
+    assert phases[-1] == "slow start"
+    assert transport._ssthresh == 1 << 20
+
+
+def test_hystart_stays_out_after_a_loss():
+    transport = slow_starting_association()
+    play_rounds(transport, [0.040])
+    transport._ssthresh = 20_000  # aiortc halved the window on a loss
+    play_rounds(transport, [0.040, 0.080, 0.080])
+    assert transport._dlad_hystart.done and transport._ssthresh == 20_000
