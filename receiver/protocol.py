@@ -86,13 +86,12 @@ def stream_key(header: StreamHeader) -> str:
     difference (other voxels, ROI, layers, plan, coding or diffusion settings) gives another
     key, and the receiver never mixes the chunks of two keys.
     """
-    packed_roi = np.packbits(np.asarray(header.roi, bool).ravel())
     fields = [
         header.study_id, [int(n) for n in header.shape],
         [float(v) for v in np.asarray(header.affine, float).ravel()],
         [float(v) for v in header.spacing], header.source_dtype,
         [float(v) for v in header.rescale], [int(v) for v in header.value_range],
-        header.sha256, hashlib.sha256(packed_roi.tobytes()).hexdigest(),
+        header.sha256, hashlib.sha256(header.roi_bits.tobytes()).hexdigest(),
         sorted((int(k), sorted(v.items()) if isinstance(v, dict) else v)
                for k, v in header.layers.items()),
         [list(map(int, entry)) for entry in header.plan],

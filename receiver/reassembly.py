@@ -2,7 +2,9 @@
 
 The volume is one int16 array updated in place: a base chunk (layer 0) writes its slices, a
 residual chunk adds to the voxels of its region (ROI for layer 1, the rest for layer 2). Memory
-stays at one volume plus the chunk being decoded. Every chunk is checked against the header's
+stays at one volume plus the decoder's state and, for a residual, its decoded block: a base is
+decoded straight into the volume, the ROI mask stays bit-packed (unpacked one slice at a time)
+and everything after decoding works in place. Every chunk is checked against the header's
 plan (slice range, layer, codec) and, for residuals, against the digest of the base block they
 were computed on; anything that does not fit is rejected with a reason and never applied.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.codecs import CodecError, get_codec
+from shared.codecs import Codec, CodecError, get_codec
 from shared.layers import apply_residual, block_digest, clip_base
 from shared.volume import Volume
 from shared.wire import DataChunk, StreamHeader, voxel_sha256
@@ -56,8 +58,10 @@ class Reassembler:
         self.milestones = Milestones()
         self._base_digest: dict[tuple[int, int], bytes] = {}
         self._waiting_for_base: dict[int, tuple[DataChunk, np.ndarray]] = {}
-        self._roi_per_slice = header.roi.reshape(nz, -1).sum(axis=1)
-        self._rest_per_slice = header.roi[0].size - self._roi_per_slice
+        # Slice by slice: the whole mask unpacked would take a byte per voxel.
+        self._roi_per_slice = np.array([np.count_nonzero(header.roi_slices(z, z + 1))
+                                        for z in range(nz)], dtype=np.int64)
+        self._rest_per_slice = header.shape[1] * header.shape[2] - self._roi_per_slice
         self._base_lossless = bool(header.layers.get(0, {}).get("lossless", False))
         self.verified: bool | None = None
         #: Residuals queued before their base arrived and rejected once it did.
@@ -81,26 +85,43 @@ class Reassembler:
                                 f"header's {self.header.layers[chunk.layer].get('codec')!r}")
         if chunk.seq in self.applied or chunk.seq in self._waiting_for_base:
             return False
-        shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
-        try:
-            block = get_codec(chunk.codec).decode(chunk.payload, shape, chunk.params)
-        except CodecError as error:
-            raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
+        codec = get_codec(chunk.codec)
         if chunk.layer == 0:
-            self._apply_base(chunk, block)
-        elif (chunk.z0, chunk.z1) in self._base_digest:
-            self._apply_residual(chunk, block)
+            self._apply_base(chunk, codec)
         else:
-            self._waiting_for_base[chunk.seq] = (chunk, block)
+            shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
+            try:
+                block = codec.decode(chunk.payload, shape, chunk.params)
+            except CodecError as error:
+                raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
+            if (chunk.z0, chunk.z1) in self._base_digest:
+                self._apply_residual(chunk, block)
+            else:
+                self._waiting_for_base[chunk.seq] = (chunk, block)
         self._update_milestones()
         return True
 
-    def _apply_base(self, chunk: DataChunk, block: np.ndarray) -> None:
+    def _apply_base(self, chunk: DataChunk, codec: Codec) -> None:
+        # Decoded straight into the volume: no block-sized buffer beside the decoder's own. The
+        # slices hold the fill value until their base arrives, so a payload that fails to decode
+        # is undone by filling them again; a second base for a slice (a plan with overlapping
+        # blocks, which no sender makes) is refused for the same reason.
+        if (self.slice_state[chunk.z0:chunk.z1] & HAS_BASE).any():
+            raise ChunkRejected(f"chunk {chunk.seq}: slices {chunk.z0}-{chunk.z1 - 1} already "
+                                "have a base")
+        block = self.volume[chunk.z0:chunk.z1]
+        try:
+            codec.decode_into(chunk.payload, chunk.params, block)
+        except CodecError as error:
+            block.fill(self.header.value_range[0])
+            raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
+        except BaseException:
+            block.fill(self.header.value_range[0])
+            raise
         if not self._base_lossless:
-            block = clip_base(block, self.header.value_range)
+            clip_base(block, self.header.value_range)
         key = (chunk.z0, chunk.z1)
         self._base_digest[key] = block_digest(block)
-        self.volume[chunk.z0:chunk.z1] = block
         self._mark(chunk)
         for seq, (waiting, residual) in list(self._waiting_for_base.items()):
             if (waiting.z0, waiting.z1) == key:
@@ -114,9 +135,12 @@ class Reassembler:
         if chunk.params.get("base_digest") != self._base_digest[(chunk.z0, chunk.z1)]:
             raise ChunkRejected(f"chunk {chunk.seq}: residual computed against a different "
                                 "base than the one received (sender changed?)")
-        roi = self.header.roi[chunk.z0:chunk.z1]
-        region = roi if chunk.layer == 1 else ~roi
-        apply_residual(self.volume[chunk.z0:chunk.z1], block, region)
+        # Slice by slice, so that only one slice of the ROI mask is unpacked at a time.
+        for index, z in enumerate(range(chunk.z0, chunk.z1)):
+            region = self.header.roi_slices(z, z + 1)[0]
+            if chunk.layer == 2:
+                np.logical_not(region, out=region)
+            apply_residual(self.volume[z], block[index], region)
         self._mark(chunk)
 
     def _mark(self, chunk: DataChunk) -> None:

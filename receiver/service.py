@@ -97,7 +97,8 @@ class ServiceConfig:
     and its memory low (every thread that decodes keeps its own malloc arena); studies that
     arrive at once take turns, batch by batch."""
     max_voxels: int = 512 * 1024 * 1024
-    """Largest study accepted (voxels); the receiver holds about 3 bytes per voxel."""
+    """Largest study accepted (voxels); the receiver holds about 2.1 bytes per voxel (the int16
+    volume and its bit-packed ROI mask), plus one decoded block."""
 
 
 @dataclass
@@ -378,7 +379,7 @@ class Session:
             return
         # state "header": the first frame must be the stream header. Its prefix and size are
         # checked first, then the volume it announces, and only then is it parsed (the parse
-        # unpacks the ROI mask, as large as the volume).
+        # allocates the packed ROI mask, an eighth of a byte per voxel).
         self.header_bytes += data
         if len(self.header_bytes) < PREFIX.size:
             return

@@ -15,10 +15,10 @@ import hashlib
 import numpy as np
 
 
-
 def clip_base(base: np.ndarray, value_range: tuple[int, int]) -> np.ndarray:
-    """Clip decoded lossy base voxels to the original's HU range (both sides do this)."""
-    return np.clip(base, value_range[0], value_range[1]).astype(np.int16, copy=False)
+    """Clip decoded lossy base voxels (int16) to the original's HU range, in place, and return
+    them (both sides do this to a block they just decoded; in place: no copy of the block)."""
+    return np.clip(base, value_range[0], value_range[1], out=base)
 
 
 def residual(original: np.ndarray, base: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -28,12 +28,17 @@ def residual(original: np.ndarray, base: np.ndarray, region: np.ndarray) -> np.n
 
 
 def apply_residual(target: np.ndarray, residual_block: np.ndarray, region: np.ndarray) -> None:
-    """``target[region] += residual[region]`` with int16 wrap-around, in place."""
-    summed = (target.view(np.uint16) + residual_block.view(np.uint16)).view(np.int16)
-    np.copyto(target, summed, where=region)
+    """``target[region] += residual[region]`` with int16 wrap-around, in place.
+
+    The sum is formed in ``residual_block``, which is overwritten: a decoded residual is used
+    once, and this spares a temporary the size of the block.
+    """
+    summed = residual_block.view(np.uint16)
+    np.add(summed, target.view(np.uint16), out=summed)
+    np.copyto(target, residual_block, where=region)
 
 
 def block_digest(block: np.ndarray) -> bytes:
     """BLAKE2b-128 of a base block: ties a residual to the base it was computed against."""
-    return hashlib.blake2b(np.ascontiguousarray(block, dtype="<i2").tobytes(),
-                           digest_size=16).digest()
+    # Hash the block's buffer directly (no bytes copy of the block).
+    return hashlib.blake2b(np.ascontiguousarray(block, dtype="<i2"), digest_size=16).digest()

@@ -54,6 +54,7 @@ the receiver bounds every decompression by the voxels the slice range announces.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 from dataclasses import dataclass, field
 
@@ -124,9 +125,14 @@ def _study_id(body: dict, what: str) -> str:
     return study_id
 
 
-@dataclass
+@dataclass(init=False)
 class StreamHeader:
-    """Everything a receiver needs before the first data chunk (see the module docstring)."""
+    """Everything a receiver needs before the first data chunk (see the module docstring).
+
+    The ROI mask is kept bit-packed, as it travels (``roi_bits``): a receiver holds an eighth of
+    a byte per voxel for it instead of one, and unpacks only the slices it applies
+    (:meth:`roi_slices`). ``roi`` unpacks the whole mask.
+    """
 
     study_id: str
     """Sender-chosen id; the receiver sanitises it before using it as a folder name."""
@@ -144,8 +150,9 @@ class StreamHeader:
     """HU range of the original volume."""
     sha256: str
     """Hex SHA-256 of the original int16 voxels (little-endian, slice-major)."""
-    roi: np.ndarray
-    """bool mask, shape ``shape``: voxels sent bit-exact by layers 0+1."""
+    roi_bits: np.ndarray
+    """The ROI mask (voxels sent bit-exact by layers 0+1) as ``np.packbits`` of the slice-major
+    bool mask: uint8, padding bits of the last byte zero."""
     layers: dict
     """``{layer: {"codec", "lossless", "region"}}`` for the layers this stream carries."""
     plan: list
@@ -155,8 +162,52 @@ class StreamHeader:
     provenance: dict = field(default_factory=dict)
     """ROI provider, diffusion settings, input description (informative only)."""
 
+    def __init__(self, study_id: str, shape, affine, spacing, source_dtype: str, rescale,
+                 value_range, sha256: str, roi: np.ndarray | None = None,
+                 layers: dict | None = None, plan: list | None = None, created: str = "",
+                 provenance: dict | None = None, *, roi_bits: np.ndarray | None = None):
+        """``roi`` is the bool mask of ``shape``; a parser passes it packed as ``roi_bits``."""
+        if (roi is None) == (roi_bits is None):
+            raise ValueError("give the ROI either as a mask (roi) or packed (roi_bits)")
+        self.study_id, self.shape, self.affine, self.spacing = study_id, shape, affine, spacing
+        self.source_dtype, self.rescale, self.value_range = source_dtype, rescale, value_range
+        self.sha256 = sha256
+        self.roi_bits = (np.packbits(np.asarray(roi, bool).ravel()) if roi_bits is None
+                         else roi_bits)
+        self.layers = {} if layers is None else layers
+        self.plan = [] if plan is None else plan
+        self.created = created
+        self.provenance = {} if provenance is None else provenance
+
+    @property
+    def roi(self) -> np.ndarray:
+        """The whole ROI mask, unpacked: one byte per voxel, a new array at every access.
+
+        The array has its own anonymous memory map, unmapped as soon as the array is dropped.
+        From malloc, a transient this large (the receiver unpacks the mask for the stream key of
+        every study it opens) would raise glibc's mmap threshold and stay in a thread's heap,
+        resident for good: 25 MB of the peak memory of a 50 MB study.
+        """
+        mask = np.frombuffer(mmap.mmap(-1, int(np.prod(self.shape))), dtype=bool)
+        mask = mask.reshape(self.shape)
+        for z in range(self.shape[0]):
+            mask[z] = self.roi_slices(z, z + 1)[0]
+        return mask
+
+    def roi_slices(self, z0: int, z1: int) -> np.ndarray:
+        """The ROI mask of slices ``[z0, z1)``, unpacked: bool, shape ``(z1 - z0, ny, nx)``."""
+        plane = self.shape[1] * self.shape[2]
+        start, stop = z0 * plane, z1 * plane
+        bits = np.unpackbits(self.roi_bits[start // 8:(stop + 7) // 8])
+        offset = start % 8
+        return bits[offset:offset + stop - start].view(bool).reshape(z1 - z0, *self.shape[1:])
+
+    @property
+    def roi_voxels(self) -> int:
+        """Voxels in the ROI."""
+        return _count_bits(self.roi_bits)
+
     def to_frame(self) -> bytes:
-        packed_roi = np.packbits(self.roi.astype(bool).ravel())
         body = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "study_id": self.study_id,
             "created": self.created, "shape": list(self.shape),
@@ -165,8 +216,8 @@ class StreamHeader:
             "rescale": [float(v) for v in self.rescale],
             "value_range": [int(v) for v in self.value_range], "sha256": self.sha256,
             "roi": {"encoding": "packbits-zstd",
-                    "data": zstandard.ZstdCompressor(level=9).compress(packed_roi.tobytes()),
-                    "voxels": int(self.roi.sum())},
+                    "data": zstandard.ZstdCompressor(level=9).compress(self.roi_bits.tobytes()),
+                    "voxels": self.roi_voxels},
             "layers": {str(k): v for k, v in self.layers.items()},
             "plan": [list(map(int, entry)) for entry in self.plan],
             "provenance": self.provenance,
@@ -202,7 +253,7 @@ class StreamHeader:
         if len(sha256) != 64:
             raise WireError("header: sha256 must be 64 hex characters")
         roi_field = _require(body, "roi", dict, what)
-        roi = _decode_roi(roi_field, tuple(shape))
+        roi_bits = _decode_roi(roi_field, tuple(shape))
         layers_field = _require(body, "layers", dict, what)
         layers = {}
         for key, value in layers_field.items():
@@ -226,12 +277,22 @@ class StreamHeader:
                    spacing=tuple(float(v) for v in spacing), source_dtype=_require(
                        body, "source_dtype", str, what),
                    rescale=(float(rescale[0]), float(rescale[1])),
-                   value_range=(value_range[0], value_range[1]), sha256=sha256, roi=roi,
+                   value_range=(value_range[0], value_range[1]), sha256=sha256, roi_bits=roi_bits,
                    layers=layers, plan=plan, created=str(body.get("created", "")),
                    provenance=provenance if isinstance(provenance, dict) else {})
 
 
+#: Set bits of every byte value (numpy < 2 has no bitwise_count).
+_BITS_IN_BYTE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(
+    axis=1, dtype=np.uint8)
+
+
+def _count_bits(packed: np.ndarray) -> int:
+    return int(_BITS_IN_BYTE[packed].sum(dtype=np.int64))
+
+
 def _decode_roi(roi_field: dict, shape) -> np.ndarray:
+    """The packed ROI mask of the header's ``roi`` field (never unpacked: 1/8 byte per voxel)."""
     if roi_field.get("encoding") != "packbits-zstd" or not isinstance(roi_field.get("data"), bytes):
         raise WireError("header: unsupported ROI encoding")
     total = int(np.prod(shape))
@@ -243,10 +304,14 @@ def _decode_roi(roi_field: dict, shape) -> np.ndarray:
         raise WireError("header: corrupt ROI mask") from None
     if len(packed) != expected:
         raise WireError("header: ROI mask has the wrong size")
-    roi = np.unpackbits(np.frombuffer(packed, np.uint8), count=total).view(bool).reshape(shape)
-    if int(roi.sum()) != roi_field.get("voxels"):
+    roi_bits = np.frombuffer(packed, np.uint8).copy()
+    if total % 8:
+        # Bits past the last voxel are no voxels: cleared, so that they count nowhere and the
+        # mask packs to the same bytes as the unpacked mask would (the stream key hashes them).
+        roi_bits[-1] &= np.uint8((0xFF << (8 - total % 8)) & 0xFF)
+    if _count_bits(roi_bits) != roi_field.get("voxels"):
         raise WireError("header: ROI mask voxel count mismatch")
-    return roi
+    return roi_bits
 
 
 @dataclass
@@ -328,7 +393,7 @@ def parse_frame(data: bytes) -> StreamHeader | DataChunk | StreamEnd:
         raise WireError(f"frame body of {length} bytes exceeds the {MAX_BODY_BYTES} limit")
     if len(data) != PREFIX_BYTES + length:
         raise WireError("frame length does not match its prefix")
-    body = data[PREFIX_BYTES:]
+    body = memoryview(data)[PREFIX_BYTES:]  # no copy of the body (a payload is megabytes)
     if _digest(body) != digest:
         raise WireError("checksum mismatch")
     return _PARSERS[kind](_unpack_body(body))
@@ -395,7 +460,9 @@ class FrameReader:
             if len(self._buffer) < end:
                 return events
             try:
-                chunk = parse_frame(bytes(self._buffer[:end]))
+                # One copy of the frame, taken through a view (slicing the bytearray would
+                # copy it twice); the view is gone before the buffer is resized.
+                chunk = parse_frame(bytes(memoryview(self._buffer)[:end]))
             except WireError as error:
                 # Do not trust the length of a frame that failed: resume at the next magic.
                 resume = self._buffer.find(MAGIC, 1)

@@ -38,6 +38,19 @@ def test_lossless_round_trip_with_int16_extremes(name, rng):
         np.testing.assert_array_equal(decoded, block)
 
 
+@pytest.mark.parametrize("name", codec_names())
+def test_decode_into_fills_a_slab_of_a_larger_array_and_nothing_else(name, rng):
+    codec = get_codec(name)
+    block = extreme_block(rng, shape=(3, 20, 24))
+    payload, params = codec.encode(block)
+    volume = np.full((5, 20, 24), 7, np.int16)
+    codec.decode_into(payload, params, volume[1:4])
+    np.testing.assert_array_equal(volume[1:4], codec.decode(payload, block.shape, params))
+    assert (volume[0] == 7).all() and (volume[4] == 7).all()
+    if codec.lossless:
+        np.testing.assert_array_equal(volume[1:4], block)
+
+
 def test_hevc_lossless_uses_exceptions_outside_12_bits(rng):
     block = extreme_block(rng)
     _, params = get_codec("hevc-lossless").encode(block)

@@ -108,6 +108,33 @@ def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
         fresh.apply(wrong_base)
 
 
+def test_a_base_that_fails_to_decode_leaves_its_slices_as_they_were(rng):
+    # Bases are decoded straight into the volume: a payload that fails part-way (after some
+    # of its frames were written) must leave no trace, and the real base must apply after it.
+    study = prepared_study(rng)
+    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2)).frames())
+    header = parse_frame(frames[0])
+    chunks = [parse_frame(frame) for frame in frames[1:-1]]
+    base = chunks[0]
+    assert base.layer == 0 and len(base.params["sizes"]) == 2
+    short = base.params["sizes"][0]  # the first frame's packet only: one frame of two
+    header.plan.append((99, 0, base.z0, base.z1))  # a second base for the same slices
+    reassembler = Reassembler(header)
+    empty = reassembler.volume.copy()
+    cut = DataChunk(**{**vars(base), "payload": base.payload[:short],
+                       "params": {**base.params, "sizes": [short]}})
+    with pytest.raises(ChunkRejected, match="1 frames, expected 2"):
+        reassembler.apply(cut)
+    np.testing.assert_array_equal(reassembler.volume, empty)
+    assert not reassembler.applied
+    for chunk in chunks:
+        reassembler.apply(chunk)
+    assert reassembler.verified is True
+    with pytest.raises(ChunkRejected, match="already have a base"):
+        reassembler.apply(DataChunk(**{**vars(base), "seq": 99}))
+    np.testing.assert_array_equal(reassembler.volume, study.volume.data)
+
+
 def test_encoder_refuses_a_diffused_volume_that_touches_the_roi(rng):
     study = prepared_study(rng)
     study.diffused[study.roi] += 1

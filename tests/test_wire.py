@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
+import zstandard
 
 from shared import wire
 from shared.wire import DataChunk, FrameReader, StreamEnd, StreamHeader, WireError, parse_frame
@@ -36,6 +37,36 @@ def test_header_round_trip():
     assert parsed.plan == header.plan and parsed.layers == header.layers
     assert (parsed.source_dtype, parsed.rescale, parsed.value_range) == ("uint16", (1.0, -1024.0),
                                                                          (-1024, 2000))
+
+
+def test_roi_stays_packed_and_unpacks_by_slices_off_byte_boundaries(rng):
+    shape = (4, 5, 3)  # 15 voxels a slice, 60 in all: slices start inside bytes
+    roi = rng.random(shape) < 0.4
+    header = make_header(shape=shape)
+    header.roi_bits = np.packbits(roi.ravel())
+    parsed = parse_frame(header.to_frame())
+    assert parsed.roi_bits.dtype == np.uint8 and parsed.roi_bits.size == 8
+    assert parsed.roi_voxels == roi.sum()
+    np.testing.assert_array_equal(parsed.roi, roi)
+    for z0 in range(shape[0]):
+        for z1 in range(z0 + 1, shape[0] + 1):
+            np.testing.assert_array_equal(parsed.roi_slices(z0, z1), roi[z0:z1])
+
+
+def test_roi_padding_bits_are_no_voxels():
+    body = msgpack.unpackb(make_header(shape=(3, 3, 3)).to_frame()[wire.PREFIX_BYTES:])
+    roi = np.zeros(27, bool)
+    roi[[0, 26]] = True
+    packed = bytearray(np.packbits(roi).tobytes())
+    packed[3] |= 0x1F  # the 5 bits past the 27th voxel
+    body["roi"] = {"encoding": "packbits-zstd", "voxels": 2,
+                   "data": zstandard.ZstdCompressor().compress(bytes(packed))}
+    parsed = parse_frame(wire.frame(wire.KIND_HEADER, body))
+    np.testing.assert_array_equal(parsed.roi.ravel(), roi)
+    assert parsed.roi_bits.tobytes() == np.packbits(roi).tobytes()
+    body["roi"]["voxels"] = 3
+    with pytest.raises(WireError, match="voxel count"):
+        parse_frame(wire.frame(wire.KIND_HEADER, body))
 
 
 def test_data_and_end_round_trip():

@@ -31,9 +31,15 @@ class Codec(abc.ABC):
     def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
         """Compress ``block`` (int16, ``(n, ny, nx)``); return ``(payload, decode_params)``."""
 
-    @abc.abstractmethod
     def decode(self, payload: bytes, shape: tuple[int, int, int], params: dict) -> np.ndarray:
         """Rebuild the int16 block of ``shape`` from ``payload`` and ``params``."""
+        return self.decode_into(payload, params, np.empty(shape, BLOCK_DTYPE))
+
+    @abc.abstractmethod
+    def decode_into(self, payload: bytes, params: dict, out: np.ndarray) -> np.ndarray:
+        """Decode the block into ``out`` (int16, C-contiguous, of the announced shape) and return
+        it. The receiver decodes a base straight into the volume this way, without a block-sized
+        buffer. When decoding fails (CodecError) ``out`` may be partly written."""
 
 
 _REGISTRY: dict[str, type[Codec]] = {}
@@ -66,18 +72,13 @@ def check_block(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(block)
 
 
-def check_decoded(block: np.ndarray, shape, codec: str) -> np.ndarray:
-    """Make sure a decoder produced exactly the announced block."""
-    if tuple(block.shape) != tuple(shape):
-        raise CodecError(f"{codec}: decoded shape {tuple(block.shape)} != announced {tuple(shape)}")
-    return block
-
-
 def to_unsigned(block: np.ndarray) -> np.ndarray:
     """int16 -> uint16 by adding 32768: a bijection, so 16-bit lossless coders see every value."""
     return (block.view(np.uint16) ^ np.uint16(0x8000))
 
 
 def from_unsigned(block: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_unsigned`."""
-    return (np.asarray(block, dtype=np.uint16) ^ np.uint16(0x8000)).view(BLOCK_DTYPE)
+    """Inverse of :func:`to_unsigned`, in place: ``block`` (uint16, a decoder's own output)
+    becomes the int16 result, so decoding holds one block, not two."""
+    np.bitwise_xor(block, np.uint16(0x8000), out=block)
+    return block.view(BLOCK_DTYPE)

@@ -22,12 +22,13 @@ class ByteCodec(Codec):
     def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
         return self.compress(check_block(block).tobytes()), {}
 
-    def decode(self, payload: bytes, shape, params: dict) -> np.ndarray:
-        expected = int(np.prod(shape)) * BLOCK_DTYPE.itemsize
+    def decode_into(self, payload: bytes, params: dict, out: np.ndarray) -> np.ndarray:
+        expected = out.size * BLOCK_DTYPE.itemsize
         raw = self.decompress(bytes(payload), expected)
         if len(raw) != expected:
             raise CodecError(f"{self.name}: payload holds {len(raw)} bytes, expected {expected}")
-        return np.frombuffer(raw, dtype=BLOCK_DTYPE).reshape(shape).copy()
+        np.copyto(out, np.frombuffer(raw, dtype=BLOCK_DTYPE).reshape(out.shape))
+        return out
 
     def compress(self, raw: bytes) -> bytes:
         raise NotImplementedError
