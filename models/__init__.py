@@ -4,7 +4,8 @@
   (read with ``torch.load(weights_only=True)``);
 * :mod:`models.preprocessing`: canonical orientation, HU window, in-plane resampling;
 * :mod:`models.inference`: whole-volume probability maps, batched, on CPU or CUDA;
-* :mod:`models.phantoms`: synthetic abdominal phantoms used to supplement training data;
+* :mod:`models.phantoms`: synthetic abdominal phantoms used to supplement training data, and
+  synthetic liver lesions (:func:`models.phantoms.insert_lesion`, a training augmentation);
 * ``liver_unet.pt`` / ``liver_unet.json``: the bundled weights and their sidecar (data,
   preprocessing, validation, how to retrain); see ``docs/UNET.md``.
 

@@ -14,6 +14,11 @@ Tissue HU are drawn per phantom within physiological ranges for plain and contra
 lobe's tip often shows as a separate island far anterior, among bowel loops. Gaussian noise
 and a slight blur finish the image. The liver mask is exact by construction.
 
+:func:`insert_lesion` paints a synthetic focal lesion (hypo- or hyperdense, irregular, with a
+soft edge) into the liver of any image, phantom or real, leaving the liver mask unchanged: the
+training script uses it as an augmentation (``--lesion-prob``) and the tests use it to check
+that the ROI covers lesions.
+
 These phantoms are crude compared to real anatomy; ``docs/UNET.md`` reports whether adding
 them to training helps on held-out real scans.
 """
@@ -192,3 +197,69 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
     volume = Volume(data=hu, affine=affine, spacing=(sx, sy, sz),
                     description=f"synthetic abdominal phantom (seed {seed})")
     return volume, np.ascontiguousarray(liver)
+
+
+#: HU offsets of synthetic lesions relative to the surrounding liver: hypodense (cysts,
+#: metastases, ablation zones) or hyperdense (arterially enhancing tumours, haemorrhage).
+LESION_HYPO_HU = (-110.0, -20.0)
+LESION_HYPER_HU = (20.0, 90.0)
+
+
+def insert_lesion(hu: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
+                  radius_px: tuple[float, float] = (3.0, 20.0), hyper_prob: float = 0.3,
+                  spacing=None) -> np.ndarray:
+    """Paint one synthetic lesion into the liver of ``hu``; return the lesion's weight map.
+
+    The lesion is an irregular ellipse (2D) or ellipsoid (3D) centred on a random liver voxel
+    (so it may reach the liver's edge): with ``rho`` the normalised elliptical radius,
+    perturbed by a smooth random field of +-20 %, its weight is
+    ``w = clip((1 - rho) / e, 0, 1) * l`` (a soft edge of relative width ``e`` in [0.1, 0.4],
+    ``l``: the liver fraction of the voxel, so nothing outside the liver changes), and
+    ``hu += w (delta + n)``: ``delta`` drawn from :data:`LESION_HYPO_HU` or, with
+    ``hyper_prob``, from :data:`LESION_HYPER_HU`; ``n`` a smooth texture of +-15 % of
+    ``|delta|``. The liver mask is left as it is: a lesion is part of the liver ROI.
+
+    Args:
+        hu: float array (2D or 3D), modified in place.
+        liver: liver fraction or mask of the same shape (values in ``[0, 1]``).
+        rng: the random generator (the only source of randomness).
+        radius_px: range of the semi-axes in voxels of the in-plane grid.
+        hyper_prob: probability of a hyperdense lesion.
+        spacing: for 3D, ``(sx, sy, sz)`` in mm (the semi-axis along the slices is scaled by
+            ``sx / sz``); ignored in 2D.
+
+    Returns:
+        the weight map ``w`` (zeros where the liver is empty).
+    """
+    hu = np.asarray(hu)
+    liver = np.asarray(liver, dtype=np.float64)
+    if hu.shape != liver.shape or hu.ndim not in (2, 3):
+        raise ValueError(f"hu {hu.shape} and liver {liver.shape} must be the same 2D or 3D shape")
+    if not np.issubdtype(hu.dtype, np.floating):
+        raise ValueError(f"hu must be a float array (modified in place), got {hu.dtype}")
+    low, high = (float(r) for r in radius_px)
+    if not 0 < low <= high:
+        raise ValueError(f"radius_px must be 0 < low <= high, got {radius_px}")
+    if not 0.0 <= hyper_prob <= 1.0:
+        raise ValueError(f"hyper_prob must be in [0, 1], got {hyper_prob}")
+    inside = np.argwhere(liver > 0.5)
+    if len(inside) == 0:
+        return np.zeros(hu.shape)
+    centre = inside[rng.integers(len(inside))]
+    axes = rng.uniform(low, high, 2)
+    angle = rng.uniform(0, np.pi)
+    cos, sin = np.cos(angle), np.sin(angle)
+    grid = np.indices(hu.shape, dtype=np.float64)
+    dy, dx = grid[-2] - centre[-2], grid[-1] - centre[-1]
+    rho2 = ((cos * dx + sin * dy) / axes[0]) ** 2 + ((-sin * dx + cos * dy) / axes[1]) ** 2
+    if hu.ndim == 3:
+        sx, _, sz = (1.0, 1.0, 1.0) if spacing is None else (float(v) for v in spacing)
+        axis_z = rng.uniform(low, high) * sx / sz
+        rho2 = rho2 + ((grid[0] - centre[0]) / max(axis_z, 0.5)) ** 2
+    rho = np.sqrt(rho2) * (1.0 + _smooth_field(rng, hu.shape, 6, 0.2))
+    edge = rng.uniform(0.1, 0.4)
+    weight = np.clip((1.0 - rho) / edge, 0.0, 1.0) * np.clip(liver, 0.0, 1.0)
+    delta = rng.uniform(*(LESION_HYPER_HU if rng.uniform() < hyper_prob else LESION_HYPO_HU))
+    texture = _smooth_field(rng, hu.shape, 3, 0.15 * abs(delta))
+    hu += (weight * (delta + texture)).astype(hu.dtype)
+    return weight

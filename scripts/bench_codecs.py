@@ -32,7 +32,7 @@ from sender.diffusion_numpy import diffuse_numpy
 from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.io import load_volume
 from sender.roi.mask_file import MaskFileProvider
-from sender.roi.steering import steer
+from sender.roi.steering import SteeringSettings, steer
 from shared.codecs import get_codec
 from shared.metrics import compression_ratio, entropy_bits, psnr, ssim
 
@@ -112,7 +112,9 @@ def main(argv=None) -> int:
 
     volume = load_volume(args.ct)
     original = volume.data
-    steering = steer(MaskFileProvider(args.mask, args.label).probability(volume), volume.spacing)
+    provider = MaskFileProvider(args.mask, args.label)
+    steering = steer(provider.probability(volume), volume.spacing,
+                     SteeringSettings().with_provider_margin(provider.z_margin_mm))
     roi = steering.roi
     defaults = DiffusionSettings()
     print(f"# dlad-stream codec benchmark\n\nCT: {args.ct.name} {volume.shape} "

@@ -3,14 +3,16 @@
 
 For every scan (a CT and its reference liver mask, aligned through physical space) the
 provider's probability map ``p`` is turned into the final ROI exactly as the sender does
-(per-slice 15-pixel disc dilation, ``p > 0.75 -> 1``, ROI = ``p == 1``; sender/roi/steering.py)
-and compared with the mask ``T``:
+(per-slice 15-pixel disc dilation, the margin across slices (``--z-margin-mm``, default 15),
+``p > 0.75 -> 1``, holes filled per slice, ROI = ``p == 1``; sender/roi/steering.py) and
+compared with the mask ``T``:
 
 * ``Dice``: ``2 |P ∩ T| / (|P| + |T|)`` with ``P = {p > 0.5}``;
 * ``recall``: ``|ROI ∩ T| / |T|``, the fraction of liver voxels that reach the receiver
   bit-exact (the safety figure; target >= 99.5 %);
 * ``ROI``: the ROI's fraction of the volume; ``truth ROI``: the same for the ROI made from
-  ``T`` itself; ``ratio``: their quotient (target <= 1.6);
+  ``T`` itself with the paper's in-plane dilation only (a fixed reference); ``ratio``: their
+  quotient (target <= 1.6);
 * ``plausibility``: the sender's check (sender/roi/safety.py) on ``p``.
 
 Without ``--scan`` the two labelled scans of ``../shared/data`` are used.
@@ -20,6 +22,7 @@ Examples:
     python scripts/eval_roi.py --weights runs/fold_a/liver_unet.pt \\
         --scan ../shared/data/torso_ct_sm.nii.gz ../shared/data/torso_ct_sm_liver.nii.gz
     python scripts/eval_roi.py --provider body
+    python scripts/eval_roi.py --z-margin-mm 0 --no-fill-holes       # the paper's ROI
     python scripts/eval_roi.py --provider box:-200,20,-250,-100,-800,-760
     python scripts/eval_roi.py --scan ct.nii.gz total_seg.nii.gz --label 5 --json out.json
 """
@@ -30,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -39,6 +43,7 @@ from sender.roi.body import BodyProvider
 from sender.roi.box import BoxProvider
 from sender.roi.mask_file import MaskFileProvider
 from sender.roi.safety import check_roi_plausibility, roi_metrics
+from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_SCANS = [("abdomen_ct_dicom", "abdomen_ct_liver.nii.gz"),
@@ -73,6 +78,10 @@ def parse_args(argv=None):
                         help="U-Net weights (default: the bundled models/liver_unet.pt)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if present)")
     parser.add_argument("--batch-size", type=int, default=8, help="U-Net slices per batch (8)")
+    parser.add_argument("--z-margin-mm", type=float, default=DEFAULT_Z_MARGIN_MM,
+                        help="ROI margin across slices in mm (default %(default)g; 0: the paper)")
+    parser.add_argument("--no-fill-holes", action="store_true",
+                        help="do not fill the holes of each slice's ROI (the paper)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.label is not None and args.label < 1:
@@ -85,6 +94,11 @@ def parse_args(argv=None):
         if missing:
             parser.error(f"no --scan given and {SHARED_DATA} lacks {missing}")
         args.scan = [(str(SHARED_DATA / ct), str(SHARED_DATA / mask)) for ct, mask in DEFAULT_SCANS]
+    try:
+        args.steering = SteeringSettings(z_margin_mm=args.z_margin_mm,
+                                         fill_holes=not args.no_fill_holes)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -98,13 +112,15 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         probability = provider.probability(volume)
         seconds = time.perf_counter() - began
-        metrics = roi_metrics(probability, liver, volume.spacing)
+        metrics = roi_metrics(probability, liver, volume.spacing, args.steering)
         warning = check_roi_plausibility(probability, volume)
         rows.append({"scan": Path(ct).name, "shape": list(volume.shape), **metrics.to_dict(),
                      "seconds": seconds, "plausible": warning is None, "warning": warning})
     header = (f"{'scan':<28} {'Dice':>7} {'recall':>9} {'ROI':>7} {'truth ROI':>10} "
               f"{'ratio':>6} {'time s':>7}  plausible")
     print(f"provider: {json.dumps(provider.describe())}")
+    print(f"steering: z margin {args.steering.z_margin_mm:g} mm, holes "
+          f"{'filled' if args.steering.fill_holes else 'kept'}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -115,7 +131,8 @@ def main(argv=None) -> int:
     print(f"targets: recall >= {100 * TARGET_RECALL:g} %, ratio <= {TARGET_RATIO:g}, "
           f"Dice >= {TARGET_DICE:g}")
     if args.json:
-        args.json.write_text(json.dumps({"provider": provider.describe(), "scans": rows},
+        args.json.write_text(json.dumps({"provider": provider.describe(),
+                                         "steering": asdict(args.steering), "scans": rows},
                                         indent=2) + "\n")
     return 0
 

@@ -21,13 +21,17 @@ voxel (so LiTS/MSD tumours, label 2, count as liver, as they must for a lossless
 Validation is patient-level: the ``--val`` pairs, or else a seeded ``--val-fraction`` of the
 patients (one patient per scan, or per subject folder / case number in a dataset). Each
 validation reports the Dice of ``p > 0.5``, the liver recall in the final ROI after the
-paper's dilation and thresholding, and the ROI fraction (sender/roi/safety.py).
+sender's default post-processing (the paper's dilation and thresholding, the margin across
+slices, holes filled; sender/roi/steering.py), and the ROI fraction (sender/roi/safety.py).
 
 Training samples a batch of axial slices (already in canonical orientation and at the
 network's pixel size) and augments each one: a random crop (128-192 px, i.e. 26-38 cm, so
 most crops do not show the whole body) centred on the liver or anywhere in the body, rotation,
 scaling, elastic deformation, optional left-right flips, a contrast-enhancement shift of soft
-tissue, global brightness/contrast, resolution loss and Gaussian noise. The loss is binary
+tissue, global brightness/contrast, resolution loss and Gaussian noise; with ``--lesion-prob``,
+synthetic focal lesions painted into the liver (models/phantoms.py: insert_lesion; hypo- or
+hyperdense, 6-40 mm semi-axes, anywhere in the liver up to its edge) whose pixels stay liver in
+the target, so the network learns that a lesion belongs to the liver ROI. The loss is binary
 cross-entropy with a positive-class weight (recall over precision) plus a soft Dice term
 (Milletari et al. 2016, "V-Net", 3DV):
 ``L = BCE_w + 1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)``. AdamW with a cosine learning-rate
@@ -79,7 +83,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.inference import default_device, predict_probability
-from models.phantoms import make_phantom
+from models.phantoms import insert_lesion, make_phantom
 from models.preprocessing import canonical_spacing, network_size, resize, to_canonical, window
 from models.unet import LiverUNet, UNetConfig, save_weights
 from sender.io import load_volume
@@ -91,7 +95,16 @@ CHECKPOINT_FORMAT = "dlad-liver-unet-checkpoint/1"
 #: Options that must not change when a run is resumed.
 FROZEN_OPTIONS = ("widths", "spacing_mm", "window", "seed", "batch_size", "lr", "steps",
                   "warmup_steps", "positive_weight", "crop_sizes", "rotation_deg", "scale",
-                  "elastic_px", "flip_prob", "phantoms", "phantom_fraction", "label")
+                  "elastic_px", "flip_prob", "phantoms", "phantom_fraction", "label",
+                  "lesion_prob")
+#: Values of options added later, for checkpoints written before they existed.
+OPTION_DEFAULTS = {"lesion_prob": 0.0}
+#: Extra seed component of the lesion generator (its own stream: runs without lesions draw
+#: exactly what they drew before the option existed).
+LESION_STREAM = 7_000_003
+#: Semi-axes of synthetic lesions in network pixels (2 mm: 6-40 mm) and lesions per slice.
+LESION_RADIUS_PX = (3.0, 20.0)
+LESION_COUNT = (1, 3)
 #: HU given to pixels that a crop or rotation brings in from outside the scan.
 AIR_HU = -1024.0
 #: Mask values above this (multi-label map without --label) make us ask for --label.
@@ -368,14 +381,28 @@ def augment_intensity(hu: torch.Tensor, rng: np.random.Generator) -> torch.Tenso
     return hu
 
 
+def add_lesions(hu: torch.Tensor, liver: torch.Tensor, rng: np.random.Generator
+                ) -> torch.Tensor:
+    """1-3 synthetic lesions (models/phantoms.py: insert_lesion) in the liver of a crop."""
+    if not bool((liver > 0.5).any()):
+        return hu
+    painted = hu.numpy().copy()
+    for _ in range(int(rng.integers(LESION_COUNT[0], LESION_COUNT[1] + 1))):
+        insert_lesion(painted, liver.numpy(), rng, radius_px=LESION_RADIUS_PX)
+    return torch.from_numpy(painted)
+
+
 def make_batch(scans: list[TrainingScan], args, config: UNetConfig, step: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmented batch of ``step``: ``(N, 1, S, S)`` windowed slices and liver targets."""
     rng = np.random.default_rng([args.seed, step])
+    lesion_rng = np.random.default_rng([args.seed, step, LESION_STREAM])
     size = int(rng.choice(args.crop_sizes))
     images, targets = [], []
     for scan, index in sample_slices(scans, args.batch_size, args.phantom_fraction, rng):
         hu, liver = augment(scan, index, size, args, rng)
+        if args.lesion_prob > 0 and lesion_rng.uniform() < args.lesion_prob:
+            hu = add_lesions(hu, liver, lesion_rng)
         images.append(window(augment_intensity(hu, rng), *config.window))
         targets.append(liver)
     return torch.stack(images)[:, None], torch.stack(targets)[:, None]
@@ -495,7 +522,7 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
             "warmup_steps": args.warmup_steps, "positive_weight": args.positive_weight,
             "crop_sizes_px": list(args.crop_sizes), "rotation_deg": args.rotation_deg,
             "scale": args.scale, "elastic_px": args.elastic_px, "flip_prob": args.flip_prob,
-            "seed": args.seed,
+            "lesion_prob": args.lesion_prob, "seed": args.seed,
             "device": str(device), "wall_time_s": round(wall_time, 1),
             "torch": torch.__version__,
         },
@@ -561,6 +588,9 @@ def parse_args(argv=None):
                               help="probability of a left-right flip (default 0: the liver is on "
                                    "the patient's right, and the canonical orientation keeps it "
                                    "there; mirroring teaches confusion with the spleen)")
+    optimisation.add_argument("--lesion-prob", type=float, default=0.0,
+                              help="probability that a slice gets 1-3 synthetic liver lesions "
+                                   "(label stays liver; default 0)")
     optimisation.add_argument("--seed", type=int, default=0, help="random seed (0)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, help="output folder")
@@ -586,6 +616,8 @@ def parse_args(argv=None):
         parser.error("--phantoms must be >= 0 and --phantom-fraction in [0, 1]")
     if not 0 <= args.val_fraction < 1 or not 0 <= args.flip_prob <= 1:
         parser.error("--val-fraction must be in [0, 1) and --flip-prob in [0, 1]")
+    if not 0 <= args.lesion_prob <= 1:
+        parser.error(f"--lesion-prob must be in [0, 1], got {args.lesion_prob}")
     if args.lr <= 0 or args.positive_weight <= 0:
         parser.error("--lr and --positive-weight must be > 0")
     if min(args.scale, args.rotation_deg, args.elastic_px) < 0:
@@ -628,11 +660,12 @@ def main(argv=None) -> int:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise SystemExit(f"{checkpoint_path} is not a {CHECKPOINT_FORMAT} checkpoint")
-        changed = [k for k in FROZEN_OPTIONS
-                   if _jsonable(getattr(args, k)) != checkpoint["options"][k]]
+        made_with = {k: checkpoint["options"].get(k, OPTION_DEFAULTS.get(k))
+                     for k in FROZEN_OPTIONS}
+        changed = [k for k in FROZEN_OPTIONS if _jsonable(getattr(args, k)) != made_with[k]]
         if changed:
             raise SystemExit(f"--resume with changed options {changed}; the checkpoint was made "
-                             f"with {[checkpoint['options'][k] for k in changed]}")
+                             f"with {[made_with[k] for k in changed]}")
     elif checkpoint_path.exists():
         raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue, or choose "
                          "another --out")

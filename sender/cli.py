@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from sender.diffusion import DiffusionSettings
 from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
-from sender.roi.steering import SteeringSettings
+from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
 from shared.atomic import atomic_path
 from shared.codecs import codec_names, get_codec
 from shared.volume import VolumeError
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dilation radius in mm instead of pixels")
     roi.add_argument("--threshold", type=float, default=0.75,
                      help="after dilation p := 1 where p > threshold (default 0.75)")
+    roi.add_argument("--z-margin-mm", type=float, default=None,
+                     help="safety margin across slices: each slice's ROI also takes that of "
+                          f"the slices within this many mm (default: {DEFAULT_Z_MARGIN_MM:g} "
+                          "for the U-Net's ROI, 0 for --roi-mask, body and box; 0 = in-plane "
+                          "only, as the paper)")
     roi.add_argument("--allow-small-roi", action="store_true",
                      help="keep a U-Net liver that looks empty or implausibly small instead of "
                           "the safe fallback (no diffusion, whole volume bit-exact)")
@@ -165,7 +170,8 @@ def safety_check(allow_small_roi: bool):
 
 def settings_from_args(args):
     steering = SteeringSettings(dilation_radius_px=args.dilation_px,
-                                dilation_radius_mm=args.dilation_mm, threshold=args.threshold)
+                                dilation_radius_mm=args.dilation_mm, threshold=args.threshold,
+                                z_margin_mm=args.z_margin_mm)
     diffusion = DiffusionSettings(kappa=args.kappa, iterations=args.iterations,
                                   mode=args.diffusion)
     encode = EncodeSettings(codec=args.codec, exact=args.exact,

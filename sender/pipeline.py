@@ -41,6 +41,7 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     probability = provider.probability(volume)
     if roi_check is not None:
         probability = roi_check(probability, volume)
+    steering = steering.with_provider_margin(provider.z_margin_mm)
     steering_map = steer(probability, volume.spacing, steering)
     log.info("ROI (%s): %.1f %% of voxels in %.1f s", provider.name,
              100 * steering_map.roi_fraction, time.perf_counter() - started)

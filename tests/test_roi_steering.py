@@ -1,4 +1,5 @@
-"""ROI from a mask: physical-space alignment, the paper's dilation and threshold."""
+"""ROI from a mask: physical-space alignment, the paper's dilation and threshold, and the
+safety additions (margin across slices, holes filled per slice)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from scipy.ndimage import grey_dilation
 
 from sender.roi.mask_file import MaskFileProvider
-from sender.roi.steering import SteeringSettings, disc_dilate, steer
+from sender.roi.safety import roi_metrics
+from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings, disc_dilate, steer
 from shared.volume import VolumeError
 
 
@@ -39,12 +41,16 @@ def test_disc_dilation_matches_grey_dilation(rng):
         expected = np.stack([grey_dilation(s, footprint=footprint, mode="constant", cval=0)
                              for s in values])
         np.testing.assert_array_equal(disc_dilate(values, rx, ry), expected)
+    small = values[:, :4, :5]  # a disc larger than the slice
+    np.testing.assert_array_equal(disc_dilate(small, 15, 15), np.broadcast_to(
+        small.max(axis=(1, 2), keepdims=True), small.shape))
 
 
 def test_steering_threshold_and_roi(phantom):
     volume, liver = phantom
     probability = liver.astype(np.float32) * 0.8
-    result = steer(probability, volume.spacing, SteeringSettings(dilation_radius_px=3))
+    result = steer(probability, volume.spacing,
+                   SteeringSettings(dilation_radius_px=3, z_margin_mm=0, fill_holes=False))
     assert result.roi.sum() > liver.sum()  # dilated
     assert np.all(result.probability[result.roi] == 1.0)
     assert result.roi[liver].all()
@@ -57,3 +63,120 @@ def test_dilation_in_mm_is_elliptical_in_pixels():
     assert settings.radii_px((0.5, 1.5, 2.0)) == (30.0, 10.0)
     with pytest.raises(ValueError, match="threshold"):
         SteeringSettings(threshold=1.5)
+
+
+PAPER = SteeringSettings(z_margin_mm=0.0, fill_holes=False)
+
+
+def test_z_margin_is_dilation_by_a_cylinder(rng):
+    """Disc then slice margin == grey dilation by a cylinder, then the threshold."""
+    values = rng.random((9, 40, 45)).astype(np.float32) ** 8
+    spacing = (1.0, 1.0, 2.5)
+    settings = SteeringSettings(dilation_radius_px=4, z_margin_mm=6.0, fill_holes=False)
+    assert settings.z_margin_slices(spacing) == 2  # floor(6 / 2.5)
+    yy, xx = np.mgrid[-4:5, -4:5]
+    footprint = np.repeat(((xx / 4) ** 2 + (yy / 4) ** 2 <= 1 + 1e-9)[None], 5, axis=0)
+    expected = grey_dilation(values, footprint=footprint, mode="constant", cval=0)
+    expected[expected > settings.threshold] = 1.0
+    result = steer(values, spacing, settings)
+    np.testing.assert_array_equal(result.probability, expected)
+    np.testing.assert_array_equal(result.roi, expected == 1.0)
+
+
+def test_z_margin_covers_slices_the_network_missed():
+    """A liver tip missed on its 3 lowest slices is covered by a 3-slice margin, not beyond."""
+    liver = np.zeros((12, 60, 60), dtype=bool)
+    liver[2:10, 20:40, 20:40] = True
+    probability = liver.astype(np.float32)
+    probability[2:5] = 0.0  # missed
+    spacing = (1.0, 1.0, 3.0)
+    paper = steer(probability, spacing, PAPER).roi
+    assert not paper[2:5].any()
+    margin = steer(probability, spacing, SteeringSettings(z_margin_mm=9.0)).roi
+    assert margin[liver].all()
+    assert not margin[:2].any() and margin[12 - 1].any() and margin[11].sum() == paper[9].sum()
+    assert steer(probability, spacing, SteeringSettings(z_margin_mm=8.9)).roi[2:5].sum() \
+        == margin[3:5].sum()  # 8.9 mm reaches 2 slices only: slice 2 stays out
+    assert not steer(probability, spacing, SteeringSettings(z_margin_mm=8.9)).roi[2].any()
+
+
+def test_the_default_margin_is_documented_and_zero_is_the_paper(phantom):
+    volume, liver = phantom
+    assert SteeringSettings().z_margin_mm is None  # left to the provider
+    assert SteeringSettings().z_margin_slices((1, 1, 1.0)) == 0
+    assert DEFAULT_Z_MARGIN_MM > 0
+    assert SteeringSettings().fill_holes
+    assert SteeringSettings().paper() == PAPER
+    p = liver.astype(np.float32) * 0.8
+    assert steer(p, volume.spacing, SteeringSettings(z_margin_mm=0, fill_holes=False)).roi.sum() \
+        == steer(p, volume.spacing, PAPER).roi.sum()
+
+
+def test_enclosed_lesion_missed_by_the_network_is_filled():
+    """A dark lesion inside the liver that the network calls background (p = 0 over a disc
+    wider than the dilation) is a hole of the ROI: filling puts it back, with p = 1."""
+    yy, xx = np.mgrid[:120, :120]
+    liver = np.repeat((((yy - 60) / 50.0) ** 2 + ((xx - 60) / 50.0) ** 2 <= 1)[None], 3, axis=0)
+    lesion = np.repeat((((yy - 60) / 25.0) ** 2 + ((xx - 60) / 25.0) ** 2 <= 1)[None], 3, axis=0)
+    probability = np.where(liver & ~lesion, 0.95, 0.0).astype(np.float32)
+    spacing = (1.0, 1.0, 2.0)
+    paper = steer(probability, spacing, PAPER)
+    assert not paper.roi[lesion].all()  # the 15 px disc does not close a 25 px hole
+    filled = steer(probability, spacing, SteeringSettings(z_margin_mm=0))
+    assert filled.roi[lesion].all() and np.all(filled.probability[lesion] == 1.0)
+    np.testing.assert_array_equal(filled.roi & ~lesion, paper.roi & ~lesion)
+    # A notch open to the outside is not a hole: filling does not invent ROI there.
+    notch = probability.copy()
+    notch[:, 40:81, 60:] = 0.0
+    opened = steer(notch, spacing, SteeringSettings(z_margin_mm=0))
+    assert not opened.roi[:, 60, 100:].any()
+
+
+def test_margin_and_fill_settings_are_checked():
+    for bad in (-1.0, 501.0, float("nan")):
+        with pytest.raises(ValueError, match="z margin"):
+            SteeringSettings(z_margin_mm=bad)
+    with pytest.raises(ValueError, match="fill_holes"):
+        SteeringSettings(fill_holes="yes")
+    with pytest.raises(ValueError, match="slice spacing"):
+        steer(np.zeros((2, 4, 4), np.float32), (1.0, 1.0, 0.0))
+    with pytest.raises(ValueError, match="3D"):
+        steer(np.zeros((4, 4), np.float32), (1.0, 1.0, 1.0))
+
+
+def test_roi_metrics_reference_is_the_paper_dilation_of_the_truth():
+    liver = np.zeros((12, 60, 60), dtype=bool)
+    liver[4:8, 20:40, 20:40] = True
+    spacing = (1.0, 1.0, 2.0)
+    metrics = roi_metrics(liver.astype(np.float32), liver, spacing)
+    assert metrics.truth_roi_fraction == steer(liver.astype(np.float32), spacing, PAPER).roi.mean()
+    assert metrics.recall == 1.0 and metrics.dice == 1.0
+    assert metrics.roi_ratio == pytest.approx(12 / 4)  # 15 mm = 7 slices each side: all 12
+    assert roi_metrics(liver.astype(np.float32), liver, spacing, PAPER).roi_ratio == 1.0
+
+
+def test_dlad_send_exposes_the_margin(tmp_path, capsys):
+    from sender.cli import build_parser, main, settings_from_args
+    parse = build_parser().parse_args
+    steering = settings_from_args(parse(["phantom", "--out", "x.dlad"]))[0]
+    assert steering.z_margin_mm is None and steering.fill_holes  # the provider's margin
+    steering = settings_from_args(parse(["phantom", "--out", "x.dlad", "--z-margin-mm", "0"]))[0]
+    assert steering.z_margin_mm == 0.0
+    assert main(["phantom", "--out", str(tmp_path / "x.dlad"), "--z-margin-mm", "-3"]) == 1
+    assert "z margin must be in [0, 500] mm" in capsys.readouterr().err
+
+
+def test_the_unet_gets_the_margin_and_a_given_mask_does_not(phantom):
+    from sender.pipeline import prepare_study
+    from sender.roi.provider import StaticMaskProvider
+    from sender.roi.unet import UNetProvider
+
+    assert UNetProvider.z_margin_mm == DEFAULT_Z_MARGIN_MM
+    assert StaticMaskProvider.z_margin_mm == 0
+    assert SteeringSettings().with_provider_margin(15).z_margin_mm == 15
+    assert SteeringSettings(z_margin_mm=3).with_provider_margin(15).z_margin_mm == 3
+    volume, liver = phantom
+    prepared = prepare_study(volume, StaticMaskProvider(liver))
+    assert prepared.provenance["roi"]["z_margin_mm"] == 0
+    paper_roi = steer(liver.astype(np.float32), volume.spacing, SteeringSettings(z_margin_mm=0))
+    assert np.array_equal(prepared.roi, paper_roi.roi)

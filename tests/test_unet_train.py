@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,7 +132,29 @@ def test_patient_level_split_never_shares_a_patient(train, tmp_path):
     assert not {c.patient for c in training} & {c.patient for c in validation}
 
 
+def test_lesion_augmentation_paints_only_the_liver_and_keeps_other_draws(train, tmp_path):
+    """``--lesion-prob``: lesions change liver pixels only, the target stays the same, and a
+    run without lesions draws exactly what it drew before the option existed."""
+    args = train.parse_args(["--out", str(tmp_path), "--phantoms", "2", "--lesion-prob", "1",
+                             "--batch-size", "4", "--crop-sizes", "64"])
+    config = train.UNetConfig()
+    scans = train.make_phantom_scans(2, 0, config)
+    hu, liver = train.augment(scans[0], scans[0].hu.shape[0] // 2, 96, args,
+                              np.random.default_rng(3))
+    painted = train.add_lesions(hu, liver, np.random.default_rng(4))
+    changed = painted != hu
+    assert changed.any() and not changed[liver == 0].any()
+    assert torch.equal(train.add_lesions(hu, torch.zeros_like(liver), np.random.default_rng(4)),
+                       hu)
+    with_lesions = train.make_batch(scans, args, config, 5)
+    args.lesion_prob = 0.0
+    without = train.make_batch(scans, args, config, 5)
+    assert torch.equal(with_lesions[1], without[1])  # same crops, same targets
+    assert not torch.equal(with_lesions[0], without[0])
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--out", "x", "--phantoms", "1", "--lesion-prob", "1.5"], "--lesion-prob must be in"),
     (["--out", "x"], "give training data"),
     (["--out", "x", "--phantoms", "1", "--crop-sizes", "24"], "multiples of 16"),
     (["--out", "x", "--phantoms", "1", "--steps", "0"], "--steps must be at least 1"),

@@ -20,6 +20,11 @@ class ProbabilityProvider(abc.ABC):
     #: Short name shown in logs and stored in the stream header (``mask``, ``unet``, ``body``...).
     name: str = "provider"
 
+    #: Margin across slices (mm) the sender adds to this provider's ROI unless told otherwise
+    #: (:class:`sender.roi.steering.SteeringSettings`): none for a mask drawn or checked by
+    #: someone, a safety margin for a prediction that can miss a few slices (the U-Net).
+    z_margin_mm: float = 0.0
+
     @abc.abstractmethod
     def probability(self, volume: Volume) -> np.ndarray:
         """Return float32 probabilities of shape ``volume.shape`` (slice-major)."""

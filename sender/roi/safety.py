@@ -6,10 +6,12 @@ outside it. Two tools:
 * :func:`roi_metrics` measures a probability map against a reference liver mask: the Dice
   coefficient of the thresholded prediction ``P = {p > 0.5}`` against the truth ``T``,
   ``Dice = 2 |P ∩ T| / (|P| + |T|)``, and the **liver recall in the final ROI**
-  ``R = |ROI ∩ T| / |T|``, where ``ROI = steer(p).roi`` is the map after the paper's
-  per-slice disc dilation and ``p > 0.75 → 1`` (Luu et al.; :mod:`sender.roi.steering`),
-  i.e. the voxels that really reach the receiver bit-exact. The ROI's cost is its fraction
-  of the volume, compared with that of the dilated true liver ``steer(T).roi``.
+  ``R = |ROI ∩ T| / |T|``, where ``ROI = steer(p).roi`` is the map after the sender's
+  post-processing (the paper's per-slice disc dilation and ``p > 0.75 → 1``, Luu et al., plus
+  the margin across slices and the filled holes; :mod:`sender.roi.steering`), i.e. the voxels
+  that really reach the receiver bit-exact. The ROI's cost is its fraction of the volume,
+  compared with that of the true liver dilated as in the paper, ``steer(T, paper()).roi``
+  (in-plane disc only: a fixed reference, so that the margins' cost shows in the ratio).
 * :func:`check_roi_plausibility` is what the sender runs without a reference: it flags a
   predicted liver that is empty or too small to be a liver, and :data:`FALLBACK_POLICY`
   says what to do then.
@@ -34,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sender.roi.steering import SteeringMap, SteeringSettings, steer
+from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringMap, SteeringSettings, steer
 from shared.volume import Volume
 
 MIN_LIVER_VOLUME_ML = 30.0
@@ -96,7 +98,8 @@ class RoiMetrics:
     roi_fraction: float
     """Fraction of the volume in the final ROI."""
     truth_roi_fraction: float
-    """Fraction of the volume in the ROI made from the true liver mask."""
+    """Fraction of the volume in the ROI made from the true liver mask by the paper's
+    post-processing (in-plane disc and threshold; no margin across slices, no hole filling)."""
 
     @property
     def roi_ratio(self) -> float:
@@ -108,8 +111,16 @@ class RoiMetrics:
 
 
 def roi_metrics(probability: np.ndarray, liver: np.ndarray, spacing,
-                settings: SteeringSettings = SteeringSettings()) -> RoiMetrics:
-    """Dice, liver recall in the final ROI and ROI fractions of ``probability`` vs ``liver``."""
+                settings: SteeringSettings = SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM)
+                ) -> RoiMetrics:
+    """Dice, liver recall in the final ROI and ROI fractions of ``probability`` vs ``liver``.
+
+    ``settings`` default to the sender's steering of the U-Net's map (its margin across slices).
+
+    The ROI is ``steer(probability, spacing, settings)``; the reference ROI is
+    ``steer(liver, spacing, settings.paper())``, the true liver with the paper's in-plane
+    dilation only, whatever the margins of ``settings``.
+    """
     probability = np.asarray(probability, dtype=np.float32)
     liver = np.asarray(liver, dtype=bool)
     if probability.shape != liver.shape:
@@ -120,6 +131,6 @@ def roi_metrics(probability: np.ndarray, liver: np.ndarray, spacing,
     predicted = probability > LIVER_THRESHOLD
     dice = 2.0 * float((predicted & liver).sum()) / float(predicted.sum() + liver.sum())
     roi = steer(probability, spacing, settings).roi
-    truth_roi = steer(liver.astype(np.float32), spacing, settings).roi
+    truth_roi = steer(liver.astype(np.float32), spacing, settings.paper()).roi
     return RoiMetrics(dice=dice, recall=float((roi & liver).sum()) / float(liver.sum()),
                       roi_fraction=float(roi.mean()), truth_roi_fraction=float(truth_roi.mean()))

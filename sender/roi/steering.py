@@ -4,14 +4,34 @@ The paper dilates the CNN's liver probability map slice by slice with a 30x30x1 
 ``p := 1`` wherever ``p > 0.75``. The ROI is every voxel with ``p == 1``: diffusion leaves it
 untouched (its coefficient ``(1 - p) exp(-|grad I|/K)`` is 0) and the layered codec sends it
 bit-exact. Elsewhere ``p`` stays soft, so diffusion fades in smoothly around the ROI.
+
+Two safety additions of dlad-stream (both on by default; ``z_margin_mm=0, fill_holes=False``
+is the paper's post-processing exactly):
+
+* **margin across slices** (``z_margin_mm = m``): after the in-plane disc, a running maximum
+  along the slice axis over the ``h = floor(m / s_z)`` slices on either side,
+  ``q'[k] = max(q[k-h], ..., q[k+h])`` (``s_z``: slice spacing). Dilation by the disc and then
+  by the segment is dilation by their product, a cylinder of radius ``r`` and half-height
+  ``h s_z <= m``; as thresholding commutes with the maximum, the ROI of slice ``k`` is the union
+  of the paper's ROIs of the slices within ``m`` mm of it, the margin a radiotherapy planner
+  puts around a target. It covers a liver tip or dome, or a lesion at the liver's edge, that
+  the network misses on a few slices but finds on a neighbouring one.
+* **holes filled per slice** (``fill_holes``): any background region of a slice's ROI that
+  does not touch the slice's border (4-connectivity of the background) joins the ROI with
+  ``p := 1``. A lesion the network does not call liver but which the liver surrounds (a dark
+  metastasis or ablation zone in the middle of the organ) is then sent bit-exact too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.ndimage import maximum_filter1d
+
+
+#: Default margin across slices (mm): about the in-plane radius of the paper's 15-pixel disc at
+#: the usual 0.7-1 mm pixels, so that the safety margin is roughly the same in every direction.
+DEFAULT_Z_MARGIN_MM = 15.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +44,14 @@ class SteeringSettings:
     """In-plane disc radius in millimetres (an ellipse in pixels when spacing is anisotropic)."""
     threshold: float = 0.75
     """After dilation, probabilities above this become exactly 1 (part of the ROI)."""
+    z_margin_mm: float | None = None
+    """Margin across slices in mm: each slice's ROI also takes that of the slices whose centres
+    lie within this distance (0: in-plane only, as the paper). None: the ROI provider's own
+    margin when the sender steers (:attr:`ProbabilityProvider.z_margin_mm`: the U-Net's
+    prediction gets :data:`DEFAULT_Z_MARGIN_MM`, a given mask none); none for :func:`steer`
+    called on its own."""
+    fill_holes: bool = True
+    """Fill the holes of every slice's ROI (enclosed lesions join it)."""
 
     def __post_init__(self):
         if not 0.0 <= self.dilation_radius_px <= 512:
@@ -32,12 +60,34 @@ class SteeringSettings:
             raise ValueError(f"dilation radius must be in [0, 500] mm, got {self.dilation_radius_mm}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.z_margin_mm is not None and not 0.0 <= self.z_margin_mm <= 500:
+            raise ValueError(f"z margin must be in [0, 500] mm, got {self.z_margin_mm}")
+        if not isinstance(self.fill_holes, bool | np.bool_):
+            raise ValueError(f"fill_holes must be True or False, got {self.fill_holes!r}")
 
     def radii_px(self, spacing) -> tuple[float, float]:
         """Disc radii ``(rx, ry)`` in pixels for in-plane ``spacing = (sx, sy, ...)``."""
         if self.dilation_radius_mm is None:
             return self.dilation_radius_px, self.dilation_radius_px
         return self.dilation_radius_mm / spacing[0], self.dilation_radius_mm / spacing[1]
+
+    def z_margin_slices(self, spacing) -> int:
+        """``h = floor(z_margin_mm / s_z)``: slices added on either side, ``s_z = spacing[2]``."""
+        slice_mm = float(spacing[2])
+        if not slice_mm > 0:
+            raise ValueError(f"slice spacing must be positive, got {slice_mm}")
+        return int(np.floor((self.z_margin_mm or 0.0) / slice_mm + 1e-9))
+
+    def with_provider_margin(self, provider_margin_mm: float) -> SteeringSettings:
+        """These settings, with the provider's margin where they leave it open (None)."""
+        if self.z_margin_mm is not None:
+            return self
+        return replace(self, z_margin_mm=float(provider_margin_mm))
+
+    def paper(self) -> SteeringSettings:
+        """The same in-plane disc and threshold without the margin across slices or hole
+        filling: the paper's post-processing (the reference ROI of :func:`roi_metrics`)."""
+        return replace(self, z_margin_mm=0.0, fill_holes=False)
 
 
 @dataclass
@@ -68,11 +118,17 @@ def disc_dilate(values: np.ndarray, radius_x: float, radius_y: float) -> np.ndar
     for dy in range(-ry, ry + 1):
         ratio = 1.0 - (dy / radius_y) ** 2 if radius_y > 0 else 1.0
         half_widths[dy] = int(np.floor(radius_x * np.sqrt(max(ratio, 0.0)) + 1e-9))
+    # scipy is imported where it is used: the sender's command line imports this module for its
+    # option defaults, and a sender replaying a .dlad should not pay 0.3 s of scipy start-up.
+    from scipy.ndimage import maximum_filter1d
+
     row_max = {w: maximum_filter1d(values, size=2 * w + 1, axis=2, mode="constant", cval=-np.inf)
                if w > 0 else values for w in set(half_widths.values())}
     out = np.array(values, copy=True)
     ny = values.shape[1]
     for dy, w in half_widths.items():
+        if abs(dy) >= ny:  # the disc is taller than the slice: no row lies that far away
+            continue
         shifted = row_max[w]
         # out[:, y] = max(out[:, y], shifted[:, y + dy]) for the rows that exist.
         if dy >= 0:
@@ -82,11 +138,42 @@ def disc_dilate(values: np.ndarray, radius_x: float, radius_y: float) -> np.ndar
     return out
 
 
+def slice_margin(values: np.ndarray, half_width: int) -> np.ndarray:
+    """Running maximum along the slice axis (axis 0): ``out[k] = max(values[k-h..k+h])``.
+
+    Slices beyond the volume count as 0 (``values`` are probabilities in ``[0, 1]``).
+    """
+    if half_width < 1 or values.shape[0] == 1:
+        return values
+    from scipy.ndimage import maximum_filter1d
+
+    return maximum_filter1d(values, size=2 * half_width + 1, axis=0, mode="constant", cval=0.0)
+
+
+def fill_slice_holes(roi: np.ndarray) -> np.ndarray:
+    """Per slice, the ROI plus every background region that does not reach the slice border."""
+    from scipy.ndimage import binary_fill_holes
+
+    return np.stack([binary_fill_holes(section) for section in roi]) if roi.any() else roi
+
+
 def steer(probability: np.ndarray, spacing, settings: SteeringSettings = SteeringSettings()
           ) -> SteeringMap:
-    """Dilate per slice, set ``p := 1`` where ``p > threshold``, and return the ROI."""
+    """Probability map -> steering map and ROI.
+
+    ``q = max over the cylinder (in-plane disc x slice margin) of clip(p, 0, 1)``; ``q := 1``
+    where ``q > threshold``; then, with ``fill_holes``, ``q := 1`` in every hole of a slice's
+    ``{q == 1}``. The ROI is ``{q == 1}``.
+    """
     p = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
+    if p.ndim != 3:
+        raise ValueError(f"probability map must be 3D (slices, rows, columns), got {p.shape}")
     rx, ry = settings.radii_px(spacing)
-    p = disc_dilate(p, rx, ry)
+    half_width = settings.z_margin_slices(spacing)
+    p = slice_margin(disc_dilate(p, rx, ry), half_width)
     p[p > settings.threshold] = 1.0
-    return SteeringMap(probability=p, roi=p == 1.0)
+    roi = p == 1.0
+    if settings.fill_holes:
+        roi = fill_slice_holes(roi)
+        p[roi] = 1.0
+    return SteeringMap(probability=p, roi=roi)

@@ -21,6 +21,7 @@ import torch
 from models.inference import default_device, predict_probability
 from models.unet import BUNDLED_WEIGHTS, load_weights
 from sender.roi.provider import ProbabilityProvider
+from sender.roi.steering import DEFAULT_Z_MARGIN_MM
 from shared.volume import Volume
 
 #: Largest per-voxel probability difference expected between CPU and CUDA inference.
@@ -44,6 +45,9 @@ class UNetProvider(ProbabilityProvider):
     """
 
     name = "unet"
+    #: The prediction can miss a few slices of the liver (a tip, a lesion at the edge):
+    #: docs/UNET.md measures the margin.
+    z_margin_mm = DEFAULT_Z_MARGIN_MM
 
     def __init__(self, weights=None, device: str | None = None, batch_size: int = 8):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
