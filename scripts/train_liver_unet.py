@@ -36,7 +36,10 @@ cross-entropy with a positive-class weight (recall over precision) plus a soft D
 (Milletari et al. 2016, "V-Net", 3DV):
 ``L = BCE_w + 1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)``. AdamW with a cosine learning-rate
 schedule after a linear warm-up. On CUDA the forward pass runs under float16 autocast with a
-gradient scaler.
+gradient scaler. With ``--average-from F`` the shipped weights are the mean of the weights after
+every step from ``F x steps`` on (SWA, Izmailov et al. 2018; dense, as SWAD, Cha et al. 2021),
+with batch-norm statistics re-estimated on 50 further training batches; the last weights are
+kept beside them (``last_unet.pt``).
 
 Every random draw of step ``s`` comes from generators seeded with ``(seed, s)``, so a run
 resumed from its checkpoint continues exactly as if it had not stopped.
@@ -67,6 +70,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -96,12 +100,14 @@ CHECKPOINT_FORMAT = "dlad-liver-unet-checkpoint/1"
 FROZEN_OPTIONS = ("widths", "spacing_mm", "window", "seed", "batch_size", "lr", "steps",
                   "warmup_steps", "positive_weight", "crop_sizes", "rotation_deg", "scale",
                   "elastic_px", "flip_prob", "phantoms", "phantom_fraction", "label",
-                  "lesion_prob")
+                  "lesion_prob", "average_from")
 #: Values of options added later, for checkpoints written before they existed.
-OPTION_DEFAULTS = {"lesion_prob": 0.0}
+OPTION_DEFAULTS = {"lesion_prob": 0.0, "average_from": None}
 #: Extra seed component of the lesion generator (its own stream: runs without lesions draw
 #: exactly what they drew before the option existed).
 LESION_STREAM = 7_000_003
+#: Batches drawn (past the last step) to re-estimate batch-norm statistics of averaged weights.
+BN_BATCHES = 50
 #: Semi-axes of synthetic lesions in network pixels (2 mm: 6-40 mm) and lesions per slice.
 LESION_RADIUS_PX = (3.0, 20.0)
 LESION_COUNT = (1, 3)
@@ -447,10 +453,44 @@ def format_results(step: int, results: list[dict]) -> str:
                      f"ROI {r['roi_fraction']:.3f} ({r['roi_ratio']:.2f}x truth)" for r in results)
 
 
+def update_average(model: LiverUNet, average: list[torch.Tensor] | None, count: int
+                   ) -> tuple[list[torch.Tensor], int]:
+    """Add the current weights to their running mean over ``count`` earlier steps.
+
+    Weight averaging along the trajectory (Izmailov et al. 2018, "Averaging weights leads to
+    wider optima and better generalization", UAI), densely at every step as in SWAD (Cha et al.
+    2021, NeurIPS), which finds flatter minima that transfer better to unseen domains.
+    """
+    weights = [p.detach() for p in model.parameters()]
+    if average is None:
+        return [w.clone() for w in weights], 1
+    for mean, weight in zip(average, weights):
+        mean.add_(weight - mean, alpha=1.0 / (count + 1))
+    return average, count + 1
+
+
+def averaged_model(model: LiverUNet, average: list[torch.Tensor], scans: list[TrainingScan],
+                   args, config: UNetConfig, device: torch.device) -> LiverUNet:
+    """A copy of ``model`` with the averaged weights and batch-norm statistics re-estimated.
+
+    Averaged weights need their own batch-norm statistics: they come from ``BN_BATCHES``
+    training batches drawn past the last step (deterministic, like every other draw).
+    """
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter, mean in zip(averaged.parameters(), average):
+            parameter.copy_(mean)
+    batches = (make_batch(scans, args, config, args.steps + i)[0].to(device)
+               .contiguous(memory_format=torch.channels_last) for i in range(BN_BATCHES))
+    torch.optim.swa_utils.update_bn(batches, averaged)
+    return averaged
+
+
 def save_checkpoint(path: Path, model, optimizer, scaler, step: int, args, history: list,
-                    wall_time: float):
+                    wall_time: float, average: list[torch.Tensor] | None, averaged_steps: int):
     payload = {"format": CHECKPOINT_FORMAT, "step": step, "wall_time_s": wall_time,
-               "model": model.state_dict(),
+               "model": model.state_dict(), "average": average,
+               "averaged_steps": averaged_steps,
                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                "options": {k: _jsonable(getattr(args, k)) for k in FROZEN_OPTIONS},
                "history": history}
@@ -522,7 +562,8 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
             "warmup_steps": args.warmup_steps, "positive_weight": args.positive_weight,
             "crop_sizes_px": list(args.crop_sizes), "rotation_deg": args.rotation_deg,
             "scale": args.scale, "elastic_px": args.elastic_px, "flip_prob": args.flip_prob,
-            "lesion_prob": args.lesion_prob, "seed": args.seed,
+            "lesion_prob": args.lesion_prob, "average_from": args.average_from,
+            "seed": args.seed,
             "device": str(device), "wall_time_s": round(wall_time, 1),
             "torch": torch.__version__,
         },
@@ -591,6 +632,11 @@ def parse_args(argv=None):
     optimisation.add_argument("--lesion-prob", type=float, default=0.0,
                               help="probability that a slice gets 1-3 synthetic liver lesions "
                                    "(label stays liver; default 0)")
+    optimisation.add_argument("--average-from", type=float, default=None, metavar="FRACTION",
+                              help="ship the mean of the weights of every step from this "
+                                   "fraction of the run on (SWA/SWAD), with batch-norm "
+                                   "statistics re-estimated; the last weights are kept as "
+                                   "last_unet.pt (default: off, ship the last weights)")
     optimisation.add_argument("--seed", type=int, default=0, help="random seed (0)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, help="output folder")
@@ -618,6 +664,8 @@ def parse_args(argv=None):
         parser.error("--val-fraction must be in [0, 1) and --flip-prob in [0, 1]")
     if not 0 <= args.lesion_prob <= 1:
         parser.error(f"--lesion-prob must be in [0, 1], got {args.lesion_prob}")
+    if args.average_from is not None and not 0 <= args.average_from < 1:
+        parser.error(f"--average-from must be in [0, 1), got {args.average_from}")
     if args.lr <= 0 or args.positive_weight <= 0:
         parser.error("--lr and --positive-weight must be > 0")
     if min(args.scale, args.rotation_deg, args.elastic_px) < 0:
@@ -688,12 +736,17 @@ def main(argv=None) -> int:
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history, start, earlier_time = [], 0, 0.0
+    average_start = None if args.average_from is None else round(args.average_from * args.steps)
+    average, averaged_steps = None, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         history, start = list(checkpoint["history"]), int(checkpoint["step"])
         earlier_time = float(checkpoint["wall_time_s"])
+        if checkpoint.get("average") is not None:
+            average = [mean.to(device) for mean in checkpoint["average"]]
+            averaged_steps = int(checkpoint["averaged_steps"])
         tqdm.write(f"resuming at step {start} of {args.steps}")
 
     model.train()
@@ -714,6 +767,8 @@ def main(argv=None) -> int:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if average_start is not None and step >= average_start:
+            average, averaged_steps = update_average(model, average, averaged_steps)
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{learning_rate(step, args):.2e}")
@@ -725,10 +780,19 @@ def main(argv=None) -> int:
             history.append(entry)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             save_checkpoint(checkpoint_path, model, optimizer, scaler, step + 1, args, history,
-                            earlier_time + time.monotonic() - began)
+                            earlier_time + time.monotonic() - began, average, averaged_steps)
     bar.close()
 
     results = next((e["validation"] for e in reversed(history) if "validation" in e), [])
+    if average is not None:
+        # The last weights stay beside the averaged ones, for a paired comparison.
+        save_weights(model, out / "last_unet.pt", {"steps": args.steps, "averaged": False})
+        model = averaged_model(model, average, train_scans, args, config, device)
+        if val_scans:
+            results = evaluate(model, val_scans, args.batch_size)
+            tqdm.write(f"averaged weights (last {averaged_steps} steps): "
+                       + format_results(args.steps, results))
+        history.append({**history[-1], "averaged_steps": averaged_steps, "validation": results})
     wall_time = earlier_time + time.monotonic() - began
     command = list(sys.argv[1:] if argv is None else argv)
     write_outputs(out, model, args, train_scans, val_scans, results, history, wall_time, device,

@@ -72,11 +72,13 @@ def test_training_writes_weights_sidecar_and_checkpoint(train, tmp_path):
         train.main(tiny_run(tmp_path, 2))
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(train, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--average-from", "0.3"]],
+                         ids=["plain", "averaged"])
+def test_an_interrupted_run_resumes_to_the_same_weights(train, tmp_path, monkeypatch, extra):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     straight.mkdir()
     interrupted.mkdir()
-    assert train.main(tiny_run(straight, 3)) == 0
+    assert train.main(tiny_run(straight, 3, *extra)) == 0
 
     make_batch = train.make_batch
 
@@ -87,12 +89,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(train, tmp_path, monkeyp
 
     monkeypatch.setattr(train, "make_batch", crash_at_step_two)
     with pytest.raises(KeyboardInterrupt):
-        train.main(tiny_run(interrupted, 3))
+        train.main(tiny_run(interrupted, 3, *extra))
     monkeypatch.setattr(train, "make_batch", make_batch)
     assert torch.load(interrupted / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
     with pytest.raises(SystemExit, match="changed options"):
-        train.main(tiny_run(interrupted, 3, "--resume", "--lr", "0.1"))
-    assert train.main(tiny_run(interrupted, 3, "--resume")) == 0
+        train.main(tiny_run(interrupted, 3, *extra, "--resume", "--lr", "0.1"))
+    assert train.main(tiny_run(interrupted, 3, *extra, "--resume")) == 0
     expected = torch.load(straight / "run" / "liver_unet.pt", weights_only=True)["state_dict"]
     resumed = torch.load(interrupted / "run" / "liver_unet.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
@@ -153,8 +155,35 @@ def test_lesion_augmentation_paints_only_the_liver_and_keeps_other_draws(train, 
     assert not torch.equal(with_lesions[0], without[0])
 
 
+def test_weight_averaging_ships_the_mean_and_keeps_the_last_weights(train, tmp_path):
+    assert train.main(tiny_run(tmp_path, 4, "--average-from", "0.5")) == 0
+    run = tmp_path / "run"
+    averaged = load_weights(run / "liver_unet.pt")
+    last = load_weights(run / "last_unet.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.state_dict().values(),
+                                                      last.state_dict().values()))
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["averaged_steps"] == 2 and history[-1]["validation"]
+    sidecar = json.loads((run / "liver_unet.json").read_text())
+    assert sidecar["training"]["average_from"] == 0.5
+    assert sidecar["validation"]["results"] == history[-1]["validation"]
+
+
+def test_update_average_is_the_running_mean(train):
+    model = train.LiverUNet(train.UNetConfig(widths=(2, 4)))
+    average, count = None, 0
+    for scale in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(scale)
+        average, count = train.update_average(model, average, count)
+    assert count == 3
+    assert all(torch.allclose(mean, torch.full_like(mean, 3.0)) for mean in average)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--out", "x", "--phantoms", "1", "--lesion-prob", "1.5"], "--lesion-prob must be in"),
+    (["--out", "x", "--phantoms", "1", "--average-from", "1"], "--average-from must be in"),
     (["--out", "x"], "give training data"),
     (["--out", "x", "--phantoms", "1", "--crop-sizes", "24"], "multiples of 16"),
     (["--out", "x", "--phantoms", "1", "--steps", "0"], "--steps must be at least 1"),
