@@ -152,17 +152,16 @@ def make_provider(args, phantom_mask=None):
 
 def safety_check(allow_small_roi: bool):
     """The U-Net's plausibility check: warn, and fall back to the safe policy unless allowed."""
-    from sender.roi.safety import check_roi_plausibility, fallback_probability
+    from sender.roi.safety import FALLBACK_ADVICE, fallback_probability, roi_problem
 
     def check(probability, volume):
-        warning = check_roi_plausibility(probability, volume)
-        if warning is None:
+        problem = roi_problem(probability, volume)
+        if problem is None:
             return probability
         if allow_small_roi:
-            log.warning("%s -- kept because of --allow-small-roi",
-                        warning.split("; falling back")[0])
+            log.warning("%s -- kept because of --allow-small-roi", problem)
             return probability
-        log.warning("%s", warning)
+        log.warning("%s; %s", problem, FALLBACK_ADVICE)
         return fallback_probability(volume)
 
     return check

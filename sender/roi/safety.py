@@ -12,9 +12,9 @@ outside it. Two tools:
   that really reach the receiver bit-exact. The ROI's cost is its fraction of the volume,
   compared with that of the true liver dilated as in the paper, ``steer(T, paper()).roi``
   (in-plane disc only: a fixed reference, so that the margins' cost shows in the ratio).
-* :func:`check_roi_plausibility` is what the sender runs without a reference: it flags a
-  predicted liver that is empty or too small to be a liver, and :data:`FALLBACK_POLICY`
-  says what to do then.
+* :func:`roi_problem` is what the sender runs without a reference: it flags a predicted
+  liver that is empty or too small to be a liver, and :data:`FALLBACK_POLICY` says what to
+  do then; :func:`check_roi_plausibility` gives the same finding with that advice.
 
 Plausibility thresholds (on the predicted liver ``p > 0.5``, or on the ROI of a
 :class:`~sender.roi.steering.SteeringMap`):
@@ -49,6 +49,7 @@ FALLBACK_POLICY = "no-diffusion"
 FALLBACK_DESCRIPTION = (
     "no diffusion: the whole volume is treated as ROI (probability 1 everywhere) and sent "
     "bit-exact, so no liver voxel can be lost; compression falls back to lossless coding")
+FALLBACK_ADVICE = f"falling back to the safe policy: {FALLBACK_DESCRIPTION}"
 
 
 def fallback_probability(volume: Volume) -> np.ndarray:
@@ -56,8 +57,8 @@ def fallback_probability(volume: Volume) -> np.ndarray:
     return np.ones(volume.shape, dtype=np.float32)
 
 
-def check_roi_plausibility(steering_map_or_probability, volume: Volume) -> str | None:
-    """A warning if the predicted liver is empty or implausibly small, else ``None``.
+def roi_problem(steering_map_or_probability, volume: Volume) -> str | None:
+    """What is implausible about the predicted liver (empty, too small), else ``None``.
 
     Args:
         steering_map_or_probability: the provider's probability map (preferred: the
@@ -77,14 +78,20 @@ def check_roi_plausibility(steering_map_or_probability, volume: Volume) -> str |
     voxels_per_slice = liver.reshape(liver.shape[0], -1).sum(axis=1)
     volume_ml = float(voxels_per_slice.sum()) * sx * sy * sz / 1000.0
     section_cm2 = float(voxels_per_slice.max()) * sx * sy / 100.0
-    advice = f"falling back to the safe policy: {FALLBACK_DESCRIPTION}"
     if volume_ml == 0.0:
-        return f"the {what} is empty; {advice}"
+        return f"the {what} is empty"
     if volume_ml < MIN_LIVER_VOLUME_ML or section_cm2 < MIN_LIVER_SECTION_CM2:
         return (f"the {what} is implausibly small ({volume_ml:.1f} mL, largest axial section "
                 f"{section_cm2:.1f} cm²; a liver has at least {MIN_LIVER_VOLUME_ML:g} mL and "
-                f"{MIN_LIVER_SECTION_CM2:g} cm²); {advice}")
+                f"{MIN_LIVER_SECTION_CM2:g} cm²)")
     return None
+
+
+def check_roi_plausibility(steering_map_or_probability, volume: Volume) -> str | None:
+    """A warning if the predicted liver is empty or implausibly small, else ``None``: the
+    problem (:func:`roi_problem`, same arguments) and the fallback the sender applies."""
+    problem = roi_problem(steering_map_or_probability, volume)
+    return None if problem is None else f"{problem}; {FALLBACK_ADVICE}"
 
 
 @dataclass(frozen=True)
