@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from receiver.stream import StudyStream
-from shared.atomic import atomic_path
+from shared.atomic import write_json_atomic
 from shared.nifti import write_nifti
 
 EXAMPLES = """examples:
@@ -54,12 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="concurrent connections at most (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     return parser
-
-
-def write_json_atomic(path: Path, value) -> None:
-    """Write JSON under a temporary name and rename it into place."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=1))
 
 
 def receive_file(source: Path, stream: StudyStream) -> None:

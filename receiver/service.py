@@ -14,7 +14,7 @@ HTTP signaling, in the style of WHIP (aiohttp):
 ``GET /health``             ``ok`` (no token, no details).
 ==========================  ==================================================================
 
-Each session carries one study over the ``dlad`` channel (see :mod:`receiver.protocol`). A study
+Each session carries one study over the ``dlad`` channel (see :mod:`shared.webrtc.protocol`). A study
 is kept in :class:`StudyRuntime`: the record on disk (:mod:`receiver.store`) and one task that
 applies its bytes in order, in a worker thread, so the event loop keeps serving the network
 while chunks are decoded. Snapshots (NIfTI + status.json) are replaced at milestones, at the
@@ -45,12 +45,20 @@ import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from receiver import sctp
-from receiver.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
-from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
-                               PROTOCOL_VERSION, ProtocolError, encode_control, parse_control)
-from receiver.signaling import MAX_SDP_BYTES, SDP_CONTENT_TYPE, check_offer, token_matches
 from receiver.store import StoreError, StudyRecord, StudyStore
+from shared.webrtc import sctp
+from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
+from shared.webrtc.protocol import (
+    CHANNEL_LABEL,
+    DEFAULT_WINDOW,
+    MAX_MESSAGE_BYTES,
+    MILESTONE_TEXT,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    encode_control,
+    parse_control,
+)
+from shared.webrtc.signaling import MAX_SDP_BYTES, SDP_CONTENT_TYPE, check_offer, token_matches
 from shared.wire import KIND_HEADER, MAGIC, PREFIX, StreamHeader, WireError, parse_frame
 
 log = logging.getLogger("dlad.receiver")
@@ -61,9 +69,6 @@ BATCH_BYTES = 256 * 1024
 MAX_SESSION_ERRORS = 50
 HEARTBEAT_S = 2.0
 MILESTONES = ("roi_complete", "base_complete", "exact_complete", "complete")
-MILESTONE_TEXT = {"first_chunk": "first chunk applied", "roi_complete": "ROI complete (bit-exact)",
-                  "base_complete": "base complete (every slice viewable)",
-                  "exact_complete": "exact layer complete", "complete": "all chunks applied"}
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Progress:
 class StudyRuntime:
     """One study in memory: its record and the task that applies its input in order."""
 
-    def __init__(self, service: "ReceiverService", record: StudyRecord):
+    def __init__(self, service: ReceiverService, record: StudyRecord):
         self.service = service
         self.record = record
         self.session: Session | None = None
@@ -141,7 +146,7 @@ class StudyRuntime:
         self.wakeup.set()
         return future
 
-    def feed(self, session: "Session", data: bytes) -> None:
+    def feed(self, session: Session, data: bytes) -> None:
         self.items.append(("data", session, data))
         self.wakeup.set()
 
@@ -229,7 +234,7 @@ class StudyRuntime:
 
     # --- reporting (event loop) --------------------------------------------------------------
 
-    def _report(self, session: "Session", progress: Progress) -> None:
+    def _report(self, session: Session, progress: Progress) -> None:
         r = self.record.reassembler
         for name in progress.reached:
             log.info("study %s: %s (%d/%d chunks)", self.name, MILESTONE_TEXT.get(name, name),
@@ -275,7 +280,7 @@ class StudyRuntime:
 
     # --- sessions ----------------------------------------------------------------------------
 
-    def attach(self, session: "Session") -> None:
+    def attach(self, session: Session) -> None:
         previous = self.session
         if previous is not None and previous is not session:
             log.warning("study %s: a new connection takes over from session %s", self.name,
@@ -284,7 +289,7 @@ class StudyRuntime:
                            retry=True)
         self.session = session
 
-    def detach(self, session: "Session") -> None:
+    def detach(self, session: Session) -> None:
         if self.session is session:
             self.session = None
             self.detached_at = time.monotonic()
@@ -302,7 +307,7 @@ class StudyRuntime:
 class Session:
     """One peer connection (one sender, one study at a time)."""
 
-    def __init__(self, service: "ReceiverService", pc: RTCPeerConnection, remote: str):
+    def __init__(self, service: ReceiverService, pc: RTCPeerConnection, remote: str):
         self.service = service
         self.pc = pc
         self.remote = remote
@@ -507,7 +512,7 @@ class ReceiverService:
         self._janitor = asyncio.create_task(self._housekeeping())
         log.info("listening on http://%s:%d (out-dir %s)", *self.address[:2],
                  self.config.out_dir)
-        log.debug("SCTP tuning (receiver/sctp.py): %s", sctp.status())
+        log.debug("SCTP tuning (shared/webrtc/sctp.py): %s", sctp.status())
         return self.address
 
     @property
@@ -568,7 +573,7 @@ class ReceiverService:
                              runtime.record.folder)
 
     async def open_study(self, header: StreamHeader, frame: bytes) -> StudyRuntime:
-        from receiver.protocol import stream_key
+        from shared.webrtc.protocol import stream_key
 
         async with self._open_lock:
             key = (header.study_id, stream_key(header))
@@ -704,7 +709,7 @@ async def serve(config: ServiceConfig, host: str, port: int, ready=None,
 
 def run_listen(args, parser) -> int:
     """``dlad-receive --listen``: the CLI's network mode."""
-    from receiver.signaling import TokenError, read_token_file
+    from shared.webrtc.signaling import TokenError, read_token_file
 
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="dlad-receive: %(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -17,7 +17,7 @@ chunks.dlad > s.dlad && dlad-receive --in s.dlad --out s.nii.gz`` rebuilds the s
 A receiver restarted on the same folder replays the log (every frame is checked again), cuts a
 torn tail left by a crash, and continues from there.
 
-A folder belongs to one stream: its header's study id and :func:`~receiver.protocol.stream_key`.
+A folder belongs to one stream: its header's study id and :func:`~shared.webrtc.protocol.stream_key`.
 Another stream claiming the same name (same id with other settings, or another id that
 sanitises to the same name) gets the next free name (``<name>.2``, ``<name>.3``...), never the
 first one's folder.
@@ -38,12 +38,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from receiver.cli import write_json_atomic
-from receiver.protocol import stream_key
 from receiver.stream import StudyStream
+from shared.atomic import write_json_atomic
 from shared.nifti import write_nifti
+from shared.webrtc.protocol import stream_key
 from shared.wire import DataChunk, FrameReader, StreamHeader, WireError, parse_frame
 
 log = logging.getLogger("dlad.receiver")
@@ -160,7 +158,7 @@ class StudyRecord:
 
     @classmethod
     def load(cls, folder: Path, header: StreamHeader, key: str,
-             snapshot_format: str = "nii") -> "StudyRecord":
+             snapshot_format: str = "nii") -> StudyRecord:
         """Rebuild from ``folder``: replay the chunk log, cut a torn tail, restore counters."""
         record = cls(folder, header, key, snapshot_format)
         path = folder / LOG_FILE

@@ -68,8 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 from receiver.reassembly import HAS_BASE, HAS_REST_RESIDUAL, HAS_ROI_RESIDUAL, Reassembler  # noqa: E402
 from shared.link import PROFILES, LinkParams, run_behind_link  # noqa: E402
-from shared.link.demo import (Child, DemoError, milestone_seconds, sender_command,  # noqa: E402
-                              start_receiver, write_token_file)
+from shared.link.demo import Child, DemoError, milestone_seconds, sender_command, start_receiver, write_token_file  # noqa: E402
 from shared.wire import FrameReader  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
@@ -12,12 +13,12 @@ from tqdm import tqdm
 
 from sender.diffusion import DiffusionSettings
 from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
+from sender.pipeline import PHANTOM
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
 from shared.atomic import atomic_path
 from shared.codecs import codec_names, get_codec
 from shared.volume import VolumeError
 
-PHANTOM = "phantom"
 EXAMPLES = """examples:
   # built-in synthetic abdominal phantom (its own liver mask), no data needed
   dlad-send phantom --out demo.dlad
@@ -124,50 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_provider(args, phantom_mask=None):
-    """The ROI provider the arguments ask for."""
-    from sender.roi.mask_file import MaskFileProvider
-    from sender.roi.provider import StaticMaskProvider
-
-    if args.roi_mask is not None:
-        if args.roi is not None:
-            raise ValueError("give either --roi-mask or --roi, not both")
-        return MaskFileProvider(args.roi_mask, args.roi_label)
-    if args.roi_label is not None:
-        raise ValueError("--roi-label needs --roi-mask")
-    if args.roi is None and phantom_mask is not None:
-        return StaticMaskProvider(phantom_mask, "synthetic phantom liver")
-    spec = args.roi or "unet"
-    if spec == "unet":
-        from sender.roi.unet import UNetProvider
-        return UNetProvider(device=args.device)
-    if spec == "body":
-        from sender.roi.body import BodyProvider
-        return BodyProvider()
-    if spec.startswith("box:"):
-        from sender.roi.box import BoxProvider
-        return BoxProvider.from_spec(spec.removeprefix("box:"))
-    raise ValueError(f"--roi must be 'unet', 'body' or 'box:x0,x1,y0,y1,z0,z1', got {spec!r}")
-
-
-def safety_check(allow_small_roi: bool):
-    """The U-Net's plausibility check: warn, and fall back to the safe policy unless allowed."""
-    from sender.roi.safety import FALLBACK_ADVICE, fallback_probability, roi_problem
-
-    def check(probability, volume):
-        problem = roi_problem(probability, volume)
-        if problem is None:
-            return probability
-        if allow_small_roi:
-            log.warning("%s -- kept because of --allow-small-roi", problem)
-            return probability
-        log.warning("%s; %s", problem, FALLBACK_ADVICE)
-        return fallback_probability(volume)
-
-    return check
-
-
 def settings_from_args(args):
+    """The steering, diffusion and encoding settings the options ask for."""
     steering = SteeringSettings(dilation_radius_px=args.dilation_px,
                                 dilation_radius_mm=args.dilation_mm, threshold=args.threshold,
                                 z_margin_mm=args.z_margin_mm)
@@ -180,28 +139,15 @@ def settings_from_args(args):
     return steering, diffusion, encode
 
 
-def build_encoder(args) -> StudyEncoder:
-    """Load, segment, diffuse: everything up to a ready StudyEncoder."""
-    from sender.io import load_volume
-    from sender.pipeline import prepare_study
-    from sender.synthetic_phantom import make_phantom
+def encoder_from_args(args) -> StudyEncoder:
+    """Load, segment, diffuse as the options say: a ready StudyEncoder."""
+    from sender.pipeline import RoiChoice, build_encoder
 
     steering, diffusion, encode = settings_from_args(args)
-    started = time.perf_counter()
-    phantom_mask = None
-    if args.input == PHANTOM:
-        volume, phantom_mask = make_phantom()
-    else:
-        volume = load_volume(args.input)
-    log.info("loaded %s: %s voxels, spacing %s mm, %s in %.1f s", volume.description,
-             "x".join(map(str, volume.shape)), tuple(round(s, 3) for s in volume.spacing),
-             volume.source_dtype, time.perf_counter() - started)
-    provider = make_provider(args, phantom_mask)
-    automatic = provider.name == "unet"
-    prepared = prepare_study(volume, provider, steering, diffusion, device=args.device,
-                             study_id=args.study_id,
-                             roi_check=safety_check(args.allow_small_roi) if automatic else None)
-    return StudyEncoder(prepared, encode)
+    roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
+                    allow_small=args.allow_small_roi)
+    return build_encoder(args.input, roi, steering, diffusion, encode, device=args.device,
+                         study_id=args.study_id)
 
 
 def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:
@@ -217,18 +163,86 @@ def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:
     return written
 
 
+def main_to(args, parser) -> int:
+    """``dlad-send INPUT --to URL``: the network mode."""
+    from sender.transport import (
+        EncoderSource,
+        FileSource,
+        Refused,
+        StreamOptions,
+        TransportError,
+        process_started,
+        stream_study,
+    )
+    from shared.webrtc.signaling import TokenError, read_token_file
+
+    started = process_started()
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    if args.token_file is None:
+        parser.error("--to needs --token-file")
+    if args.retries < 0:
+        parser.error("--retries must be >= 0")
+    try:
+        token = read_token_file(args.token_file, role="sender")
+    except TokenError as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    try:
+        if str(args.input).lower().endswith(".dlad"):
+            source = FileSource(Path(args.input))
+            log.info("replaying %s: study %s, %d chunks", args.input, source.study_id,
+                     len(source.order))
+        else:
+            source = EncoderSource(encoder_from_args(args))
+    except (VolumeError, ValueError, OSError) as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate must be > 0")
+    options = StreamOptions(retries=args.retries, quiet=args.quiet,
+                            drop_after_chunks=args.drop_after,
+                            max_rate=args.max_rate * 1e6 if args.max_rate else None)
+    try:
+        result = asyncio.run(stream_study(source, args.to, token, options, started))
+    except Refused as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    except (TransportError, ValueError) as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("dlad-send: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        m = result.milestones
+        roi = f"{m['roi_complete']:.2f} s" if "roi_complete" in m else "before this run"
+        verified = {True: ", SHA-256 verified by the receiver",
+                    False: ", SHA-256 MISMATCH at the receiver", None: ""}[result.verified]
+        print(f"sent study {source.study_id} to {args.to} (folder {result.folder}): "
+              f"{result.chunks_sent} chunks, {result.bytes_sent} bytes in "
+              f"{result.attempts} connection(s), {result.chunks_skipped} already there"
+              + (f", {result.chunks_resumed} there on reconnecting" if result.attempts > 1
+                 else "") + "; "
+              f"transfer {result.transfer_s:.2f} s ({result.goodput_mbit_s:.1f} Mbit/s); "
+              f"ROI complete {roi}, complete at {time.monotonic() - started:.2f} s since start"
+              f"{verified}")
+    if result.verified is False:
+        return 1
+    return 0 if result.complete else 3
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="dlad-send: %(message)s")
     if args.to is not None:
-        from sender.transport import main_to
         return main_to(args, parser)
     if args.token_file is not None or args.drop_after is not None:
         parser.error("--token-file belongs to --to")
     try:
-        encoder = build_encoder(args)
+        encoder = encoder_from_args(args)
     except (VolumeError, ValueError, OSError) as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1

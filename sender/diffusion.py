@@ -31,7 +31,6 @@ values that sit at .5 boundaries; voxels with ``p == 1`` are bit-exact on both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np

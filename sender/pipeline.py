@@ -1,21 +1,87 @@
-"""The sender's processing chain: ROI probability -> steering map -> diffusion -> PreparedStudy."""
+"""The sender's processing chain: input -> ROI probability -> steering map -> diffusion ->
+PreparedStudy -> StudyEncoder.
+
+:func:`build_encoder` is the whole chain from an input path (or :data:`PHANTOM`) and settings;
+the CLI (``dlad-send``) only turns options into those settings.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from sender.diffusion import DiffusionSettings, diffuse
-from sender.encoder import PreparedStudy
+from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import SteeringSettings, steer
 from shared.volume import Volume
 from shared.wire import MAX_STUDY_ID, voxel_sha256
 
 log = logging.getLogger("dlad.sender")
+
+#: Input name of the built-in synthetic abdominal phantom (it brings its own liver mask).
+PHANTOM = "phantom"
+
+
+@dataclass(frozen=True)
+class RoiChoice:
+    """Where the ROI comes from: a mask file, or an automatic provider."""
+
+    spec: str | None = None
+    """``"unet"`` (default without a mask), ``"body"`` or ``"box:x0,x1,y0,y1,z0,z1"``."""
+    mask: Path | None = None
+    """Segmentation file aligned to the CT in physical space (wins over ``spec``)."""
+    label: int | None = None
+    """Label of ``mask`` to use (default: any non-zero)."""
+    allow_small: bool = False
+    """Keep an automatic ROI that looks implausible instead of the safe fallback."""
+
+
+def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=None):
+    """The ROI provider ``choice`` names (``phantom_mask``: the phantom's own liver)."""
+    from sender.roi.mask_file import MaskFileProvider
+    from sender.roi.provider import StaticMaskProvider
+
+    if choice.mask is not None:
+        if choice.spec is not None:
+            raise ValueError("give either --roi-mask or --roi, not both")
+        return MaskFileProvider(choice.mask, choice.label)
+    if choice.label is not None:
+        raise ValueError("--roi-label needs --roi-mask")
+    if choice.spec is None and phantom_mask is not None:
+        return StaticMaskProvider(phantom_mask, "synthetic phantom liver")
+    spec = choice.spec or "unet"
+    if spec == "unet":
+        from sender.roi.unet import UNetProvider
+        return UNetProvider(device=device)
+    if spec == "body":
+        from sender.roi.body import BodyProvider
+        return BodyProvider()
+    if spec.startswith("box:"):
+        from sender.roi.box import BoxProvider
+        return BoxProvider.from_spec(spec.removeprefix("box:"))
+    raise ValueError(f"--roi must be 'unet', 'body' or 'box:x0,x1,y0,y1,z0,z1', got {spec!r}")
+
+
+def safety_check(allow_small_roi: bool):
+    """The U-Net's plausibility check: warn, and fall back to the safe policy unless allowed."""
+    from sender.roi.safety import FALLBACK_ADVICE, fallback_probability, roi_problem
+
+    def check(probability, volume):
+        problem = roi_problem(probability, volume)
+        if problem is None:
+            return probability
+        if allow_small_roi:
+            log.warning("%s -- kept because of --allow-small-roi", problem)
+            return probability
+        log.warning("%s; %s", problem, FALLBACK_ADVICE)
+        return fallback_probability(volume)
+
+    return check
 
 
 def default_study_id(volume: Volume, digest: str) -> str:
@@ -61,3 +127,29 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     return PreparedStudy(volume=volume, roi=steering_map.roi, diffused=diffused,
                          study_id=study_id or default_study_id(volume, digest),
                          provenance=provenance, sha256=digest)
+
+
+def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
+                  steering: SteeringSettings = SteeringSettings(),
+                  diffusion: DiffusionSettings = DiffusionSettings(),
+                  encode: EncodeSettings = EncodeSettings(), device: str | None = None,
+                  study_id: str | None = None) -> StudyEncoder:
+    """Load ``source`` (a path, or :data:`PHANTOM`), segment, diffuse: a ready StudyEncoder."""
+    from sender.io import load_volume
+    from sender.synthetic_phantom import make_phantom
+
+    started = time.perf_counter()
+    phantom_mask = None
+    if str(source) == PHANTOM:
+        volume, phantom_mask = make_phantom()
+    else:
+        volume = load_volume(source)
+    log.info("loaded %s: %s voxels, spacing %s mm, %s in %.1f s", volume.description,
+             "x".join(map(str, volume.shape)), tuple(round(s, 3) for s in volume.spacing),
+             volume.source_dtype, time.perf_counter() - started)
+    provider = make_provider(roi, device, phantom_mask)
+    automatic = provider.name == "unet"
+    prepared = prepare_study(volume, provider, steering, diffusion, device=device,
+                             study_id=study_id,
+                             roi_check=safety_check(roi.allow_small) if automatic else None)
+    return StudyEncoder(prepared, encode)

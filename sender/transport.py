@@ -12,7 +12,7 @@ rest of the volume is encoded. Two limits bound memory: the data channel's ``buf
 If the connection drops, the sender connects again (``retries`` times, with backoff) and, the
 receiver's inventory telling what it already has, sends only the rest. A sender run again later
 does the same: study id, plan and chunks are derived from the input and the settings. See
-:mod:`receiver.protocol` for the messages and docs/STREAMING.md for the whole picture.
+:mod:`shared.webrtc.protocol` for the messages and docs/STREAMING.md for the whole picture.
 """
 
 from __future__ import annotations
@@ -29,20 +29,26 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from receiver import sctp
-from receiver.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
-from receiver.protocol import (CHANNEL_LABEL, DEFAULT_WINDOW, MAX_MESSAGE_BYTES,
-                               PROTOCOL_VERSION, ProtocolError, encode_control, int_list,
-                               parse_control, split_message)
+from shared.webrtc import sctp
+from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
+from shared.webrtc.protocol import (
+    CHANNEL_LABEL,
+    DEFAULT_WINDOW,
+    MAX_MESSAGE_BYTES,
+    MILESTONE_TEXT,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    encode_control,
+    int_list,
+    parse_control,
+    split_message,
+)
+from shared.webrtc.signaling import SDP_CONTENT_TYPE
 from shared.wire import DataChunk, FrameReader, StreamEnd, StreamHeader
 
 log = logging.getLogger("dlad.sender")
 
 DEFAULT_PATH = "/studies"
-SDP_CONTENT_TYPE = "application/sdp"
-MILESTONE_TEXT = {"roi_complete": "ROI complete (bit-exact)",
-                  "base_complete": "base complete (every slice viewable)",
-                  "exact_complete": "exact layer complete", "complete": "all chunks applied"}
 
 
 class TransportError(RuntimeError):
@@ -322,11 +328,11 @@ class _Channel:
 class _Attempt:
     """One connection to the receiver (signaling, channel, passes)."""
 
-    def __init__(self, streamer: "Streamer"):
+    def __init__(self, streamer: Streamer):
         self.s = streamer
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.ch = _Channel(self.pc, streamer.options)
-        log.debug("SCTP tuning (receiver/sctp.py): %s", sctp.status())
+        log.debug("SCTP tuning (shared/webrtc/sctp.py): %s", sctp.status())
         self.location: str | None = None
 
     async def run(self) -> None:
@@ -591,65 +597,3 @@ def process_started() -> float:
         return time.monotonic() - max(0.0, uptime - uptime_at_start)
     except (OSError, ValueError, IndexError):
         return time.monotonic()
-
-
-def main_to(args, parser) -> int:
-    """``dlad-send INPUT --to URL``: the CLI's network mode (called by :func:`sender.cli.main`)."""
-    from receiver.signaling import TokenError, read_token_file
-    from shared.volume import VolumeError
-
-    started = process_started()
-    logging.getLogger("aioice").setLevel(logging.WARNING)
-    logging.getLogger("aiortc").setLevel(logging.WARNING)
-    if args.token_file is None:
-        parser.error("--to needs --token-file")
-    if args.retries < 0:
-        parser.error("--retries must be >= 0")
-    try:
-        token = read_token_file(args.token_file, role="sender")
-    except TokenError as error:
-        print(f"dlad-send: error: {error}", file=sys.stderr)
-        return 1
-    try:
-        if str(args.input).lower().endswith(".dlad"):
-            source = FileSource(Path(args.input))
-            log.info("replaying %s: study %s, %d chunks", args.input, source.study_id,
-                     len(source.order))
-        else:
-            from sender.cli import build_encoder
-            source = EncoderSource(build_encoder(args))
-    except (VolumeError, ValueError, OSError) as error:
-        print(f"dlad-send: error: {error}", file=sys.stderr)
-        return 1
-    if args.max_rate is not None and args.max_rate <= 0:
-        parser.error("--max-rate must be > 0")
-    options = StreamOptions(retries=args.retries, quiet=args.quiet,
-                            drop_after_chunks=args.drop_after,
-                            max_rate=args.max_rate * 1e6 if args.max_rate else None)
-    try:
-        result = asyncio.run(stream_study(source, args.to, token, options, started))
-    except Refused as error:
-        print(f"dlad-send: error: {error}", file=sys.stderr)
-        return 1
-    except (TransportError, ValueError) as error:
-        print(f"dlad-send: error: {error}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("dlad-send: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        m = result.milestones
-        roi = f"{m['roi_complete']:.2f} s" if "roi_complete" in m else "before this run"
-        verified = {True: ", SHA-256 verified by the receiver",
-                    False: ", SHA-256 MISMATCH at the receiver", None: ""}[result.verified]
-        print(f"sent study {source.study_id} to {args.to} (folder {result.folder}): "
-              f"{result.chunks_sent} chunks, {result.bytes_sent} bytes in "
-              f"{result.attempts} connection(s), {result.chunks_skipped} already there"
-              + (f", {result.chunks_resumed} there on reconnecting" if result.attempts > 1
-                 else "") + "; "
-              f"transfer {result.transfer_s:.2f} s ({result.goodput_mbit_s:.1f} Mbit/s); "
-              f"ROI complete {roi}, complete at {time.monotonic() - started:.2f} s since start"
-              f"{verified}")
-    if result.verified is False:
-        return 1
-    return 0 if result.complete else 3

@@ -7,6 +7,7 @@ file, and a failure leaves the previous file, or nothing, in place.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -40,3 +41,9 @@ def atomic_path(path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path, value) -> None:
+    """Write ``value`` as indented JSON under a temporary name and rename it onto ``path``."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=1))

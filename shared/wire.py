@@ -225,7 +225,7 @@ class StreamHeader:
         return frame(KIND_HEADER, body)
 
     @classmethod
-    def from_body(cls, body: dict) -> "StreamHeader":
+    def from_body(cls, body: dict) -> StreamHeader:
         what = "header"
         if body.get("format") != FORMAT_NAME:
             raise WireError("header: not a dlad-stream header")
@@ -341,7 +341,7 @@ class DataChunk:
             "z1": self.z1, "codec": self.codec, "params": self.params, "payload": self.payload})
 
     @classmethod
-    def from_body(cls, body: dict) -> "DataChunk":
+    def from_body(cls, body: dict) -> DataChunk:
         what = "data chunk"
         values = {name: _require(body, name, int, what) for name in ("seq", "layer", "z0", "z1")}
         if values["layer"] not in LAYERS:
@@ -369,7 +369,7 @@ class StreamEnd:
                                 "bytes": self.bytes})
 
     @classmethod
-    def from_body(cls, body: dict) -> "StreamEnd":
+    def from_body(cls, body: dict) -> StreamEnd:
         return cls(study_id=_study_id(body, "end"), chunks=_require(body, "chunks", int, "end"),
                    bytes=_require(body, "bytes", int, "end"))
 

@@ -134,7 +134,7 @@ def test_help_has_examples():
 
 
 def test_roi_choice_and_safe_fallback(tmp_path, capsys):
-    from sender.cli import safety_check
+    from sender.pipeline import safety_check
     from sender.synthetic_phantom import make_phantom
 
     volume, _ = make_phantom((4, 64, 64))

@@ -13,11 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.protocol import ProtocolError, parse_control
 from receiver.store import folder_name
 from receiver.stream import StudyStream
-from shared.wire import (KIND_DATA, KIND_END, KIND_HEADER, MAGIC, PREFIX, DataChunk,
-                         FrameReader, StreamHeader, WireError, frame, parse_frame)
+from shared.webrtc.protocol import ProtocolError, parse_control
+from shared.wire import (
+    KIND_DATA,
+    KIND_END,
+    KIND_HEADER,
+    MAGIC,
+    PREFIX,
+    DataChunk,
+    FrameReader,
+    WireError,
+    frame,
+    parse_frame,
+)
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

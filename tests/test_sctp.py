@@ -1,4 +1,4 @@
-"""receiver/sctp.py: delayed SACKs and fast retransmission at most once (RFC 9260 6.2, 7.2.4)."""
+"""shared/webrtc/sctp.py: delayed SACKs and fast retransmission at most once (RFC 9260 6.2, 7.2.4)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcsctptransport import DataChunk, RTCSctpTransport, SackChunk
 
-from receiver import sctp
-from receiver.ice import enlarge_socket_buffers, ice_hosts
+from shared.webrtc import sctp
+from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts
 
 pytestmark = pytest.mark.skipif(sctp.status() != "applied", reason=sctp.status())
 
 
 def test_tuning_is_applied_and_can_be_switched_off():
     assert sctp.status() == "applied"
-    code = "import receiver.sctp as s; print(s.status())"
+    code = "import shared.webrtc.sctp as s; print(s.status())"
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "DLAD_SCTP_TUNING": "0"})
     assert off.stdout.strip() == "off (DLAD_SCTP_TUNING)"

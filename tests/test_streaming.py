@@ -25,15 +25,14 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from receiver.ice import ice_hosts
-from receiver.protocol import CHANNEL_LABEL, encode_control, split_message
 from receiver.service import ReceiverService, ServiceConfig
 from receiver.store import HEADER_FILE, LOG_FILE, STATUS_FILE, StudyStore, folder_name
 from receiver.stream import StudyStream
 from sender.transport import FileSource, Refused, StreamOptions, TransportError, stream_study
 from shared.nifti import read_nifti
-from shared.wire import (KIND_DATA, MAGIC, PREFIX, WIRE_VERSION, DataChunk, FrameReader,
-                         StreamEnd, StreamHeader, frame)
+from shared.webrtc.ice import ice_hosts
+from shared.webrtc.protocol import CHANNEL_LABEL, encode_control, split_message
+from shared.wire import KIND_DATA, MAGIC, PREFIX, WIRE_VERSION, DataChunk, FrameReader, StreamEnd, StreamHeader, frame
 
 TOKEN = "dlad-test-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-
 #: Default margin across slices (mm): about the in-plane radius of the paper's 15-pixel disc at
 #: the usual 0.7-1 mm pixels, so that the safety margin is roughly the same in every direction.
 DEFAULT_Z_MARGIN_MM = 15.0

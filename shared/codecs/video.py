@@ -20,8 +20,7 @@ import av
 import numpy as np
 import zstandard
 
-from shared.codecs.base import (BLOCK_DTYPE, Codec, CodecError, check_block, from_unsigned,
-                                register, to_unsigned)
+from shared.codecs.base import BLOCK_DTYPE, Codec, CodecError, check_block, from_unsigned, register, to_unsigned
 
 av.logging.set_level(av.logging.ERROR)
 

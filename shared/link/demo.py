@@ -29,7 +29,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .cli import _argument_type, _parse_seconds, _Parser, add_link_arguments, link_params_from_args, parse_address
+from shared.webrtc.protocol import MILESTONE_TEXT
+
+from .arguments import (
+    OneLineErrorParser,
+    add_link_arguments,
+    argument_type,
+    link_params_from_args,
+    parse_address,
+    parse_seconds,
+)
 from .params import LinkParams
 from .profiles import get_profile
 from .signaling import SignalingProxy
@@ -40,16 +49,6 @@ DEFAULT_SEND = ["phantom", "--exact"]
 #: dlad-send options the demo sets itself.
 _RESERVED_SEND_OPTIONS = ("--to", "--out", "--token-file")
 _LISTENING = re.compile(r"listening on (http://\S+)")
-
-#: The milestones the receiver's status.json records, and how the demo says them.
-MILESTONE_TEXT = {
-    "first_chunk": "first chunk applied",
-    "first_roi_slice": "first ROI slice bit-exact",
-    "base_complete": "base complete (every slice viewable)",
-    "roi_complete": "ROI complete (bit-exact)",
-    "exact_complete": "exact layer complete",
-    "complete": "all chunks applied",
-}
 
 _DESCRIPTION = """\
 Stream a study through an emulated link in one command: start a receiver (dlad-receive
@@ -338,22 +337,22 @@ async def run_demo(send_args: list[str], uplink: LinkParams, downlink: LinkParam
             shutil.rmtree(workspace, ignore_errors=True)
 
 
-def _parser() -> _Parser:
-    parser = _Parser(prog="dlad-link demo", description=_DESCRIPTION, epilog=_EPILOG,
+def _parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="dlad-link demo", description=_DESCRIPTION, epilog=_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("send", nargs=argparse.REMAINDER, metavar="INPUT [DLAD-SEND OPTIONS]",
                         help=f"what dlad-send streams and how (default: {' '.join(DEFAULT_SEND)})")
     parser.add_argument("--out-dir", type=Path, metavar="DIR",
                         help="the receiver's out-dir (default: a new folder under the temporary directory)")
-    parser.add_argument("--listen", metavar="HOST:PORT", type=_argument_type(parse_address),
+    parser.add_argument("--listen", metavar="HOST:PORT", type=argument_type(parse_address),
                         default=("127.0.0.1", 0), help="where the link's signaling proxy listens "
                                                        "(default 127.0.0.1 and a free port)")
     add_link_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, help="seed of the link's random draws (loss, jitter)")
-    run.add_argument("--stats-interval", metavar="S", type=_argument_type(_parse_seconds), default=1.0,
+    run.add_argument("--stats-interval", metavar="S", type=argument_type(parse_seconds), default=1.0,
                      help="seconds between progress lines, 0 for none (default 1)")
-    run.add_argument("--duration", metavar="S", type=_argument_type(_parse_seconds),
+    run.add_argument("--duration", metavar="S", type=argument_type(parse_seconds),
                      help="stop everything after S seconds (default: when the sender is done)")
     return parser
 

@@ -42,6 +42,15 @@ MAX_CONTROL_BYTES = 64 * 1024
 #: Default credit window: bytes the sender may have in flight beyond what the receiver processed.
 DEFAULT_WINDOW = 1024 * 1024
 CONTROL_TYPES = ("hello", "inventory", "ack", "done", "error")
+#: The milestones a receiver reports (``reached`` of an ack, ``times`` of status.json), in words.
+MILESTONE_TEXT = {
+    "first_chunk": "first chunk applied",
+    "first_roi_slice": "first ROI slice bit-exact",
+    "base_complete": "base complete (every slice viewable)",
+    "roi_complete": "ROI complete (bit-exact)",
+    "exact_complete": "exact layer complete",
+    "complete": "all chunks applied",
+}
 
 
 class ProtocolError(ValueError):
