@@ -38,6 +38,12 @@ Header body (kind 1):
 ``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry, in
                    sending order (``z1`` exclusive)
 ``provenance``     free map: ROI provider, diffusion settings, input description
+``dicom``          optional map of DICOM attributes of the source series, keyed by DICOM keyword
+                   (``StudyInstanceUID``, ``SeriesInstanceUID``, ``PatientID``,
+                   ``SeriesDescription``...); values are strings, numbers or lists of them. Empty
+                   or absent when the input was not DICOM. At most :data:`MAX_DICOM_ATTRIBUTES`
+                   entries of at most :data:`MAX_DICOM_VALUE` characters (see
+                   :func:`check_dicom_attributes`).
 =================  ===========================================================================
 
 Data chunk body (kind 2): ``study_id``; ``seq`` (index into the plan); ``layer`` (0 base,
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -75,6 +82,11 @@ MAX_VOXELS = 1 << 31
 MAX_STUDY_ID = 128
 LAYERS = (0, 1, 2)
 REGION_OF_LAYER = {0: "all", 1: "roi", 2: "outside-roi"}
+#: Bounds of the header's ``dicom`` map: a series' identifying and descriptive attributes fit in a
+#: few dozen entries; a DICOM long text (LT) is at most 10,240 characters.
+MAX_DICOM_ATTRIBUTES = 128
+MAX_DICOM_VALUE = 10240
+_DICOM_KEYWORD = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
 
 
 class WireError(ValueError):
@@ -115,6 +127,40 @@ def _require(body: dict, name: str, kinds, what: str):
     # bool is an int subclass; no field of the format is a boolean where a number is expected.
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise WireError(f"{what}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def check_dicom_attributes(value) -> dict:
+    """Validate the header's ``dicom`` map; return it, or raise :class:`WireError`.
+
+    Keys are DICOM keywords (letters and digits, starting with a letter); values are strings,
+    ints, finite floats or lists of those (multi-valued attributes), each string at most
+    :data:`MAX_DICOM_VALUE` characters.
+
+    >>> check_dicom_attributes({"SeriesNumber": 3, "ImageType": ["ORIGINAL", "PRIMARY"]})
+    {'SeriesNumber': 3, 'ImageType': ['ORIGINAL', 'PRIMARY']}
+    """
+    if not isinstance(value, dict):
+        raise WireError("header: dicom must be a map")
+    if len(value) > MAX_DICOM_ATTRIBUTES:
+        raise WireError(f"header: more than {MAX_DICOM_ATTRIBUTES} dicom attributes")
+
+    def scalar(item) -> bool:
+        if isinstance(item, bool):
+            return False
+        if isinstance(item, str):
+            return len(item) <= MAX_DICOM_VALUE
+        if isinstance(item, float):
+            return bool(np.isfinite(item))
+        return isinstance(item, int)
+
+    for key, item in value.items():
+        if not isinstance(key, str) or not _DICOM_KEYWORD.match(key):
+            raise WireError(f"header: {key!r} is not a DICOM keyword")
+        items = item if isinstance(item, list) else [item]
+        if len(items) > 64 or not all(scalar(v) for v in items):
+            raise WireError(f"header: dicom attribute {key} has a value that is not a short "
+                            "string, a number or a list of them")
     return value
 
 
@@ -161,11 +207,14 @@ class StreamHeader:
     """ISO-8601 UTC creation time."""
     provenance: dict = field(default_factory=dict)
     """ROI provider, diffusion settings, input description (informative only)."""
+    dicom: dict = field(default_factory=dict)
+    """DICOM attributes of the source series by keyword (empty unless the input was DICOM)."""
 
     def __init__(self, study_id: str, shape, affine, spacing, source_dtype: str, rescale,
                  value_range, sha256: str, roi: np.ndarray | None = None,
                  layers: dict | None = None, plan: list | None = None, created: str = "",
-                 provenance: dict | None = None, *, roi_bits: np.ndarray | None = None):
+                 provenance: dict | None = None, *, roi_bits: np.ndarray | None = None,
+                 dicom: dict | None = None):
         """``roi`` is the bool mask of ``shape``; a parser passes it packed as ``roi_bits``."""
         if (roi is None) == (roi_bits is None):
             raise ValueError("give the ROI either as a mask (roi) or packed (roi_bits)")
@@ -178,6 +227,7 @@ class StreamHeader:
         self.plan = [] if plan is None else plan
         self.created = created
         self.provenance = {} if provenance is None else provenance
+        self.dicom = {} if dicom is None else check_dicom_attributes(dicom)
 
     @property
     def roi(self) -> np.ndarray:
@@ -222,6 +272,8 @@ class StreamHeader:
             "plan": [list(map(int, entry)) for entry in self.plan],
             "provenance": self.provenance,
         }
+        if self.dicom:
+            body["dicom"] = self.dicom
         return frame(KIND_HEADER, body)
 
     @classmethod
@@ -272,6 +324,7 @@ class StreamHeader:
             seen.add(seq)
             plan.append(tuple(entry))
         provenance = body.get("provenance", {})
+        dicom = check_dicom_attributes(body.get("dicom", {}))
         return cls(study_id=study_id, shape=tuple(shape),
                    affine=np.array(affine, dtype=np.float64).reshape(4, 4),
                    spacing=tuple(float(v) for v in spacing), source_dtype=_require(
@@ -279,7 +332,7 @@ class StreamHeader:
                    rescale=(float(rescale[0]), float(rescale[1])),
                    value_range=(value_range[0], value_range[1]), sha256=sha256, roi_bits=roi_bits,
                    layers=layers, plan=plan, created=str(body.get("created", "")),
-                   provenance=provenance if isinstance(provenance, dict) else {})
+                   provenance=provenance if isinstance(provenance, dict) else {}, dicom=dicom)
 
 
 #: Set bits of every byte value (numpy < 2 has no bitwise_count).

@@ -146,3 +146,22 @@ def test_garbage_is_skipped_and_reported():
     reader = FrameReader()
     events = reader.feed(b"garbage!" * 10 + make_chunk().to_frame())
     assert events[0].error and events[-1].chunk == make_chunk()
+
+
+def test_header_carries_dicom_attributes_and_refuses_malformed_ones():
+    from shared.wire import MAX_DICOM_ATTRIBUTES, StreamHeader, WireError, parse_frame
+
+    def header(dicom):
+        return StreamHeader(study_id="s", shape=(1, 2, 2), affine=np.eye(4), spacing=(1, 1, 1),
+                            source_dtype="int16", rescale=(1, 0), value_range=(0, 1),
+                            sha256="0" * 64, roi=np.zeros((1, 2, 2), bool), dicom=dicom)
+
+    attributes = {"SeriesInstanceUID": "1.2.3", "SeriesNumber": 4, "SliceThickness": 2.5,
+                  "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}
+    assert parse_frame(header(attributes).to_frame()).dicom == attributes
+    assert parse_frame(header(None).to_frame()).dicom == {}
+    for bad in ({"not a keyword": "x"}, {"PatientName": {"nested": 1}},
+                {"PatientName": "x" * 20000}, {"SliceThickness": float("nan")},
+                {f"Key{i}": i for i in range(MAX_DICOM_ATTRIBUTES + 1)}):
+        with pytest.raises(WireError):
+            header(bad)

@@ -104,7 +104,7 @@ def stream_key(header: StreamHeader) -> str:
         sorted((int(k), sorted(v.items()) if isinstance(v, dict) else v)
                for k, v in header.layers.items()),
         [list(map(int, entry)) for entry in header.plan],
-        header.provenance,
+        header.provenance, header.dicom,
     ]
     packed = msgpack.packb(fields, use_bin_type=True, default=str)
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
