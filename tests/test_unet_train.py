@@ -1,9 +1,11 @@
-"""Smoke test of scripts/train_liver_unet.py on tiny phantoms: outputs, resume, data layouts."""
+"""Smoke test of the U-Net training (models/training.py) on tiny phantoms: outputs, resume,
+data layouts, options. The sender's file reader and ROI scoring are injected as the command
+line (scripts/train_liver_unet.py) injects them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,21 +13,24 @@ import numpy as np
 import pytest
 import torch
 
+from models import training
 from models.phantoms import make_phantom
 from models.unet import load_weights
+from sender.io import load_volume
+from sender.roi.safety import roi_metrics
 from shared.nifti import write_nifti
 from shared.volume import Volume
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_liver_unet.py"
+HOOKS = training.TrainingHooks(
+    read_volume=load_volume,
+    score_roi=lambda probability, liver, spacing: roi_metrics(probability, liver,
+                                                              spacing).to_dict())
 
 
-@pytest.fixture(scope="module")
-def train():
-    spec = importlib.util.spec_from_file_location("train_liver_unet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+def run_training(argv: list[str]) -> int:
+    """``training.main`` as the command line calls it."""
+    return training.main(argv, hooks=HOOKS)
 
 
 def write_pair(folder: Path, stem: str, seed: int, ct_name=None, mask_name=None):
@@ -52,9 +57,9 @@ def tiny_run(tmp_path: Path, steps: int, *extra: str) -> list[str]:
             "--device", "cpu", *extra]
 
 
-def test_training_writes_weights_sidecar_and_checkpoint(train, tmp_path):
+def test_training_writes_weights_sidecar_and_checkpoint(tmp_path):
     negative = write_pair(tmp_path, "pelvis", seed=13)[0]
-    assert train.main(tiny_run(tmp_path, 2, "--phantoms", "1",
+    assert run_training(tiny_run(tmp_path, 2, "--phantoms", "1",
                                "--negative", str(negative), "0", "2")) == 0
     run = tmp_path / "run"
     sidecar = json.loads((run / "liver_unet.json").read_text())
@@ -69,38 +74,38 @@ def test_training_writes_weights_sidecar_and_checkpoint(train, tmp_path):
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2
     with pytest.raises(SystemExit, match="exists"):
-        train.main(tiny_run(tmp_path, 2))
+        run_training(tiny_run(tmp_path, 2))
 
 
 @pytest.mark.parametrize("extra", [[], ["--average-from", "0.3"]],
                          ids=["plain", "averaged"])
-def test_an_interrupted_run_resumes_to_the_same_weights(train, tmp_path, monkeypatch, extra):
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, extra):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     straight.mkdir()
     interrupted.mkdir()
-    assert train.main(tiny_run(straight, 3, *extra)) == 0
+    assert run_training(tiny_run(straight, 3, *extra)) == 0
 
-    make_batch = train.make_batch
+    make_batch = training.make_batch
 
     def crash_at_step_two(scans, args, config, step):
         if step == 2:
             raise KeyboardInterrupt
         return make_batch(scans, args, config, step)
 
-    monkeypatch.setattr(train, "make_batch", crash_at_step_two)
+    monkeypatch.setattr(training, "make_batch", crash_at_step_two)
     with pytest.raises(KeyboardInterrupt):
-        train.main(tiny_run(interrupted, 3, *extra))
-    monkeypatch.setattr(train, "make_batch", make_batch)
+        run_training(tiny_run(interrupted, 3, *extra))
+    monkeypatch.setattr(training, "make_batch", make_batch)
     assert torch.load(interrupted / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
     with pytest.raises(SystemExit, match="changed options"):
-        train.main(tiny_run(interrupted, 3, *extra, "--resume", "--lr", "0.1"))
-    assert train.main(tiny_run(interrupted, 3, *extra, "--resume")) == 0
+        run_training(tiny_run(interrupted, 3, *extra, "--resume", "--lr", "0.1"))
+    assert run_training(tiny_run(interrupted, 3, *extra, "--resume")) == 0
     expected = torch.load(straight / "run" / "liver_unet.pt", weights_only=True)["state_dict"]
     resumed = torch.load(interrupted / "run" / "liver_unet.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
 
 
-def test_dataset_layouts_are_recognised(train, tmp_path):
+def test_dataset_layouts_are_recognised(tmp_path):
     msd = tmp_path / "Task03_Liver"
     (msd / "imagesTr").mkdir(parents=True)
     (msd / "labelsTr").mkdir()
@@ -111,52 +116,53 @@ def test_dataset_layouts_are_recognised(train, tmp_path):
     total = tmp_path / "Totalsegmentator"
     (total / "s0001" / "segmentations").mkdir(parents=True)
     write_pair(total, "", 3, "s0001/ct.nii.gz", "s0001/segmentations/liver.nii.gz")
-    found = {root.name: train.discover_dataset(root) for root in (msd, lits, total)}
+    found = {root.name: training.discover_dataset(root) for root in (msd, lits, total)}
     assert [c.patient for c in found["Task03_Liver"]] == ["Task03_Liver/liver_0"]
     assert [c.mask.name for c in found["LiTS"]] == ["segmentation-7.nii"]
     assert [c.ct.name for c in found["Totalsegmentator"]] == ["ct.nii.gz"]
     with pytest.raises(SystemExit, match="no CT has a matching mask"):
         (tmp_path / "empty" / "imagesTr").mkdir(parents=True)
         (tmp_path / "empty" / "labelsTr").mkdir()
-        train.discover_dataset(tmp_path / "empty")
+        training.discover_dataset(tmp_path / "empty")
 
 
-def test_patient_level_split_never_shares_a_patient(train, tmp_path):
+def test_patient_level_split_never_shares_a_patient(tmp_path):
     root = tmp_path / "ts"
     for index in range(5):
         (root / f"s{index}" / "segmentations").mkdir(parents=True)
         for name in ("ct.nii.gz", "segmentations/liver.nii.gz"):
             (root / f"s{index}" / name).write_bytes(b"")
-    args = train.parse_args(["--out", str(tmp_path / "o"), "--dataset", str(root),
+    args = training.parse_args(["--out", str(tmp_path / "o"), "--dataset", str(root),
                              "--val-fraction", "0.4"])
-    training, validation = train.split_cases(args)
-    assert len(validation) == 2 and len(training) == 3
-    assert not {c.patient for c in training} & {c.patient for c in validation}
+    trained, validation = training.split_cases(args)
+    assert len(validation) == 2 and len(trained) == 3
+    assert not {c.patient for c in trained} & {c.patient for c in validation}
 
 
-def test_lesion_augmentation_paints_only_the_liver_and_keeps_other_draws(train, tmp_path):
+def test_lesion_augmentation_paints_only_the_liver_and_keeps_other_draws(tmp_path):
     """``--lesion-prob``: lesions change liver pixels only, the target stays the same, and a
     run without lesions draws exactly what it drew before the option existed."""
-    args = train.parse_args(["--out", str(tmp_path), "--phantoms", "2", "--lesion-prob", "1",
+    args = training.parse_args(["--out", str(tmp_path), "--phantoms", "2", "--lesion-prob", "1",
                              "--batch-size", "4", "--crop-sizes", "64"])
-    config = train.UNetConfig()
-    scans = train.make_phantom_scans(2, 0, config)
-    hu, liver = train.augment(scans[0], scans[0].hu.shape[0] // 2, 96, args,
-                              np.random.default_rng(3))
-    painted = train.add_lesions(hu, liver, np.random.default_rng(4))
+    config = training.UNetConfig()
+    scans = training.make_phantom_scans(2, 0, config)
+    index = scans[0].hu.shape[0] // 2
+    hu, liver = training.geometric(scans[0].hu[index], scans[0].liver[index], 96,
+                                training.geometry_settings(args), np.random.default_rng(3))
+    painted = training.add_lesions(hu, liver, np.random.default_rng(4))
     changed = painted != hu
     assert changed.any() and not changed[liver == 0].any()
-    assert torch.equal(train.add_lesions(hu, torch.zeros_like(liver), np.random.default_rng(4)),
+    assert torch.equal(training.add_lesions(hu, torch.zeros_like(liver), np.random.default_rng(4)),
                        hu)
-    with_lesions = train.make_batch(scans, args, config, 5)
+    with_lesions = training.make_batch(scans, args, config, 5)
     args.lesion_prob = 0.0
-    without = train.make_batch(scans, args, config, 5)
+    without = training.make_batch(scans, args, config, 5)
     assert torch.equal(with_lesions[1], without[1])  # same crops, same targets
     assert not torch.equal(with_lesions[0], without[0])
 
 
-def test_weight_averaging_ships_the_mean_and_keeps_the_last_weights(train, tmp_path):
-    assert train.main(tiny_run(tmp_path, 4, "--average-from", "0.5")) == 0
+def test_weight_averaging_ships_the_mean_and_keeps_the_last_weights(tmp_path):
+    assert run_training(tiny_run(tmp_path, 4, "--average-from", "0.5")) == 0
     run = tmp_path / "run"
     averaged = load_weights(run / "liver_unet.pt")
     last = load_weights(run / "last_unet.pt")
@@ -169,14 +175,14 @@ def test_weight_averaging_ships_the_mean_and_keeps_the_last_weights(train, tmp_p
     assert sidecar["validation"]["results"] == history[-1]["validation"]
 
 
-def test_update_average_is_the_running_mean(train):
-    model = train.LiverUNet(train.UNetConfig(widths=(2, 4)))
+def test_update_average_is_the_running_mean():
+    model = training.LiverUNet(training.UNetConfig(widths=(2, 4)))
     average, count = None, 0
     for scale in (1.0, 2.0, 6.0):
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.fill_(scale)
-        average, count = train.update_average(model, average, count)
+        average, count = training.update_average(model, average, count)
     assert count == 3
     assert all(torch.allclose(mean, torch.full_like(mean, 3.0)) for mean in average)
 
@@ -192,7 +198,15 @@ def test_update_average_is_the_running_mean(train):
     (["--out", "x", "--phantoms", "1", "--negative", "a.nii", "0", "2", "--val", "a.nii",
       "m.nii"], "is a validation scan"),
 ])
-def test_bad_options_are_refused(train, argv, message, capsys):
+def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(argv)
+        training.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_command_line_is_a_thin_wrapper_with_help():
+    """scripts/train_liver_unet.py runs models.training.main with the sender's hooks."""
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert "--lesion-prob" in result.stdout and "Examples:" in result.stdout
+    assert len(SCRIPT.read_text().splitlines()) < 80
