@@ -20,7 +20,10 @@ training script uses it as an augmentation (``--lesion-prob``) and the tests use
 that the ROI covers lesions.
 
 These phantoms are crude compared to real anatomy; ``docs/UNET.md`` reports whether adding
-them to training helps on held-out real scans.
+them to training helps on held-out real scans. The same generator makes the sender's built-in
+demo study (``dlad-send phantom``) and the tests' synthetic CTs: the anatomy is sized in
+millimetres (a body about 220-400 mm wide), so a grid shows the whole abdomen only when
+``shape x spacing`` spans about 400 mm in plane. It needs NumPy and SciPy, not torch.
 """
 
 from __future__ import annotations
@@ -53,14 +56,16 @@ def _present(u: np.ndarray, top: float, bottom: float) -> np.ndarray:
     return np.sqrt(np.sin(np.pi * t))
 
 
-def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
-                 ) -> tuple[Volume, np.ndarray]:
+def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0,
+                 noise_hu: float | None = None) -> tuple[Volume, np.ndarray]:
     """One synthetic abdominal slab and its liver mask.
 
     Args:
         shape: ``(nz, ny, nx)`` voxels.
         spacing: ``(sx, sy, sz)`` in mm.
         seed: everything random derives from it; the same seed gives the same phantom.
+        noise_hu: standard deviation of the Gaussian quantum noise in HU; ``None`` draws it
+            in [5, 25] HU from ``seed``. Giving it leaves the anatomy of ``seed`` unchanged.
 
     Returns:
         ``(volume, liver)``: int16 HU in a LPS-oriented grid (``data[k, j, i]``, ``i`` toward
@@ -71,6 +76,8 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
     sx, sy, sz = (float(s) for s in spacing)
     if min(nz, ny, nx) < 1 or min(sx, sy, sz) <= 0:
         raise ValueError(f"shape and spacing must be positive, got {shape}, {spacing}")
+    if noise_hu is not None and not noise_hu >= 0:
+        raise ValueError(f"noise_hu must be >= 0, got {noise_hu}")
     rng = np.random.default_rng(seed)
     size = rng.uniform(0.8, 1.15)
     half_width, half_depth = size * rng.uniform(135, 175), size * rng.uniform(95, 130)
@@ -190,7 +197,8 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0
 
     hu[liver] += _smooth_field(rng, grid, 3, rng.uniform(3, 10))[liver]
     hu = ndimage.gaussian_filter(hu, sigma=(0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
-    hu += rng.normal(0.0, rng.uniform(5, 25), grid)
+    drawn_noise_hu = rng.uniform(5, 25)  # drawn even when given: same noise pattern, rescaled
+    hu += rng.normal(0.0, drawn_noise_hu if noise_hu is None else noise_hu, grid)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     affine = np.array([[-sx, 0, 0, (nx - 1) / 2 * sx], [0, -sy, 0, (ny - 1) / 2 * sy],
                        [0, 0, sz, -u_top - (nz - 1) * sz], [0, 0, 0, 1.0]])

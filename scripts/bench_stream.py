@@ -148,12 +148,13 @@ def run_once(name: str, sender_args: list[str], token_file: Path, work: Path) ->
 
 def encode_large_phantom(path: Path) -> None:
     sys.path.insert(0, str(ROOT))
+    from models.phantoms import make_phantom
     from sender.encoder import EncodeSettings, StudyEncoder
     from sender.pipeline import prepare_study
     from sender.roi.provider import StaticMaskProvider
-    from sender.synthetic_phantom import make_phantom
 
-    volume, liver = make_phantom((96, 512, 512), spacing=(0.8, 0.8, 2.0), seed=1)
+    # 410 mm in plane, 192 mm of slab; seed 10's slab shows the liver on 90 of the 96 slices.
+    volume, liver = make_phantom((96, 512, 512), spacing=(0.8, 0.8, 2.0), seed=10)
     prepared = prepare_study(volume, StaticMaskProvider(liver, "phantom liver"))
     with open(path, "wb") as out:
         for data in StudyEncoder(prepared, EncodeSettings(exact=True)).frames():

@@ -25,6 +25,11 @@ log = logging.getLogger("dlad.sender")
 
 #: Input name of the built-in synthetic abdominal phantom (it brings its own liver mask).
 PHANTOM = "phantom"
+#: The demo phantom (:func:`models.phantoms.make_phantom`): 24 slices of 256 x 256 voxels of
+#: 1.5 x 1.5 x 2.5 mm (a 384 mm field of view holds the whole abdomen), the noise of a routine
+#: abdominal CT (12 HU), and a seed whose slab shows the liver on every slice.
+PHANTOM_SETTINGS = {"shape": (24, 256, 256), "spacing": (1.5, 1.5, 2.5), "seed": 5,
+                    "noise_hu": 12.0}
 
 
 @dataclass(frozen=True)
@@ -136,12 +141,12 @@ def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
                   study_id: str | None = None) -> StudyEncoder:
     """Load ``source`` (a path, or :data:`PHANTOM`), segment, diffuse: a ready StudyEncoder."""
     from sender.io import load_volume
-    from sender.synthetic_phantom import make_phantom
 
     started = time.perf_counter()
     phantom_mask = None
     if str(source) == PHANTOM:
-        volume, phantom_mask = make_phantom()
+        from models.phantoms import make_phantom
+        volume, phantom_mask = make_phantom(**PHANTOM_SETTINGS)
     else:
         volume = load_volume(source)
     log.info("loaded %s: %s voxels, spacing %s mm, %s in %.1f s", volume.description,

@@ -38,8 +38,9 @@ def abdomen_volume(abdomen_dicom):
 
 @pytest.fixture(scope="session")
 def phantom():
-    from sender.synthetic_phantom import make_phantom
-    return make_phantom((8, 96, 112), spacing=(1.5, 1.4, 2.5), seed=3)
+    from models.phantoms import make_phantom
+    # 403 x 326 mm in plane (anisotropic on purpose): the whole abdomen, liver on every slice.
+    return make_phantom((8, 96, 112), spacing=(3.6, 3.4, 2.5), seed=3)
 
 
 @pytest.fixture()

@@ -134,10 +134,10 @@ def test_help_has_examples():
 
 
 def test_roi_choice_and_safe_fallback(tmp_path, capsys):
+    from models.phantoms import make_phantom
     from sender.pipeline import safety_check
-    from sender.synthetic_phantom import make_phantom
 
-    volume, _ = make_phantom((4, 64, 64))
+    volume, _ = make_phantom((4, 64, 64), spacing=(6.0, 6.0, 4.0))
     empty = np.zeros(volume.shape, np.float32)
     assert safety_check(False)(empty, volume).min() == 1.0  # fallback: everything is ROI
     assert safety_check(True)(empty, volume).max() == 0.0  # --allow-small-roi keeps it

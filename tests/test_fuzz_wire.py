@@ -36,13 +36,13 @@ FUZZ = settings(max_examples=150, deadline=None,
 @pytest.fixture(scope="module")
 def study():
     """A tiny lossless study: header frame, data frames (by seq) and the original voxels."""
+    from models.phantoms import make_phantom
     from sender.encoder import EncodeSettings, StudyEncoder
     from sender.pipeline import prepare_study
     from sender.roi.provider import StaticMaskProvider
-    from sender.synthetic_phantom import make_phantom
     from shared.wire import FrameReader as Reader
 
-    volume, liver = make_phantom((6, 32, 40), seed=11)
+    volume, liver = make_phantom((6, 32, 40), spacing=(10.0, 10.0, 4.0), seed=9)
     prepared = prepare_study(volume, StaticMaskProvider(liver))
     encoder = StudyEncoder(prepared, EncodeSettings(codec="zstd", exact=True, group_slices=2))
     frames = list(encoder.frames())

@@ -34,12 +34,12 @@ UNITS = {"B": 1, "kB": 1e3, "MB": 1e6}
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
     """A small phantom encoded with its exact layer: (path of the .dlad, volume, ROI mask)."""
+    from models.phantoms import make_phantom
     from sender.encoder import EncodeSettings, StudyEncoder
     from sender.pipeline import prepare_study
     from sender.roi.provider import StaticMaskProvider
-    from sender.synthetic_phantom import make_phantom
 
-    volume, liver = make_phantom((8, 64, 64), seed=3)
+    volume, liver = make_phantom((8, 64, 64), spacing=(6.0, 6.0, 4.0), seed=3)
     prepared = prepare_study(volume, StaticMaskProvider(liver, "phantom liver"))
     encoder = StudyEncoder(prepared, EncodeSettings(exact=True, group_slices=2, preset="fast"))
     path = tmp_path_factory.mktemp("link-e2e") / "small.dlad"

@@ -54,12 +54,12 @@ def token_file(tmp_path) -> Path:
 
 def encode_phantom(path: Path, seed: int, exact: bool = True, study_id: str | None = None):
     """Encode a small phantom into ``path``; return (volume, header)."""
+    from models.phantoms import make_phantom
     from sender.encoder import EncodeSettings, StudyEncoder
     from sender.pipeline import prepare_study
     from sender.roi.provider import StaticMaskProvider
-    from sender.synthetic_phantom import make_phantom
 
-    volume, liver = make_phantom((12, 64, 80), spacing=(1.5, 1.4, 2.5), seed=seed)
+    volume, liver = make_phantom((12, 64, 80), spacing=(5.0, 5.2, 2.5), seed=seed)
     prepared = prepare_study(volume, StaticMaskProvider(liver, "phantom liver"),
                              study_id=study_id)
     encoder = StudyEncoder(prepared, EncodeSettings(exact=exact, group_slices=2, preset="fast"))
