@@ -179,7 +179,8 @@ async def run_case(case: Case, token_file: Path, work: Path) -> dict:
         try:
             returncode = await asyncio.wait_for(sender.process.wait(), SENDER_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise BenchError(f"{case.profile} {case.mode}: dlad-send still running after {SENDER_TIMEOUT_S:g} s")
+            raise BenchError(f"{case.profile} {case.mode}: dlad-send still running after "
+                             f"{SENDER_TIMEOUT_S:g} s") from None
         sender_wall = time.monotonic() - origin_monotonic
         if returncode != 0:
             raise BenchError(f"{case.profile} {case.mode}: dlad-send exited {returncode}: {sender.log_tail(5)}")
@@ -285,8 +286,9 @@ def markdown(results: list[dict], dicom_size: int) -> str:
     def plain(row):
         return dicom_size * 8 / row["rate_bit_s"] + row["delay_s"]
 
-    lines = ["| profile | case | first ROI slice | ROI complete | base complete | exact complete | link start "
-             "| ROI complete from link start | plain DICOM (ideal) | ROI complete / plain (from link start) | verified |",
+    lines = ["| profile | case | first ROI slice | ROI complete | base complete | exact complete "
+             "| link start | ROI complete from link start | plain DICOM (ideal) "
+             "| ROI complete / plain (from link start) | verified |",
              "|" + "---|" * 11]
     for row in results:
         roi_from_link = row["to_roi_complete_s"] - row["link_start_s"]
@@ -306,7 +308,8 @@ def markdown(results: list[dict], dicom_size: int) -> str:
             f"| {row['up_mean_delay_ms']:.0f} | {row['data_phase_s']:.2f} | {row['goodput_mbit_s']:.2f} "
             f"| {row['goodput_over_rate']:.3f} | {row['ideal_s']:.2f} | {row['session_s']:.2f} "
             f"| {row['physical_limit_ratio']:.3f} "
-            f"| {row['cpu_sender_s']:.1f} / {row['cpu_receiver_s']:.1f} / {row['cpu_link_s']:.1f} | {row['load_avg']:.1f} |")
+            f"| {row['cpu_sender_s']:.1f} / {row['cpu_receiver_s']:.1f} / {row['cpu_link_s']:.1f} "
+            f"| {row['load_avg']:.1f} |")
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in results:
         groups.setdefault((row["profile"], row["mode"]), []).append(row)
@@ -390,7 +393,8 @@ def plot(results: list[dict], dicom_size: int, path: Path) -> None:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=7, fontsize=8)
-    figure.suptitle("Abdomen CT (20 x 512 x 512, --exact) through dlad-link: volume completeness over time", fontsize=10)
+    figure.suptitle("Abdomen CT (20 x 512 x 512, --exact) through dlad-link: volume completeness over time",
+                    fontsize=10)
     figure.tight_layout(rect=(0, 0.05, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

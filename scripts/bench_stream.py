@@ -190,7 +190,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     results = []
     for name in args.scenarios.split(","):
-        for index in range(args.runs):
+        for _ in range(args.runs):
             result = run_once(name, scenarios[name], token_file, work)
             result["load_avg"] = round(os.getloadavg()[0], 2)
             results.append(result)

@@ -77,7 +77,8 @@ def test_bad_url_and_missing_upstream(capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, heading", [(["--help"], "usage: dlad-link"), (["udp", "--help"], "usage: dlad-link udp")])
+@pytest.mark.parametrize("argv, heading", [(["--help"], "usage: dlad-link"),
+                                           (["udp", "--help"], "usage: dlad-link udp")])
 def test_help_has_examples(capsys, argv, heading):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -114,8 +115,9 @@ def test_udp_mode_relays_and_prints_statistics():
         client, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
         process = None
         try:
+            upstream_port = upstream.get_extra_info("sockname")[1]
             process, ready = await _start_cli(
-                "udp", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:%d" % upstream.get_extra_info("sockname")[1],
+                "udp", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream_port}",
                 "--profile", "wifi-2m", "--seed", "1", "--stats-interval", "0.5", "--duration", "1.5")
             for number in range(20):
                 client.sendto(b"%04d" % number + bytes(996), ("127.0.0.1", int(ready[1])))

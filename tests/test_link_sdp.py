@@ -40,7 +40,8 @@ def candidate_lines(sdp: str) -> list[str]:
 def test_parse_candidate_round_trips():
     value = "8 1 udp 1694498815 203.0.113.9 41006 typ srflx raddr 192.0.2.2 rport 41000"
     candidate = SdpCandidate.parse(value)
-    assert (candidate.transport, candidate.host, candidate.port, candidate.type) == ("udp", "203.0.113.9", 41006, "srflx")
+    assert (candidate.transport, candidate.host, candidate.port, candidate.type) == (
+        "udp", "203.0.113.9", 41006, "srflx")
     assert candidate.extensions == ("raddr", "192.0.2.2", "rport", "41000")
     assert candidate.to_value() == value
     with pytest.raises(ValueError, match="malformed"):

@@ -149,7 +149,8 @@ def test_offer_is_forwarded_with_authorization_and_answer_points_at_a_working_re
             assert proxy.stats.uplink.packets_forwarded == 1 and proxy.stats.downlink.packets_forwarded == 1
 
             # A successful DELETE of the session resource stops its relays.
-            async with http.delete(f"{proxy.url}/whip/session-1", headers={"Authorization": "Bearer secret"}) as response:
+            async with http.delete(f"{proxy.url}/whip/session-1",
+                                   headers={"Authorization": "Bearer secret"}) as response:
                 assert response.status == 204
             assert await client.round_trip(relay.address, b"ping", timeout=0.3) is None
 
@@ -184,7 +185,8 @@ def test_other_methods_pass_through_unchanged():
                 assert response.status == 204
             assert receiver.requests[-1][0] == "PATCH" and receiver.requests[-1][3] == b"a=ice-ufrag:zz\r\n"
             # Errors come back as they are, and open no relay.
-            async with http.post(f"{proxy.url}/whip", data=OFFER, headers={"Content-Type": "application/sdp"}) as response:
+            async with http.post(f"{proxy.url}/whip", data=OFFER,
+                                 headers={"Content-Type": "application/sdp"}) as response:
                 assert (response.status, await response.text()) == (401, "who are you?")
             assert proxy.relays == []
 

@@ -81,7 +81,8 @@ class DeliveryTrace:
                 try:
                     opportunities.append(int(line))
                 except ValueError:
-                    raise ValueError(f"{source}:{number}: expected a millisecond timestamp, got {line.strip()!r}") from None
+                    raise ValueError(f"{source}:{number}: expected a millisecond timestamp, "
+                                     f"got {line.strip()!r}") from None
         return cls(tuple(opportunities), source)
 
     @classmethod
