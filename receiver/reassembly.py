@@ -7,6 +7,12 @@ decoded straight into the volume, the ROI mask stays bit-packed (unpacked one sl
 and everything after decoding works in place. Every chunk is checked against the header's
 plan (slice range, layer, codec) and, for residuals, against the digest of the base block they
 were computed on; anything that does not fit is rejected with a reason and never applied.
+
+What a caller reads: :meth:`Reassembler.apply` returns the chunks a call applied (a residual
+that arrives before its base is held, and applied, and returned, with that base);
+:meth:`Reassembler.progress` counts chunks, slices and ROI voxels done (:class:`Progress`);
+:meth:`Reassembler.slice_layers` gives each slice's layers as ``HAS_*`` bits; the properties
+below say which slices are exact and which milestones are reached.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from shared.layers import apply_residual, block_digest, clip_base
 from shared.volume import Volume
 from shared.wire import DataChunk, StreamHeader, voxel_sha256
 
+#: Bits of :meth:`Reassembler.slice_layers`: the slice's base, its ROI residual, its rest residual.
 HAS_BASE, HAS_ROI_RESIDUAL, HAS_REST_RESIDUAL = 1, 2, 4
 _LAYER_BIT = {0: HAS_BASE, 1: HAS_ROI_RESIDUAL, 2: HAS_REST_RESIDUAL}
 
@@ -43,6 +50,43 @@ class Milestones:
     """Every voxel exact (only for streams that carry layer 2)."""
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How much of the study is rebuilt (a snapshot: later chunks do not change it)."""
+
+    chunks_planned: int
+    """Chunks in the header's plan."""
+    chunks_applied: int
+    """Chunks applied to the volume (a residual held for its base is not applied yet)."""
+    slices: int
+    """Slices of the volume."""
+    slices_with_base: int
+    """Slices whose base layer arrived: they can be viewed."""
+    roi_exact_slices: int
+    """Slices whose ROI voxels are all exact (a slice without ROI voxels once it has a base)."""
+    exact_slices: int | None
+    """Slices whose every voxel is exact; ``None`` for a stream without an exact layer."""
+    roi_voxels: int
+    """Voxels in the ROI."""
+    roi_voxels_exact: int
+    """ROI voxels known to be exact (those of the ROI-exact slices)."""
+
+    @property
+    def roi_fraction(self) -> float:
+        """Share of the ROI's voxels that are exact (1.0 for an empty ROI)."""
+        return self.roi_voxels_exact / self.roi_voxels if self.roi_voxels else 1.0
+
+    @property
+    def base_fraction(self) -> float:
+        """Share of the voxels that have a base (slices are all the same size)."""
+        return self.slices_with_base / self.slices
+
+    @property
+    def exact_fraction(self) -> float:
+        """Share of the voxels that are exact (0.0 for a stream without an exact layer)."""
+        return (self.exact_slices or 0) / self.slices
+
+
 class Reassembler:
     """Holds the volume being rebuilt and applies chunks to it."""
 
@@ -52,7 +96,7 @@ class Reassembler:
         self._started = clock() if started is None else started
         nz = header.shape[0]
         self.volume = np.full(header.shape, header.value_range[0], dtype=np.int16)
-        self.slice_state = np.zeros(nz, dtype=np.uint8)
+        self._slice_state = np.zeros(nz, dtype=np.uint8)
         self.applied: set[int] = set()
         self.plan = {seq: (layer, z0, z1) for seq, layer, z0, z1 in header.plan}
         self.milestones = Milestones()
@@ -69,8 +113,16 @@ class Reassembler:
 
     # --- applying chunks ---------------------------------------------------------------------
 
-    def apply(self, chunk: DataChunk) -> bool:
-        """Apply ``chunk``; return False if it was a duplicate. Raise ChunkRejected if invalid."""
+    def apply(self, chunk: DataChunk) -> list[DataChunk]:
+        """Apply ``chunk``; return the chunks this call applied, in order.
+
+        That is ``[chunk]``, or for a base the base followed by the residuals that were held
+        for it; ``[]`` for a duplicate (see :meth:`holds`) and for a residual that arrives
+        before its base: it is decoded and held, and applied when the base comes.
+
+        Raises:
+            ChunkRejected: the chunk does not fit the header's plan, or cannot be decoded.
+        """
         if chunk.study_id != self.header.study_id:
             raise ChunkRejected(f"chunk for study {chunk.study_id!r}, expected "
                                 f"{self.header.study_id!r}")
@@ -83,11 +135,11 @@ class Reassembler:
         if chunk.codec != self.header.layers[chunk.layer].get("codec"):
             raise ChunkRejected(f"chunk {chunk.seq}: codec {chunk.codec!r} differs from the "
                                 f"header's {self.header.layers[chunk.layer].get('codec')!r}")
-        if chunk.seq in self.applied or chunk.seq in self._waiting_for_base:
-            return False
+        if self.holds(chunk.seq):
+            return []
         codec = get_codec(chunk.codec)
         if chunk.layer == 0:
-            self._apply_base(chunk, codec)
+            applied = self._apply_base(chunk, codec)
         else:
             shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
             try:
@@ -96,17 +148,23 @@ class Reassembler:
                 raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
             if (chunk.z0, chunk.z1) in self._base_digest:
                 self._apply_residual(chunk, block)
+                applied = [chunk]
             else:
                 self._waiting_for_base[chunk.seq] = (chunk, block)
+                applied = []
         self._update_milestones()
-        return True
+        return applied
 
-    def _apply_base(self, chunk: DataChunk, codec: Codec) -> None:
+    def holds(self, seq: int) -> bool:
+        """Whether chunk ``seq`` was applied, or is held until its base arrives."""
+        return seq in self.applied or seq in self._waiting_for_base
+
+    def _apply_base(self, chunk: DataChunk, codec: Codec) -> list[DataChunk]:
         # Decoded straight into the volume: no block-sized buffer beside the decoder's own. The
         # slices hold the fill value until their base arrives, so a payload that fails to decode
         # is undone by filling them again; a second base for a slice (a plan with overlapping
         # blocks, which no sender makes) is refused for the same reason.
-        if (self.slice_state[chunk.z0:chunk.z1] & HAS_BASE).any():
+        if (self._slice_state[chunk.z0:chunk.z1] & HAS_BASE).any():
             raise ChunkRejected(f"chunk {chunk.seq}: slices {chunk.z0}-{chunk.z1 - 1} already "
                                 "have a base")
         block = self.volume[chunk.z0:chunk.z1]
@@ -123,13 +181,16 @@ class Reassembler:
         key = (chunk.z0, chunk.z1)
         self._base_digest[key] = block_digest(block)
         self._mark(chunk)
+        applied = [chunk]
         for seq, (waiting, residual) in list(self._waiting_for_base.items()):
             if (waiting.z0, waiting.z1) == key:
                 del self._waiting_for_base[seq]
                 try:
                     self._apply_residual(waiting, residual)
+                    applied.append(waiting)
                 except ChunkRejected as error:
                     self.late_rejections.append(str(error))
+        return applied
 
     def _apply_residual(self, chunk: DataChunk, block: np.ndarray) -> None:
         if chunk.params.get("base_digest") != self._base_digest[(chunk.z0, chunk.z1)]:
@@ -145,19 +206,38 @@ class Reassembler:
 
     def _mark(self, chunk: DataChunk) -> None:
         self.applied.add(chunk.seq)
-        self.slice_state[chunk.z0:chunk.z1] |= _LAYER_BIT[chunk.layer]
+        self._slice_state[chunk.z0:chunk.z1] |= _LAYER_BIT[chunk.layer]
 
     # --- state -------------------------------------------------------------------------------
 
+    def slice_layers(self) -> np.ndarray:
+        """Per slice, the layers it has as ``HAS_BASE | HAS_ROI_RESIDUAL | HAS_REST_RESIDUAL``
+        bits (uint8, a read-only copy)."""
+        layers = self._slice_state.copy()
+        layers.flags.writeable = False
+        return layers
+
+    def progress(self) -> Progress:
+        """Chunks, slices and ROI voxels done so far."""
+        roi_exact = self.roi_exact_slices
+        return Progress(
+            chunks_planned=len(self.plan), chunks_applied=len(self.applied),
+            slices=len(self._slice_state),
+            slices_with_base=int(np.count_nonzero(self._slice_state & HAS_BASE)),
+            roi_exact_slices=int(roi_exact.sum()),
+            exact_slices=int(self.exact_slices.sum()) if self.exact_expected else None,
+            roi_voxels=int(self._roi_per_slice.sum()),
+            roi_voxels_exact=int(self._roi_per_slice[roi_exact].sum()))
+
     @property
     def roi_exact_slices(self) -> np.ndarray:
-        has_base = (self.slice_state & HAS_BASE) > 0
-        roi_done = ((self.slice_state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice == 0)
+        has_base = (self._slice_state & HAS_BASE) > 0
+        roi_done = ((self._slice_state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice == 0)
         return has_base & (roi_done | self._base_lossless)
 
     @property
     def exact_slices(self) -> np.ndarray:
-        rest_done = ((self.slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
+        rest_done = ((self._slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
         return self.roi_exact_slices & rest_done
 
     @property
@@ -166,7 +246,7 @@ class Reassembler:
 
     @property
     def base_complete(self) -> bool:
-        return bool(((self.slice_state & HAS_BASE) > 0).all())
+        return bool(((self._slice_state & HAS_BASE) > 0).all())
 
     @property
     def exact_expected(self) -> bool:

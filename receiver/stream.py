@@ -31,7 +31,11 @@ class StudyStream:
         self.problems: list[str] = []
 
     def feed(self, data: bytes) -> list[DataChunk]:
-        """Consume bytes; return the data chunks applied by this call."""
+        """Consume bytes; return the data chunks applied by this call.
+
+        A residual that arrives before its base is held (not applied, not returned, not counted
+        in :meth:`status`) and returned by the call that brings its base.
+        """
         self.bytes_received += len(data)
         return self._handle(self._reader.feed(data))
 
@@ -62,10 +66,9 @@ class StudyStream:
                 self._problem(f"at byte {event.offset}: data chunk before any header, skipped")
             else:
                 try:
-                    if self.reassembler.apply(event.chunk):
-                        applied.append(event.chunk)
-                    else:
-                        self.duplicates += 1
+                    duplicate = self.reassembler.holds(event.chunk.seq)
+                    applied += self.reassembler.apply(event.chunk)
+                    self.duplicates += duplicate
                 except ChunkRejected as error:
                     self._problem(f"at byte {event.offset}: {error}")
                 for late in self.reassembler.late_rejections:
@@ -92,17 +95,18 @@ class StudyStream:
         r = self.reassembler
         header = r.header
         missing = r.missing()
+        progress = r.progress()
         status.update({
             "study_id": header.study_id,
             "shape": list(header.shape),
-            "chunks_planned": len(r.plan),
-            "chunks_applied": len(r.applied),
+            "chunks_planned": progress.chunks_planned,
+            "chunks_applied": progress.chunks_applied,
             "missing_chunks": [list(entry) for entry in missing],
             "missing_layers": sorted({entry[1] for entry in missing}),
-            "slice_layers": r.slice_state.tolist(),
-            "slices_with_base": int((r.slice_state & 1).astype(bool).sum()),
-            "roi_exact_slices": int(r.roi_exact_slices.sum()),
-            "exact_slices": int(r.exact_slices.sum()) if r.exact_expected else None,
+            "slice_layers": r.slice_layers().tolist(),
+            "slices_with_base": progress.slices_with_base,
+            "roi_exact_slices": progress.roi_exact_slices,
+            "exact_slices": progress.exact_slices,
             "roi_complete": r.roi_complete,
             "base_complete": r.base_complete,
             "exact_expected": r.exact_expected,

@@ -66,7 +66,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from receiver.reassembly import HAS_BASE, HAS_REST_RESIDUAL, HAS_ROI_RESIDUAL, Reassembler  # noqa: E402
+from receiver.reassembly import Reassembler  # noqa: E402
 from shared.link import PROFILES, LinkParams, run_behind_link  # noqa: E402
 from shared.link.demo import Child, DemoError, milestone_seconds, sender_command, start_receiver, write_token_file  # noqa: E402
 from shared.wire import FrameReader  # noqa: E402
@@ -81,7 +81,6 @@ PACED_PROFILES = ("wifi-2m", "cable-20m")
 POLL_S = 0.010
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SENDER_TIMEOUT_S = 300.0
-LAYER_BITS = {0: HAS_BASE, 1: HAS_ROI_RESIDUAL, 2: HAS_REST_RESIDUAL}
 MILESTONES = ("first_roi_slice", "roi_complete", "base_complete", "exact_complete")
 
 
@@ -143,23 +142,21 @@ class Watcher:
 def completeness(folder: Path, samples: list[tuple[float, int]]) -> list[tuple[float, float, float, float]]:
     """(seconds, ROI fraction exact, fraction with a base, fraction exact) after each applied chunk.
 
-    A chunk counts from the first sample at which the log held all of it. The fractions use the
-    receiver's own rules (:class:`Reassembler`), on the layers each slice has received.
+    A chunk counts from the first sample at which the log held all of it. The fractions are the
+    receiver's own (:meth:`Reassembler.progress`): the logged chunks are applied again, in the
+    order the receiver applied and logged them.
     """
     header = FrameReader().feed((folder / "header.dlad").read_bytes())[0].chunk
     state = Reassembler(header)
-    roi_per_slice = header.roi.reshape(header.shape[0], -1).sum(axis=1)
     points = [(0.0, 0.0, 0.0, 0.0)]
     for event in FrameReader().feed((folder / "chunks.dlad").read_bytes()):
         end = event.offset + event.size
         seconds = next((t for t, size in samples if size >= end), None)
         if seconds is None:
             raise BenchError(f"{folder}: the chunk log outgrew the last sample of its size")
-        chunk = event.chunk
-        state.slice_state[chunk.z0:chunk.z1] |= LAYER_BITS[chunk.layer]
-        roi_exact = float(roi_per_slice[state.roi_exact_slices].sum() / roi_per_slice.sum())
-        with_base = float(((state.slice_state & HAS_BASE) > 0).mean())
-        points.append((seconds, roi_exact, with_base, float(state.exact_slices.mean())))
+        state.apply(event.chunk)
+        progress = state.progress()
+        points.append((seconds, progress.roi_fraction, progress.base_fraction, progress.exact_fraction))
     return points
 
 

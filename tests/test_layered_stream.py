@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from receiver.reassembly import ChunkRejected, Reassembler
+from receiver.reassembly import HAS_BASE, ChunkRejected, Reassembler
 from receiver.stream import StudyStream
 from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.scheduler import plan_chunks
@@ -88,9 +88,12 @@ def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
     reassembler = Reassembler(header)
     base, residual = chunks[0], chunks[1]
     assert (base.layer, residual.layer) == (0, 1)
-    assert reassembler.apply(residual)  # before its base: waits, applied when the base comes
-    assert reassembler.apply(base) and {base.seq, residual.seq} <= reassembler.applied
-    assert not reassembler.apply(base)  # duplicate: ignored, never applied twice
+    assert reassembler.apply(residual) == []  # before its base: held, not applied yet
+    assert reassembler.holds(residual.seq) and not reassembler.applied
+    assert reassembler.progress().chunks_applied == 0
+    assert reassembler.apply(base) == [base, residual]  # the base brings the held residual
+    assert {base.seq, residual.seq} <= reassembler.applied
+    assert reassembler.apply(base) == []  # duplicate: ignored, never applied twice
     bad = [DataChunk(**{**vars(base), "study_id": "other"}),
            DataChunk(**{**vars(base), "seq": 999}),
            DataChunk(**{**vars(base), "z1": base.z1 + 1}),
@@ -149,3 +152,54 @@ def test_tiny_slices_survive_hevc(rng):
     study.diffused = np.where(study.roi, study.volume.data, study.diffused)
     stream = decode(StudyEncoder(study, EncodeSettings(exact=True)).frames())
     np.testing.assert_array_equal(stream.reassembler.volume, study.volume.data)
+
+
+def test_feed_returns_and_status_counts_only_applied_chunks(rng):
+    """A residual that arrives before its base is held: neither returned by feed nor counted
+    as applied until the base comes (the cause of a flaky fuzz test)."""
+    study = prepared_study(rng)
+    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2)).frames())
+    base, residual = parse_frame(frames[1]), parse_frame(frames[2])
+    assert (base.layer, residual.layer) == (0, 1)
+    stream = StudyStream()
+    assert stream.feed(frames[0] + frames[2]) == []
+    status = stream.status()
+    assert status["chunks_applied"] == 0 and status["duplicates"] == 0
+    assert [(c.seq, c.layer) for c in stream.feed(frames[1])] == [(base.seq, 0), (residual.seq, 1)]
+    assert stream.status()["chunks_applied"] == 2
+    assert stream.feed(frames[2] + frames[1]) == []
+    status = stream.status()
+    assert status["chunks_applied"] == 2 and status["duplicates"] == 2 and not stream.problems
+
+
+def test_progress_counts_slices_and_roi_voxels(rng):
+    study = prepared_study(rng)  # ROI: slices 1-3 (10 x 12 voxels each) and one more voxel
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2))
+    frames = list(encoder.frames())
+    reassembler = Reassembler(parse_frame(frames[0]))
+    start = reassembler.progress()
+    roi_voxels = int(study.roi.sum())
+    assert (start.chunks_planned, start.chunks_applied, start.slices) == (len(frames) - 2, 0, 6)
+    assert (start.slices_with_base, start.roi_exact_slices, start.exact_slices) == (0, 0, 0)
+    assert (start.roi_voxels, start.roi_voxels_exact, start.roi_fraction) == (roi_voxels, 0, 0.0)
+    seen = []
+    for frame in frames[1:-1]:
+        chunk = parse_frame(frame)
+        reassembler.apply(chunk)
+        progress = reassembler.progress()
+        layers = reassembler.slice_layers()
+        assert progress.slices_with_base == np.count_nonzero(layers & HAS_BASE)
+        exact_roi = reassembler.roi_exact_slices
+        assert progress.roi_voxels_exact == study.roi[exact_roi].sum()
+        assert progress.base_fraction == progress.slices_with_base / 6
+        seen.append((chunk.layer, progress.roi_fraction, progress.exact_fraction))
+    # ROI first: the ROI is complete before the first chunk of the exact layer is applied.
+    first_exact = next(i for i, (layer, _, _) in enumerate(seen) if layer == 2)
+    assert seen[first_exact - 1][1] == 1.0 and seen[first_exact - 1][2] < 1.0
+    assert seen[-1][1:] == (1.0, 1.0)
+    assert reassembler.progress().chunks_applied == len(frames) - 2
+    layers = reassembler.slice_layers()
+    assert not layers.flags.writeable and (layers & HAS_BASE).all()
+    # Without an exact layer, exact_slices is None and nothing counts as exact.
+    layered = Reassembler(parse_frame(next(iter(StudyEncoder(study, EncodeSettings()).frames()))))
+    assert layered.progress().exact_slices is None and layered.progress().exact_fraction == 0.0
