@@ -19,6 +19,9 @@ EXAMPLES = """examples:
 
 exit status (file mode): 0 complete, 1 failed or SHA-256 mismatch, 2 bad arguments,
 3 incomplete or damaged stream; (network mode): 0 after SIGINT/SIGTERM, 1 cannot start
+
+network mode prints one JSON line on stdout once it listens (its log goes to stderr):
+  {"event": "listening", "url": "http://127.0.0.1:8700", "pid": 4242, "out_dir": "received"}
 """
 READ_BYTES = 1 << 20
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -46,6 +47,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from receiver.store import StoreError, StudyRecord, StudyStore
+from shared.receiver_process import format_ready_line
 from shared.webrtc import sctp
 from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
 from shared.webrtc.protocol import (
@@ -730,8 +732,13 @@ def run_listen(args, parser) -> int:
                            snapshot_interval=args.snapshot_interval,
                            snapshot_format=args.snapshot_format,
                            max_sessions=args.max_sessions)
+
+    def announce(service: ReceiverService) -> None:
+        # The one line on stdout (the log goes to stderr): shared/receiver_process.py reads it.
+        print(format_ready_line(service.url, os.getpid(), config.out_dir), flush=True)
+
     try:
-        asyncio.run(serve(config, host, port))
+        asyncio.run(serve(config, host, port, ready=announce))
     except StoreError as error:
         print(f"dlad-receive: error: {error}", file=sys.stderr)
         return 1

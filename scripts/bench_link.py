@@ -68,7 +68,8 @@ sys.path.insert(0, str(ROOT))
 
 from receiver.reassembly import Reassembler  # noqa: E402
 from shared.link import PROFILES, LinkParams, run_behind_link  # noqa: E402
-from shared.link.demo import Child, DemoError, milestone_seconds, sender_command, start_receiver, write_token_file  # noqa: E402
+from shared.link.demo import Child, DemoError, milestone_seconds, sender_command, write_token_file  # noqa: E402
+from shared.receiver_process import ReceiverProcess, ReceiverStartError  # noqa: E402
 from shared.wire import FrameReader  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -163,12 +164,12 @@ def completeness(folder: Path, samples: list[tuple[float, int]]) -> list[tuple[f
 async def run_case(case: Case, token_file: Path, work: Path) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"{case.profile}-{case.mode}-{case.run}-", dir=work))
     out_dir = folder / "out"
-    receiver, receiver_url = await start_receiver(out_dir, token_file, folder / "receiver.log")
+    receiver = await asyncio.to_thread(ReceiverProcess.start, out_dir, token_file, folder / "receiver.log")
     proxy = sender = watcher_task = None
     try:
-        url, proxy = await run_behind_link(receiver_url, case.params, seed=case.seed)
+        url, proxy = await run_behind_link(receiver.url, case.params, seed=case.seed)
         origin, origin_monotonic = time.time(), time.monotonic()
-        receiver_cpu, link_cpu = cpu_seconds(receiver.process.pid), time.process_time()
+        receiver_cpu, link_cpu = cpu_seconds(receiver.pid), time.process_time()
         watcher = Watcher(out_dir, origin_monotonic)
         watcher_task = asyncio.create_task(watcher.run())
         sender = await Child.start(sender_command(case.send_args, url, token_file), folder / "sender.log")
@@ -183,7 +184,7 @@ async def run_case(case: Case, token_file: Path, work: Path) -> dict:
             raise BenchError(f"{case.profile} {case.mode}: dlad-send exited {returncode}: {sender.log_tail(5)}")
         status = await final_status(out_dir)
         await asyncio.sleep(3 * POLL_S)  # a last sample of the log
-        receiver_now = cpu_seconds(receiver.process.pid)
+        receiver_now = cpu_seconds(receiver.pid)
         if receiver_now is None:
             raise BenchError(f"{case.profile} {case.mode}: the receiver exited: {receiver.log_tail(5)}")
         cpu = {"sender": watcher.sender_cpu, "receiver": receiver_now - receiver_cpu,
@@ -195,7 +196,7 @@ async def run_case(case: Case, token_file: Path, work: Path) -> dict:
             await sender.stop()
         if proxy is not None:
             await proxy.stop()
-        await receiver.stop()
+        await asyncio.to_thread(receiver.stop, 10.0)
     study = out_dir / status["folder"]
     return measure(case, status, study, watcher.samples, proxy, origin, origin_monotonic, sender_wall, cpu)
 
@@ -448,7 +449,7 @@ def main(argv=None) -> int:
         print(f"{case.profile} {case.mode} run {case.run} ...", file=sys.stderr, flush=True)
         try:
             result = asyncio.run(run_case(case, token_file, work))
-        except (BenchError, DemoError) as error:
+        except (BenchError, DemoError, ReceiverStartError) as error:
             print(f"bench_link: error: {error} (logs in {work})", file=sys.stderr)
             return 1
         results.append(result)

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,10 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.receiver_process import ReceiverProcess  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -60,37 +62,12 @@ def proc_mem(pid: int) -> dict:
     return values
 
 
-class Receiver:
-    def __init__(self, folder: Path, token_file: Path, *extra: str):
-        self.out = folder / "out"
-        self.log_path = folder / "receiver.log"
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "--listen", "127.0.0.1:0", "--token-file",
-             str(token_file), "--out-dir", str(self.out), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = re.search(r"listening on (http://\S+)", self.log_path.read_text())
-            if found:
-                self.url = found.group(1)
-                break
-            if self.process.poll() is not None:
-                raise RuntimeError(self.log_path.read_text())
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("receiver did not start")
-        time.sleep(1.0)  # let it settle before the idle baseline
-        self.idle = proc_mem(self.process.pid)
-        self.cpu0 = proc_cpu(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+def start_receiver(folder: Path, token_file: Path) -> tuple[ReceiverProcess, dict, float]:
+    """A receiver process for one run, settled: (it, its idle memory, its CPU seconds so far)."""
+    receiver = ReceiverProcess.start(folder / "out", token_file, folder / "receiver.log",
+                                     timeout=120, cwd=ROOT)
+    time.sleep(1.0)  # let it settle before the idle baseline
+    return receiver, proc_mem(receiver.pid), proc_cpu(receiver.pid)
 
 
 def iso_epoch(text: str) -> float:
@@ -99,7 +76,7 @@ def iso_epoch(text: str) -> float:
 
 def run_once(name: str, sender_args: list[str], token_file: Path, work: Path) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
-    receiver = Receiver(folder, token_file)
+    receiver, idle, cpu0 = start_receiver(folder, token_file)
     try:
         command = [sys.executable, "-m", "sender.cli", *sender_args, "--to", receiver.url,
                    "--token-file", str(token_file), "--quiet"]
@@ -108,16 +85,16 @@ def run_once(name: str, sender_args: list[str], token_file: Path, work: Path) ->
                                   stderr=subprocess.PIPE, text=True)
         peak = 0
         while sender.poll() is None:
-            peak = max(peak, proc_mem(receiver.process.pid)["VmHWM"])
+            peak = max(peak, proc_mem(receiver.pid)["VmHWM"])
             time.sleep(0.05)
         out, err = sender.communicate()
         ended = time.time()
         time.sleep(0.5)  # the receiver's last snapshot
-        cpu = proc_cpu(receiver.process.pid) - receiver.cpu0
-        memory = proc_mem(receiver.process.pid)
+        cpu = proc_cpu(receiver.pid) - cpu0
+        memory = proc_mem(receiver.pid)
         if sender.returncode != 0:
             raise RuntimeError(f"{name}: dlad-send exited {sender.returncode}: {err[-2000:]}")
-        (status_file,) = receiver.out.glob("*/status.json")
+        (status_file,) = receiver.out_dir.glob("*/status.json")
         status = json.loads(status_file.read_text())
     finally:
         receiver.stop()
@@ -138,16 +115,15 @@ def run_once(name: str, sender_args: list[str], token_file: Path, work: Path) ->
         "to_complete_s": round(iso_epoch(times["complete"]) - started, 2),
         "receiver_cpu_s": round(cpu, 2),
         "receiver_cores": round(cpu / max(last_pass["seconds"], 1e-3), 2),
-        "receiver_idle_rss_mb": round(receiver.idle["VmRSS"] / 1e6, 1),
+        "receiver_idle_rss_mb": round(idle["VmRSS"] / 1e6, 1),
         "receiver_peak_rss_mb": round(peak / 1e6, 1),
-        "receiver_increase_mb": round((peak - receiver.idle["VmRSS"]) / 1e6, 1),
+        "receiver_increase_mb": round((peak - idle["VmRSS"]) / 1e6, 1),
         "volume_mb": round(volume_bytes / 1e6, 1),
         "target_3x_volume_mb": round(3 * volume_bytes / 1e6, 1),
     }
 
 
 def encode_large_phantom(path: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from models.phantoms import make_phantom
     from sender.encoder import EncodeSettings, StudyEncoder
     from sender.pipeline import prepare_study

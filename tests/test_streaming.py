@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from receiver.store import HEADER_FILE, LOG_FILE, STATUS_FILE, StudyStore, folde
 from receiver.stream import StudyStream
 from sender.transport import FileSource, Refused, StreamOptions, TransportError, stream_study
 from shared.nifti import read_nifti
+from shared.receiver_process import ReceiverProcess
 from shared.webrtc.ice import ice_hosts
 from shared.webrtc.protocol import CHANNEL_LABEL, encode_control, split_message
 from shared.wire import KIND_DATA, MAGIC, PREFIX, WIRE_VERSION, DataChunk, FrameReader, StreamEnd, StreamHeader, frame
@@ -505,38 +505,10 @@ def test_store_refuses_a_second_receiver_on_the_same_folder(tmp_path):
 
 # --- separate processes ------------------------------------------------------------------------
 
-class ReceiverProcess:
-    """``dlad-receive --listen 127.0.0.1:0`` in a child process; its URL read from its log."""
-
-    def __init__(self, tmp_path: Path, token_file: Path, *extra: str):
-        self.out = tmp_path / "out"
-        self.log_path = tmp_path / "receiver.log"
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "--listen", "127.0.0.1:0", "--token-file",
-             str(token_file), "--out-dir", str(self.out), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log_path.read_text())
-            if found:
-                self.url = found.group(1)
-                return
-            assert self.process.poll() is None, self.log_path.read_text()
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError("the receiver did not start")
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.log.close()
-        return self.log_path.read_text()
+def start_receiver_process(tmp_path: Path, token_file: Path, *options: str) -> ReceiverProcess:
+    """``dlad-receive --listen 127.0.0.1:0`` in a child process, out-dir ``tmp_path/out``."""
+    return ReceiverProcess.start(tmp_path / "out", token_file, tmp_path / "receiver.log", *options,
+                                 cwd=ROOT)
 
 
 def send_command(token_file: Path, url: str, *args: str) -> list[str]:
@@ -546,7 +518,7 @@ def send_command(token_file: Path, url: str, *args: str) -> list[str]:
 
 def test_live_stream_real_ct_separate_processes(tmp_path, token_file, abdomen_dicom,
                                                 abdomen_liver, abdomen_volume):
-    receiver = ReceiverProcess(tmp_path, token_file, "--snapshot-interval", "0.5")
+    receiver = start_receiver_process(tmp_path, token_file, "--snapshot-interval", "0.5")
     try:
         sent = subprocess.run(send_command(token_file, receiver.url, str(abdomen_dicom),
                                            "--roi-mask", str(abdomen_liver), "--exact"),
@@ -555,9 +527,11 @@ def test_live_stream_real_ct_separate_processes(tmp_path, token_file, abdomen_di
         assert "SHA-256 verified by the receiver" in sent.stdout
         assert "receiver: ROI complete" in sent.stderr
     finally:
-        log = receiver.stop()
+        stopped = receiver.stop()
+    assert stopped == 0  # SIGINT: a clean stop
+    log = receiver.log_path.read_text()
     assert "ROI complete" in log and "SHA-256 of the exact volume verified" in log
-    (folder,) = study_folders(receiver.out)
+    (folder,) = study_folders(receiver.out_dir)
     header = FrameReader().feed((folder / HEADER_FILE).read_bytes())[0].chunk
     status = check_complete(folder, abdomen_volume, header)
     assert status["stream_key"] and status["sha256"] == header.sha256
@@ -584,7 +558,7 @@ def test_live_stream_real_ct_separate_processes(tmp_path, token_file, abdomen_di
 
 
 def test_sender_killed_mid_stream_then_run_again(tmp_path, token_file):
-    receiver = ReceiverProcess(tmp_path, token_file, "--snapshot-interval", "0.1")
+    receiver = start_receiver_process(tmp_path, token_file, "--snapshot-interval", "0.1")
     args = ("phantom", "--exact")
     try:
         first = subprocess.Popen(send_command(token_file, receiver.url, *args, "--quiet",
@@ -592,7 +566,7 @@ def test_sender_killed_mid_stream_then_run_again(tmp_path, token_file):
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         applied, deadline = 0, time.monotonic() + 240
         while time.monotonic() < deadline and first.poll() is None:
-            for status_file in receiver.out.glob(f"*/{STATUS_FILE}"):
+            for status_file in receiver.out_dir.glob(f"*/{STATUS_FILE}"):
                 try:
                     applied = json.loads(status_file.read_text())["chunks_applied"]
                 except (ValueError, KeyError, OSError):
@@ -609,9 +583,11 @@ def test_sender_killed_mid_stream_then_run_again(tmp_path, token_file):
         assert again.returncode == 0, again.stderr[-3000:]
         assert "receiver already has" in again.stderr
     finally:
-        log = receiver.stop()
+        stopped = receiver.stop()
+    assert stopped == 0  # SIGINT: a clean stop
+    log = receiver.log_path.read_text()
     assert "takes over" in log or "closed" in log
-    (folder,) = study_folders(receiver.out)
+    (folder,) = study_folders(receiver.out_dir)
     status = json.loads((folder / STATUS_FILE).read_text())
     assert status["state"] == "complete" and status["verified_sha256"] is True
     assert status["duplicates"] == 0 and status["transfer"]["sessions"] == 2

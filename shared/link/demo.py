@@ -7,8 +7,9 @@ file (mode 0600) for both, prints the link's counters and the study's progress o
 interval and every milestone the receiver reaches, then a summary; it stops every process it
 started when the sender is done, on Ctrl-C or SIGTERM, or after ``--duration``.
 
-The process helpers (:class:`Child`, :func:`start_receiver`, :func:`write_token_file`,
-:func:`study_status`, :func:`milestone_seconds`) are also what ``scripts/bench_link.py`` uses.
+The process helpers (:class:`Child`, :func:`write_token_file`, :func:`study_status`,
+:func:`milestone_seconds`) are also what ``scripts/bench_link.py`` uses; both start the receiver
+with :class:`shared.receiver_process.ReceiverProcess`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -29,6 +29,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from shared.receiver_process import ReceiverProcess, ReceiverStartError
 from shared.webrtc.protocol import MILESTONE_TEXT
 
 from .arguments import (
@@ -48,7 +49,6 @@ DEFAULT_PROFILE = "wifi-2m"
 DEFAULT_SEND = ["phantom", "--exact"]
 #: dlad-send options the demo sets itself.
 _RESERVED_SEND_OPTIONS = ("--to", "--out", "--token-file")
-_LISTENING = re.compile(r"listening on (http://\S+)")
 
 _DESCRIPTION = """\
 Stream a study through an emulated link in one command: start a receiver (dlad-receive
@@ -129,24 +129,6 @@ def write_token_file(path: Path) -> Path:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(secrets.token_hex(32) + "\n")
     return path
-
-
-async def start_receiver(out_dir: Path, token_file: Path, log_path: Path, *options: str,
-                         timeout: float = 60.0) -> tuple[Child, str]:
-    """Start ``dlad-receive --listen`` on a free loopback port; return it and its URL once it listens."""
-    child = await Child.start([
-        sys.executable, "-m", "receiver.cli", "--listen", "127.0.0.1:0", "--token-file", str(token_file),
-        "--out-dir", str(out_dir), *options], log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = _LISTENING.search(log_path.read_text(errors="replace"))
-        if found:
-            return child, found.group(1)
-        if child.returncode is not None:
-            raise DemoError(f"the receiver exited with status {child.returncode}: {child.log_tail(1)}")
-        await asyncio.sleep(0.05)
-    await child.stop()
-    raise DemoError(f"the receiver did not start listening within {timeout:g} s (log: {log_path})")
 
 
 def sender_command(send_args: list[str], url: str, token_file: Path) -> list[str]:
@@ -273,7 +255,12 @@ async def run_demo(send_args: list[str], uplink: LinkParams, downlink: LinkParam
     print(f"dlad-link demo: uplink   {uplink.describe()}\ndlad-link demo: downlink {downlink.describe()}", flush=True)
     receiver = sender = proxy = None
     try:
-        receiver, receiver_url = await start_receiver(out_dir, token_file, workspace / "receiver.log")
+        try:
+            receiver = await asyncio.to_thread(ReceiverProcess.start, out_dir, token_file,
+                                               workspace / "receiver.log")
+        except ReceiverStartError as error:
+            raise DemoError(str(error)) from None
+        receiver_url = receiver.url
         proxy = SignalingProxy(receiver_url, uplink, downlink, listen=listen, seed=seed)
         try:
             await proxy.start()
@@ -329,7 +316,7 @@ async def run_demo(send_args: list[str], uplink: LinkParams, downlink: LinkParam
         if proxy is not None:
             await proxy.stop()
         if receiver is not None:
-            await receiver.stop()
+            await asyncio.to_thread(receiver.stop, 10.0)
         token_file.unlink(missing_ok=True)
         if keep_workspace:
             print(f"dlad-link demo: logs of the receiver and the sender in {workspace}", flush=True)
