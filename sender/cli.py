@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings
 from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
 from sender.pipeline import PHANTOM
@@ -27,6 +28,8 @@ EXAMPLES = """examples:
   # DICOM series with a liver mask (aligned through physical space), default layered mode
   dlad-send ../shared/data/abdomen_ct_dicom --roi-mask ../shared/data/abdomen_ct_liver.nii.gz \\
       --out study.dlad
+  # a folder with several series: choose one (the error lists them with their UIDs)
+  dlad-send dicom_folder/ --series-uid 1.2.840.113619.2.55.3.1234 --out study.dlad
   # multi-label TotalSegmentator mask (label 5 = liver), plus the exact layer
   dlad-send ct.nii.gz --roi-mask total.nii.gz --roi-label 5 --exact --out study.dlad
   # paper-style: one lossless codec on the diffused volume (ROI bit-exact)
@@ -67,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --to: cap the sending rate (Mbit/s)")
     where.add_argument("--drop-after", type=int, metavar="N", help=argparse.SUPPRESS)
     where.add_argument("--study-id", help="study id in the stream (default: input name + hash)")
+    dicom = parser.add_argument_group("DICOM input (a folder of one series)")
+    dicom.add_argument("--series-uid", metavar="UID",
+                       help="read this SeriesInstanceUID when the folder holds several series "
+                            "('' for the images without one); without it such a folder is "
+                            "refused with the list of its series")
+    dicom.add_argument("--allow-gaps", action="store_true",
+                       help="fill missing slices (a gap of whole slice spacings) with the "
+                            "volume's lowest value at their own positions instead of refusing "
+                            "the series; the other slices keep their positions (never resampled)")
+    dicom.add_argument("--skip-unreadable", action="store_true",
+                       help="leave out files of the folder that are not readable DICOM (named "
+                            "in a warning) instead of refusing the series")
     roi = parser.add_argument_group("region of interest (sent bit-exact)")
     roi.add_argument("--roi", metavar="unet|body|box:x0,x1,y0,y1,z0,z1",
                      help="automatic ROI when no --roi-mask is given: 'unet' (default: the "
@@ -146,8 +161,10 @@ def encoder_from_args(args) -> StudyEncoder:
     steering, diffusion, encode = settings_from_args(args)
     roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
                     allow_small=args.allow_small_roi)
+    dicom = DicomOptions(series_uid=args.series_uid, allow_gaps=args.allow_gaps,
+                         skip_unreadable=args.skip_unreadable)
     return build_encoder(args.input, roi, steering, diffusion, encode, device=args.device,
-                         study_id=args.study_id)
+                         study_id=args.study_id, dicom=dicom)
 
 
 def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:

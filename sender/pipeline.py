@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings, diffuse
 from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.roi.provider import ProbabilityProvider
@@ -124,6 +125,8 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
              diffusion.iterations, diffusion.mode, time.perf_counter() - started)
     provenance = {
         "input": volume.description,
+        **({"inserted_slices": volume.extra["inserted_slices"]}
+           if volume.extra.get("inserted_slices") else {}),
         "roi": {**provider.describe(), **asdict(steering),
                 "fraction": round(steering_map.roi_fraction, 6)},
         "diffusion": asdict(diffusion),
@@ -138,8 +141,12 @@ def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
                   steering: SteeringSettings = SteeringSettings(),
                   diffusion: DiffusionSettings = DiffusionSettings(),
                   encode: EncodeSettings = EncodeSettings(), device: str | None = None,
-                  study_id: str | None = None) -> StudyEncoder:
-    """Load ``source`` (a path, or :data:`PHANTOM`), segment, diffuse: a ready StudyEncoder."""
+                  study_id: str | None = None, dicom: DicomOptions = DicomOptions()
+                  ) -> StudyEncoder:
+    """Load ``source`` (a path, or :data:`PHANTOM`), segment, diffuse: a ready StudyEncoder.
+
+    ``dicom`` holds the choices for a DICOM folder (series, gaps, unreadable files).
+    """
     from sender.io import load_volume
 
     started = time.perf_counter()
@@ -148,7 +155,7 @@ def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
         from models.phantoms import make_phantom
         volume, phantom_mask = make_phantom(**PHANTOM_SETTINGS)
     else:
-        volume = load_volume(source)
+        volume = load_volume(source, dicom)
     log.info("loaded %s: %s voxels, spacing %s mm, %s in %.1f s", volume.description,
              "x".join(map(str, volume.shape)), tuple(round(s, 3) for s in volume.spacing),
              volume.source_dtype, time.perf_counter() - started)
