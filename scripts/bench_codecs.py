@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Codec benchmark on a real CT: the paper's Table 3, the K sweep, the layered modes, diffusion speed.
+"""Codec benchmark on a real CT: the paper's Table 3, the K sweep, the layered modes.
 
 Reproduces Luu et al.'s Table 3 (compression ratio of each codec on the original and on the
 probability-steered diffused volume, with the ROI bit-exact) and goes on with what dlad-stream
-adds: the layered ROI-lossless streams, a sweep of the diffusion edge threshold K (and the base
-CRF) that picks the default, and the diffusion speed against a plain NumPy scheme.
+adds: the layered ROI-lossless streams and a sweep of the diffusion edge threshold K (and the
+base CRF). Diffusion speed: ``scripts/bench_diffusion.py``; against other codecs:
+``scripts/bench_peers.py``; what diffusion buys: ``scripts/study_diffusion.py``.
 
 Compression ratio = raw int16 bytes of the original / all bytes written (headers included for
 streams). PSNR with L = 65535 (the paper) and L = 4095; SSIM with L = 4095 (11x11 Gaussian,
@@ -28,7 +29,6 @@ import torch
 
 from receiver.stream import StudyStream
 from sender.diffusion import DiffusionSettings, diffuse
-from sender.diffusion_numpy import diffuse_numpy
 from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.io import load_volume
 from sender.roi.mask_file import MaskFileProvider
@@ -48,13 +48,11 @@ def table(headers, rows) -> str:
     return "\n".join(lines)
 
 
-def timed(function, *args, repeat=1, **kwargs):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = function(*args, **kwargs)
-        best = min(best, time.perf_counter() - started)
-    return result, best
+def timed(function, *args, **kwargs):
+    """``(result, seconds)`` of one call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
 
 
 def code_volume(codec_name: str, voxels: np.ndarray):
@@ -121,34 +119,8 @@ def main(argv=None) -> int:
           f"({volume.nbytes_int16} raw int16 bytes); ROI {100 * roi.mean():.2f} % of voxels; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 
-    # 1. Diffusion speed: torch scheme against the plain NumPy scheme, same run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the NumPy scheme is single-threaded: compare like with like
-    _, single_s = timed(diffuse, original, steering.probability, defaults, "cpu", repeat=3)
-    torch.set_num_threads(threads)
-    diffused, torch_s = timed(diffuse, original, steering.probability, defaults, "cpu", repeat=3)
-    reference, numpy_s = timed(diffuse_numpy, original, steering.probability, defaults.kappa,
-                               defaults.iterations)
-    rows = [["NumPy explicit (float64, 4 fluxes), 1 thread", f"{numpy_s:.3f}", "1.0"],
-            ["dlad-stream torch CPU (float32), 1 thread", f"{single_s:.3f}",
-             f"{numpy_s / single_s:.1f}"],
-            [f"dlad-stream torch CPU (float32), {threads} threads", f"{torch_s:.3f}",
-             f"{numpy_s / torch_s:.1f}"]]
-    if torch.cuda.is_available():
-        big = np.tile(original, (5, 1, 1))[:90]
-        big_p = np.tile(steering.probability, (5, 1, 1))[:90]
-        diffuse(big, big_p, defaults, "cuda")
-        torch.cuda.synchronize()
-        _, gpu_s = timed(diffuse, big, big_p, defaults, "cuda", repeat=5)
-        rows.append([f"torch CUDA, 90x512x512 ({torch.cuda.get_device_name()}, incl. copies)",
-                     f"{gpu_s:.4f}", "-"])
-    print(f"## Diffusion speed (K = {defaults.kappa:g} HU, {defaults.iterations} iterations, "
-          "2D)\n")
-    print(table(["implementation", "seconds", "speed-up"], rows))
-    differing = int((diffused != reference).sum())
-    print(f"\ntorch vs NumPy: {differing} voxels differ after rounding (max |diff| "
-          f"{int(np.abs(diffused.astype(int) - reference).max())} HU); ROI voxels identical: "
-          f"{bool(np.array_equal(diffused[roi], original[roi]))}\n")
+    # Diffusion speed and its accuracy against the NumPy oracle: scripts/bench_diffusion.py.
+    diffused = diffuse(original, steering.probability, defaults)
 
     # 2. K x CRF sweep of the layered default: largest CR with SSIM >= target.
     kappas = [float(v) for v in args.kappas.split(",")] if not args.skip_sweep else []
