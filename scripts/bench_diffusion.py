@@ -55,9 +55,11 @@ def load_study(args) -> tuple[np.ndarray, np.ndarray, str]:
     from sender.roi.steering import SteeringSettings, steer
 
     if args.synthetic:
-        from sender.synthetic_phantom import make_phantom
+        from models.phantoms import make_phantom
 
-        volume, mask = make_phantom(args.synthetic, seed=1)
+        nz, ny, nx = args.synthetic
+        # A whole abdomen (about 400 mm across) in the asked grid.
+        volume, mask = make_phantom(args.synthetic, spacing=(400 / nx, 400 / ny, 2.5), seed=1)
         probability = mask.astype(np.float32)
         margin = 0.0
         name = f"synthetic phantom {'x'.join(map(str, args.synthetic))}"
