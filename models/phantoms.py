@@ -271,3 +271,93 @@ def insert_lesion(hu: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
     texture = _smooth_field(rng, hu.shape, 3, 0.15 * abs(delta))
     hu += (weight * (delta + texture)).astype(hu.dtype)
     return weight
+
+
+def make_head_phantom(shape=(24, 256, 256), spacing=(0.9, 0.9, 5.0), seed: int = 0,
+                      noise_hu: float = 4.0) -> tuple[Volume, np.ndarray]:
+    """A synthetic head CT slab and a target mask: a scan unlike the abdominal ones.
+
+    Head CT differs from abdominal CT in what a codec sees: a thick skull (cortical bone up to
+    about 1900 HU around a 500-900 HU diploe) next to brain tissue whose grey/white contrast is
+    only about 10 HU, thin CSF spaces, a lot of air, and low noise (about 3-5 HU, thin slices
+    of a dose-intensive protocol). The head is an ellipsoid (about 150 x 185 x 200 mm, seen
+    through a smooth random deformation) with scalp and subcutaneous fat, the skull's two
+    tables and diploe, a CSF rim, a cortical grey-matter ribbon with deep grey nuclei, white
+    matter, lateral ventricles and the falx. The target is an enhancing lesion with a
+    hypodense edema in one hemisphere; its mask (the lesion plus a 10 mm margin) plays the ROI.
+
+    Args:
+        shape: ``(nz, ny, nx)`` voxels.
+        spacing: ``(sx, sy, sz)`` in mm.
+        seed: everything random derives from it.
+        noise_hu: standard deviation of the Gaussian quantum noise in HU.
+
+    Returns:
+        ``(volume, target)``: int16 HU on the same LPS grid convention as :func:`make_phantom`,
+        and a bool mask of the same shape.
+    """
+    nz, ny, nx = (int(n) for n in shape)
+    sx, sy, sz = (float(s) for s in spacing)
+    if min(nz, ny, nx) < 1 or min(sx, sy, sz) <= 0:
+        raise ValueError(f"shape and spacing must be positive, got {shape}, {spacing}")
+    if not noise_hu >= 0:
+        raise ValueError(f"noise_hu must be >= 0, got {noise_hu}")
+    rng = np.random.default_rng(seed)
+    grid = (nz, ny, nx)
+    semi_x, semi_y, semi_z = rng.uniform(70, 80), rng.uniform(88, 98), rng.uniform(95, 110)
+    # z: mm above the head's centre; the slab ends below the vertex (at most 0.85 semi_z up).
+    span = (nz - 1) * sz
+    z_bottom = min(rng.uniform(-50, -20), 0.85 * semi_z - span)
+    z = (z_bottom + np.arange(nz) * sz)[:, None, None]
+    y = (np.arange(ny)[None, :, None] - (ny - 1) / 2) * sy + _smooth_field(rng, grid, 24, 4.0)
+    x = (np.arange(nx)[None, None, :] - (nx - 1) / 2) * sx + _smooth_field(rng, grid, 24, 4.0)
+    level = np.sqrt(np.clip(1.0 - (z / semi_z) ** 2, 0.0, 1.0))  # the ellipsoid's section
+
+    def shell(inset_mm):
+        """Inside the head's outline shrunk by ``inset_mm``."""
+        return _ellipse(x, y, 0, 0, np.maximum(semi_x * level - inset_mm, 1e-3),
+                        np.maximum(semi_y * level - inset_mm, 1e-3))
+
+    hu = np.full(grid, -1000.0)
+    scalp, fat = rng.uniform(2, 4), rng.uniform(1, 3)
+    outer_table, diploe, inner_table = rng.uniform(1.5, 2.5), rng.uniform(2, 5), rng.uniform(1, 2)
+    csf = rng.uniform(1, 2.5)
+    insets = np.cumsum([scalp, fat, outer_table, diploe, inner_table, csf])
+    hu[shell(0)] = rng.uniform(30, 50)                     # scalp
+    hu[shell(insets[0])] = rng.uniform(-110, -70)          # subcutaneous fat
+    hu[shell(insets[1])] = rng.uniform(1600, 1900)         # outer table
+    hu[shell(insets[2])] = rng.uniform(500, 900)           # diploe
+    hu[shell(insets[3])] = rng.uniform(1600, 1900)         # inner table
+    hu[shell(insets[4])] = rng.uniform(4, 12)              # CSF
+    brain = shell(insets[5])
+    grey, white = rng.uniform(35, 42), rng.uniform(24, 30)
+    hu[brain] = white
+    # Cortical ribbon (3 mm, folded by a smooth field) and deep grey nuclei.
+    folds = _smooth_field(rng, grid, 6, 2.5)
+    hu[brain & ~_ellipse(x, y, 0, 0, np.maximum(semi_x * level - insets[5] - 3 - folds, 1e-3),
+                         np.maximum(semi_y * level - insets[5] - 3 - folds, 1e-3))] = grey
+    for side in (-1, 1):
+        hu[brain & _ellipse(x, y, side * 18, 5, 9 * level + 1e-3, 14 * level + 1e-3)] = grey
+    # Lateral ventricles, the falx between the hemispheres.
+    ventricle_size = np.clip(1.0 - np.abs(z - 15) / 40, 0, 1)
+    for side in (-1, 1):
+        hu[brain & _ellipse(x, y, side * 8, -5, 5 * ventricle_size + 1e-3,
+                            25 * ventricle_size + 1e-3, side * 0.15)] = rng.uniform(2, 10)
+    hu[brain & (np.abs(x) < 0.8) & (np.abs(y) > 30 * ventricle_size + 5)] = rng.uniform(55, 80)
+    # The target: an enhancing lesion with an edema ring, in one hemisphere.
+    side = rng.choice([-1, 1])
+    cx, cy = side * rng.uniform(25, 40) * level.max(), rng.uniform(-35, 35)
+    cz = z_bottom + rng.uniform(0.35, 0.65) * (nz - 1) * sz
+    radius = rng.uniform(8, 16)
+    distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
+    hu[brain & (distance < 1.8 * radius)] = white - rng.uniform(8, 14)    # edema
+    hu[brain & (distance < radius)] = grey + rng.uniform(15, 40)           # enhancing
+    target = brain & (distance < 1.8 * radius + 10.0)
+    hu = ndimage.gaussian_filter(hu, sigma=(0, rng.uniform(0.4, 0.8), rng.uniform(0.4, 0.8)))
+    hu += rng.normal(0.0, noise_hu, grid)
+    hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    affine = np.array([[-sx, 0, 0, (nx - 1) / 2 * sx], [0, -sy, 0, (ny - 1) / 2 * sy],
+                       [0, 0, sz, z_bottom], [0, 0, 0, 1.0]])
+    volume = Volume(data=hu, affine=affine, spacing=(sx, sy, sz),
+                    description=f"synthetic head phantom (seed {seed})")
+    return volume, np.ascontiguousarray(target)
