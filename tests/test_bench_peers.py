@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("imagecodecs", reason="the peers of bench_peers run through imagecodecs")
 
 PEERS = ("JPEG XL effort 7", "JPEG XL effort 3", "JPEG 2000", "HTJ2K", "CharLS JPEG-LS", "zstd 19")
 
