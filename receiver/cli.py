@@ -18,7 +18,8 @@ EXAMPLES = """examples:
   dlad-receive --listen 127.0.0.1:8700 --token-file token.txt --out-dir received/
 
 exit status (file mode): 0 complete, 1 failed or SHA-256 mismatch, 2 bad arguments,
-3 incomplete or damaged stream; (network mode): 0 after SIGINT/SIGTERM, 1 cannot start
+3 incomplete or damaged stream (a block whose ROI fails its digest check is dropped: partial);
+(network mode): 0 after SIGINT/SIGTERM, 1 cannot start
 
 network mode prints one JSON line on stdout once it listens (its log goes to stderr):
   {"event": "listening", "url": "http://127.0.0.1:8700", "pid": 4242, "out_dir": "received"}
@@ -112,12 +113,19 @@ def summary(status: dict, out: Path) -> str:
     lines = [f"wrote {out}: study {status['study_id']}, {status['chunks_applied']}/"
              f"{status['chunks_planned']} chunks, {status['bytes_received']} bytes"]
     nz = status["shape"][0]
-    lines.append(f"  base: {status['slices_with_base']}/{nz} slices; ROI exact: "
-                 f"{'yes' if status['roi_complete'] else 'no'} "
-                 f"({status['roi_exact_slices']}/{nz} slices)")
+    if status["roi_digest_blocks"] or status["roi_complete"]:
+        roi = (f"ROI exact (verified against the sender's digests): "
+               f"{'yes' if status['roi_complete'] else 'no'} "
+               f"({status['roi_exact_slices']}/{nz} slices)")
+    else:
+        roi = "ROI exact: not verifiable (the stream carries no ROI digests)"
+    if status["roi_mismatches"]:
+        roi += f"; {status['roi_mismatches']} ROI digest MISMATCH(ES): those chunks were dropped"
+    lines.append(f"  base: {status['slices_with_base']}/{nz} slices; {roi}")
     if status["exact_expected"]:
-        verified = {True: "SHA-256 verified", False: "SHA-256 MISMATCH", None: "not complete"}
-        lines.append(f"  exact layer: {status['exact_slices']}/{nz} slices "
+        verified = {True: "whole volume SHA-256 verified", False: "whole volume SHA-256 MISMATCH",
+                    None: "not complete, not verified"}
+        lines.append(f"  exact layer: {status['exact_layer_slices']}/{nz} slices applied "
                      f"({verified[status['verified_sha256']]})")
     if status["missing_chunks"]:
         missing = status["missing_chunks"]

@@ -6,7 +6,18 @@ stays at one volume plus the decoder's state and, for a residual, its decoded bl
 decoded straight into the volume, the ROI mask stays bit-packed (unpacked one slice at a time)
 and everything after decoding works in place. Every chunk is checked against the header's
 plan (slice range, layer, codec) and, for residuals, against the digest of the base block they
-were computed on; anything that does not fit is rejected with a reason and never applied.
+were computed on; anything that does not fit is rejected with a reason and never applied. A
+chunk whose voxels would leave the header's HU range is wrong whatever its checksum says: it is
+rejected before it touches the volume.
+
+Nothing is called exact that is not proven. A block's ROI counts as exact only once its decoded
+ROI voxels hash to the sender's digest of the original (:func:`shared.layers.roi_digest`, in
+the header's ``roi_digests``), checked as soon as the block has its base and its ROI residual
+(or a lossless base). On a mismatch (a checksum-valid but wrong base or residual: a faulty
+decoder, another codec build, a hostile peer) the block's applied chunks of every layer are
+dropped: its slices go back to "not received", the chunks count as missing again (a live sender
+resends them on its next pass) and nothing of them stays counted as base, ROI or exact. The
+whole volume is exact only when its SHA-256 equals the header's.
 
 What a caller reads: :meth:`Reassembler.apply` returns the chunks a call applied (a residual
 that arrives before its base is held, and applied, and returned, with that base);
@@ -23,12 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.codecs import Codec, CodecError, get_codec
-from shared.layers import apply_residual, block_digest, clip_base
+from shared.layers import block_digest, clip_base, roi_digest
 from shared.volume import Volume
 from shared.wire import DataChunk, StreamHeader, voxel_sha256
 
-#: Bits of :meth:`Reassembler.slice_layers`: the slice's base, its ROI residual, its rest residual.
-HAS_BASE, HAS_ROI_RESIDUAL, HAS_REST_RESIDUAL = 1, 2, 4
+#: Bits of :meth:`Reassembler.slice_layers` (and of status.json's ``slice_layers``): the slice's
+#: base, its ROI residual, its rest residual, and its ROI verified against the sender's digest.
+HAS_BASE, HAS_ROI_RESIDUAL, HAS_REST_RESIDUAL, ROI_VERIFIED = 1, 2, 4, 8
 _LAYER_BIT = {0: HAS_BASE, 1: HAS_ROI_RESIDUAL, 2: HAS_REST_RESIDUAL}
 
 
@@ -41,13 +53,13 @@ class Milestones:
     """Seconds since the reassembler started at which each milestone was reached."""
 
     first_roi_slice: float | None = None
-    """First slice whose ROI voxels are all exact."""
+    """First slice whose ROI voxels are verified exact (digest checked)."""
     roi_complete: float | None = None
-    """Every ROI voxel exact."""
+    """Every ROI voxel verified exact."""
     base_complete: float | None = None
     """Every slice has its base layer."""
     exact_complete: float | None = None
-    """Every voxel exact (only for streams that carry layer 2)."""
+    """Every voxel exact, SHA-256 verified (only for streams that carry layer 2)."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +75,20 @@ class Progress:
     slices_with_base: int
     """Slices whose base layer arrived: they can be viewed."""
     roi_exact_slices: int
-    """Slices whose ROI voxels are all exact (a slice without ROI voxels once it has a base)."""
+    """Slices whose ROI voxels are verified exact against the sender's digest (a slice without
+    ROI voxels once it has a base)."""
     exact_slices: int | None
-    """Slices whose every voxel is exact; ``None`` for a stream without an exact layer."""
+    """Slices proven exact: all once the whole volume's SHA-256 verified, else 0; ``None`` for
+    a stream without an exact layer."""
     roi_voxels: int
     """Voxels in the ROI."""
     roi_voxels_exact: int
-    """ROI voxels known to be exact (those of the ROI-exact slices)."""
+    """ROI voxels proven exact (those of the ROI-exact slices)."""
+    exact_layer_slices: int | None = None
+    """Slices with every layer applied (exact once the SHA-256 says so); ``None`` without an
+    exact layer."""
+    roi_mismatches: int = 0
+    """ROI digest checks that failed (each dropped its block)."""
 
     @property
     def roi_fraction(self) -> float:
@@ -107,8 +126,19 @@ class Reassembler:
                                         for z in range(nz)], dtype=np.int64)
         self._rest_per_slice = header.shape[1] * header.shape[2] - self._roi_per_slice
         self._base_lossless = bool(header.layers.get(0, {}).get("lossless", False))
+        #: Whole-volume SHA-256 check: None until every layer of every slice is in.
         self.verified: bool | None = None
-        #: Residuals queued before their base arrived and rejected once it did.
+        #: The sender's ROI digest of each block, and which slices passed their block's check.
+        self._roi_digests = {(z0, z1): digest for z0, z1, digest in header.roi_digests}
+        self._digest_block = np.full(nz, -1, dtype=np.int64)
+        self._digest_ranges = list(self._roi_digests)
+        for index, (z0, z1) in enumerate(self._digest_ranges):
+            self._digest_block[z0:z1] = index
+        self.roi_verified = np.zeros(nz, dtype=bool)
+        #: ROI digest checks that failed (each dropped its block).
+        self.roi_mismatches = 0
+        #: Residuals queued before their base arrived and rejected once it did, and blocks
+        #: dropped after a failed ROI check: messages for the stream's problems.
         self.late_rejections: list[str] = []
 
     # --- applying chunks ---------------------------------------------------------------------
@@ -176,33 +206,114 @@ class Reassembler:
         except BaseException:
             block.fill(self.header.value_range[0])
             raise
+        low, high = self.header.value_range
         if not self._base_lossless:
             clip_base(block, self.header.value_range)
+        elif block.size and (block.min() < low or block.max() > high):
+            block.fill(low)
+            raise ChunkRejected(f"chunk {chunk.seq}: lossless base with voxels outside the "
+                                f"header's range {low}..{high}")
         key = (chunk.z0, chunk.z1)
         self._base_digest[key] = block_digest(block)
         self._mark(chunk)
         applied = [chunk]
         for seq, (waiting, residual) in list(self._waiting_for_base.items()):
-            if (waiting.z0, waiting.z1) == key:
+            if key not in self._base_digest:
+                break  # a residual before this one dropped the base (and the others waiting)
+            if (waiting.z0, waiting.z1) == key and seq in self._waiting_for_base:
                 del self._waiting_for_base[seq]
                 try:
                     self._apply_residual(waiting, residual)
                     applied.append(waiting)
                 except ChunkRejected as error:
                     self.late_rejections.append(str(error))
+        self._verify_roi(chunk.z0, chunk.z1)
         return applied
+
+    def _region(self, z: int, layer: int) -> np.ndarray:
+        """The voxels of slice ``z`` that a residual of ``layer`` covers (one slice unpacked)."""
+        region = self.header.roi_slices(z, z + 1)[0]
+        if layer == 2:
+            np.logical_not(region, out=region)
+        return region
 
     def _apply_residual(self, chunk: DataChunk, block: np.ndarray) -> None:
         if chunk.params.get("base_digest") != self._base_digest[(chunk.z0, chunk.z1)]:
+            # One of the two is wrong, and nothing tells which: the base goes too, so that both
+            # are requested again (a base kept here would block every residual of its block).
+            dropped = self._drop(chunk.z0, chunk.z1)
             raise ChunkRejected(f"chunk {chunk.seq}: residual computed against a different "
-                                "base than the one received (sender changed?)")
-        # Slice by slice, so that only one slice of the ROI mask is unpacked at a time.
+                                "base than the one received (sender changed, or a damaged "
+                                f"base?); chunks {', '.join(f'#{seq}' for seq in dropped)} of "
+                                "its block dropped and missing again")
+        target = self.volume[chunk.z0:chunk.z1]
+        # base + residual, wrapping modulo 2^16, formed in the decoded block (used once).
+        summed = block.view(np.uint16)
+        np.add(summed, target.view(np.uint16), out=summed)
+        low, high = self.header.value_range
+        # Every original voxel lies in the header's range: a sum outside it is a wrong residual
+        # (or base), refused before anything changes. Slice by slice: one mask slice unpacked.
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
-            region = self.header.roi_slices(z, z + 1)[0]
-            if chunk.layer == 2:
-                np.logical_not(region, out=region)
-            apply_residual(self.volume[z], block[index], region)
+            region = self._region(z, chunk.layer)  # min/max in place: no copy of the voxels
+            if (block[index].min(where=region, initial=high) < low
+                    or block[index].max(where=region, initial=low) > high):
+                raise ChunkRejected(f"chunk {chunk.seq}: residual gives voxels outside the "
+                                    f"header's range {low}..{high} in slice {z}")
+        for index, z in enumerate(range(chunk.z0, chunk.z1)):
+            np.copyto(target[index], block[index], where=self._region(z, chunk.layer))
         self._mark(chunk)
+        self._verify_roi(chunk.z0, chunk.z1)
+
+    # --- ROI verification --------------------------------------------------------------------
+
+    def _verify_roi(self, z0: int, z1: int) -> None:
+        """Check the ROI digest of every block in ``[z0, z1)`` that now has all it needs."""
+        for index in sorted(set(self._digest_block[z0:z1].tolist()) - {-1}):
+            b0, b1 = self._digest_ranges[index]
+            if self.roi_verified[b0:b1].all() or not self._roi_layers_in(b0, b1):
+                continue
+            digest = roi_digest(self.volume[b0:b1],
+                                lambda z: self.header.roi_slices(z, z + 1)[0], b0)
+            if digest == self._roi_digests[(b0, b1)]:
+                self.roi_verified[b0:b1] = True
+                self._slice_state[b0:b1] |= ROI_VERIFIED
+            else:
+                self.roi_mismatches += 1
+                dropped = self._drop(b0, b1)
+                self.late_rejections.append(
+                    f"slices {b0}-{b1 - 1}: the ROI voxels do not match the sender's digest; "
+                    f"chunks {', '.join(f'#{seq}' for seq in dropped)} dropped (their slices are "
+                    "not received any more) and missing again")
+
+    def _roi_layers_in(self, z0: int, z1: int) -> bool:
+        """Whether every slice of ``[z0, z1)`` has what makes its ROI exact."""
+        state = self._slice_state[z0:z1]
+        has_base = (state & HAS_BASE) > 0
+        roi_done = ((state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice[z0:z1] == 0)
+        return bool((has_base & (roi_done | self._base_lossless)).all())
+
+    def _drop(self, z0: int, z1: int) -> list[int]:
+        """Undo every applied chunk that touches ``[z0, z1)`` (and the slices those touch)."""
+        dropped: set[int] = set()
+        while True:
+            more = {seq for seq in self.applied - dropped
+                    if self.plan[seq][1] < z1 and z0 < self.plan[seq][2]}
+            if not more:
+                break
+            dropped |= more
+            z0 = min([z0] + [self.plan[seq][1] for seq in more])
+            z1 = max([z1] + [self.plan[seq][2] for seq in more])
+        self.applied -= dropped
+        self.volume[z0:z1].fill(self.header.value_range[0])
+        self._slice_state[z0:z1] = 0
+        self.roi_verified[z0:z1] = False
+        for key in [key for key in self._base_digest if key[0] < z1 and z0 < key[1]]:
+            del self._base_digest[key]
+        for seq in [seq for seq, (waiting, _) in self._waiting_for_base.items()
+                    if waiting.z0 < z1 and z0 < waiting.z1]:
+            del self._waiting_for_base[seq]
+        self.verified = None
+        return sorted(dropped)
 
     def _mark(self, chunk: DataChunk) -> None:
         self.applied.add(chunk.seq)
@@ -212,7 +323,8 @@ class Reassembler:
 
     def slice_layers(self) -> np.ndarray:
         """Per slice, the layers it has as ``HAS_BASE | HAS_ROI_RESIDUAL | HAS_REST_RESIDUAL``
-        bits (uint8, a read-only copy)."""
+        bits, plus ``ROI_VERIFIED`` once its block's ROI digest matched (uint8, a read-only
+        copy)."""
         layers = self._slice_state.copy()
         layers.flags.writeable = False
         return layers
@@ -227,18 +339,33 @@ class Reassembler:
             roi_exact_slices=int(roi_exact.sum()),
             exact_slices=int(self.exact_slices.sum()) if self.exact_expected else None,
             roi_voxels=int(self._roi_per_slice.sum()),
-            roi_voxels_exact=int(self._roi_per_slice[roi_exact].sum()))
+            roi_voxels_exact=int(self._roi_per_slice[roi_exact].sum()),
+            exact_layer_slices=(int(self.exact_layer_slices.sum()) if self.exact_expected
+                                else None),
+            roi_mismatches=self.roi_mismatches)
 
     @property
     def roi_exact_slices(self) -> np.ndarray:
+        """Slices whose ROI voxels are proven exact (digest checked); slices without ROI voxels
+        count once they have their base."""
+        has_base = (self._slice_state & HAS_BASE) > 0
+        return has_base & (self.roi_verified | (self._roi_per_slice == 0))
+
+    @property
+    def exact_layer_slices(self) -> np.ndarray:
+        """Slices with every layer applied (exact once the volume's SHA-256 says so)."""
         has_base = (self._slice_state & HAS_BASE) > 0
         roi_done = ((self._slice_state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice == 0)
-        return has_base & (roi_done | self._base_lossless)
+        rest_done = ((self._slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
+        return has_base & (roi_done | self._base_lossless) & rest_done
 
     @property
     def exact_slices(self) -> np.ndarray:
-        rest_done = ((self._slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
-        return self.roi_exact_slices & rest_done
+        """Slices proven exact: all of them once the whole volume's SHA-256 verified, else none
+        (the digest covers the volume, not a slice)."""
+        if self.verified is True:
+            return np.ones_like(self.roi_verified)
+        return np.zeros_like(self.roi_verified)
 
     @property
     def roi_complete(self) -> bool:
@@ -255,7 +382,8 @@ class Reassembler:
 
     @property
     def exact_complete(self) -> bool:
-        return self.exact_expected and bool(self.exact_slices.all())
+        """Every voxel exact: the whole volume's SHA-256 verified."""
+        return self.exact_expected and self.verified is True
 
     @property
     def complete(self) -> bool:
@@ -275,9 +403,11 @@ class Reassembler:
             m.roi_complete = now
         if m.base_complete is None and self.base_complete:
             m.base_complete = now
+        if (self.verified is None and self.exact_expected
+                and bool(self.exact_layer_slices.all())):
+            self.verified = voxel_sha256(self.volume) == self.header.sha256
         if m.exact_complete is None and self.exact_complete:
             m.exact_complete = now
-            self.verified = voxel_sha256(self.volume) == self.header.sha256
 
     def to_volume(self) -> Volume:
         """The current reconstruction with the header's geometry (missing slices at min HU)."""

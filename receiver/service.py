@@ -278,6 +278,7 @@ class StudyRuntime:
                                  exact_complete=r.exact_complete,
                                  duplicates=self.record.stream.duplicates,
                                  problems=len(self.record.stream.problems),
+                                 roi_mismatches=r.roi_mismatches,
                                  folder=self.record.folder.name)
 
     # --- sessions ----------------------------------------------------------------------------

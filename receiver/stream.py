@@ -81,7 +81,15 @@ class StudyStream:
         log.warning("%s", message)
 
     def status(self) -> dict:
-        """JSON-able progress report: chunks, layers per slice, milestones, problems."""
+        """JSON-able progress report: chunks, layers per slice, milestones, problems.
+
+        What is proven and what is only applied are kept apart: ``roi_exact_slices`` and
+        ``roi_verified_slices`` count slices whose ROI voxels matched the sender's digest (bit 8
+        of ``slice_layers``; slices without ROI voxels count in the first once they have their
+        base), ``roi_mismatches`` the failed checks (each dropped its block); ``exact_layer_slices``
+        counts slices with every layer applied, ``exact_slices`` the slices proven exact (all of
+        them once ``verified_sha256`` is true, the whole volume's SHA-256 check).
+        """
         status = {
             "bytes_received": self.bytes_received,
             "elapsed_s": round(self._clock() - self.started, 3),
@@ -106,6 +114,10 @@ class StudyStream:
             "slice_layers": r.slice_layers().tolist(),
             "slices_with_base": progress.slices_with_base,
             "roi_exact_slices": progress.roi_exact_slices,
+            "roi_verified_slices": int(r.roi_verified.sum()),
+            "roi_digest_blocks": len(header.roi_digests),
+            "roi_mismatches": progress.roi_mismatches,
+            "exact_layer_slices": progress.exact_layer_slices,
             "exact_slices": progress.exact_slices,
             "roi_complete": r.roi_complete,
             "base_complete": r.base_complete,

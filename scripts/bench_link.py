@@ -157,7 +157,10 @@ def completeness(folder: Path, samples: list[tuple[float, int]]) -> list[tuple[f
             raise BenchError(f"{folder}: the chunk log outgrew the last sample of its size")
         state.apply(event.chunk)
         progress = state.progress()
-        points.append((seconds, progress.roi_fraction, progress.base_fraction, progress.exact_fraction))
+        # The exact layer's curve: slices with every layer applied (proven at the end, by the
+        # volume's SHA-256; exact_fraction counts only what is proven).
+        layers_done = (progress.exact_layer_slices or 0) / progress.slices
+        points.append((seconds, progress.roi_fraction, progress.base_fraction, layers_done))
     return points
 
 

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="segmentation file (NIfTI/NRRD/MHA) aligned to the CT in physical space")
     roi.add_argument("--roi-label", type=int,
                      help="use voxels with this label of --roi-mask (default: any non-zero)")
+    roi.add_argument("--allow-partial-mask", action="store_true",
+                     help="accept a --roi-mask whose field of view leaves part of the CT's "
+                          "tissue uncovered (refused otherwise): the uncovered part is sent "
+                          "bit-exact, with a warning")
     roi.add_argument("--dilation-px", type=float, default=15.0,
                      help="per-slice disc dilation radius in pixels (default 15: the paper's "
                           "30x30x1 disc)")
@@ -160,7 +164,7 @@ def encoder_from_args(args) -> StudyEncoder:
 
     steering, diffusion, encode = settings_from_args(args)
     roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
-                    allow_small=args.allow_small_roi)
+                    allow_small=args.allow_small_roi, allow_partial_mask=args.allow_partial_mask)
     dicom = DicomOptions(series_uid=args.series_uid, allow_gaps=args.allow_gaps,
                          skip_unreadable=args.skip_unreadable)
     return build_encoder(args.input, roi, steering, diffusion, encode, device=args.device,

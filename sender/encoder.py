@@ -25,8 +25,8 @@ import numpy as np
 from sender.quality import block_ssim
 from sender.scheduler import PlannedChunk, plan_chunks
 from shared.codecs import codec_names, get_codec
-from shared.layers import block_digest, clip_base, residual
-from shared.volume import Volume
+from shared.layers import block_digest, clip_base, residual, roi_digest
+from shared.volume import Volume, representation_problem
 from shared.wire import REGION_OF_LAYER, DataChunk, StreamEnd, StreamHeader, voxel_sha256
 
 LAYERED = "layered"
@@ -133,11 +133,12 @@ class StudyEncoder:
         self._codecs = {layer: settings.codec_of_layer(layer) for layer in settings.layers}
         self._base = np.zeros_like(original)
         self._base_ready: set[tuple[int, int]] = set()
+        source_dtype, rescale = self._output_representation()
         self.header = StreamHeader(
             study_id=study.study_id, shape=study.volume.shape, affine=study.volume.affine,
-            spacing=study.volume.spacing, source_dtype=study.volume.source_dtype,
-            rescale=(study.volume.rescale_slope, study.volume.rescale_intercept),
+            spacing=study.volume.spacing, source_dtype=source_dtype, rescale=rescale,
             value_range=self.value_range, sha256=study.sha256 or voxel_sha256(original), roi=study.roi,
+            roi_digests=self._roi_digests(),
             layers={layer: {"codec": codec.name, "lossless": codec.lossless,
                             "region": REGION_OF_LAYER[layer]}
                     for layer, codec in self._codecs.items()},
@@ -147,6 +148,27 @@ class StudyEncoder:
                         "group_slices": settings.group_slices,
                         **({"base_crf": settings.crf, "base_qp": settings.qp,
                             "preset": settings.preset} if settings.codec == LAYERED else {})})
+
+    def _output_representation(self) -> tuple[str, tuple[float, float]]:
+        """The stored dtype and rescale for the header: the source's when they hold every HU of
+        the volume's range exactly (lossy voxels take any of them), else int16 HU (slope 1,
+        intercept 0), with a warning: the receiver refuses a header that cannot."""
+        volume = self.study.volume
+        rescale = (volume.rescale_slope, volume.rescale_intercept)
+        problem = representation_problem(volume.source_dtype, *rescale, self.value_range)
+        if problem is None:
+            return volume.source_dtype, rescale
+        log.warning("%s: the receiver will store int16 HU (slope 1, intercept 0)", problem)
+        return "int16", (1.0, 0.0)
+
+    def _roi_digests(self) -> list[tuple[int, int, bytes]]:
+        """:func:`~shared.layers.roi_digest` of the original ROI voxels of every block that the
+        ROI-exact layer (1, or a lossless 0) covers and that holds ROI voxels."""
+        layer = 1 if 1 in self.settings.layers else 0
+        original, roi = self.study.volume.data, self.study.roi
+        blocks = sorted({(c.z0, c.z1) for c in self.plan if c.layer == layer})
+        return [(z0, z1, roi_digest(original[z0:z1], roi[z0:z1], z0)) for z0, z1 in blocks
+                if roi[z0:z1].any()]
 
     def frames(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[bytes]:
         """Header frame, every planned chunk not in ``skip`` (by seq), then the end frame."""

@@ -45,6 +45,8 @@ class RoiChoice:
     """Label of ``mask`` to use (default: any non-zero)."""
     allow_small: bool = False
     """Keep an automatic ROI that looks implausible instead of the safe fallback."""
+    allow_partial_mask: bool = False
+    """Accept a mask whose field of view leaves CT tissue uncovered (sent bit-exact)."""
 
 
 def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=None):
@@ -55,9 +57,11 @@ def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=Non
     if choice.mask is not None:
         if choice.spec is not None:
             raise ValueError("give either --roi-mask or --roi, not both")
-        return MaskFileProvider(choice.mask, choice.label)
+        return MaskFileProvider(choice.mask, choice.label, choice.allow_partial_mask)
     if choice.label is not None:
         raise ValueError("--roi-label needs --roi-mask")
+    if choice.allow_partial_mask:
+        raise ValueError("--allow-partial-mask needs --roi-mask")
     if choice.spec is None and phantom_mask is not None:
         return StaticMaskProvider(phantom_mask, "synthetic phantom liver")
     spec = choice.spec or "unet"

@@ -370,11 +370,18 @@ class _Attempt:
             missing = set(int_list(done.get("missing", []), 1 << 31)) & planned
             if not missing:
                 break
-            log.warning("the receiver lacks %d chunks after pass %d; sending them again",
-                        len(missing), number + 1)
+            if number + 1 < s.options.max_passes:
+                # Rejected chunks (damaged, or dropped after a failed ROI digest check): the
+                # receiver counts them as missing, so they go again, at most max_passes times.
+                log.warning("the receiver lacks %d chunks after pass %d; sending them again",
+                            len(missing), number + 1)
             have = planned - missing
-        raise TransportError("the receiver still lacks chunks after "
-                             f"{s.options.max_passes} passes")
+        mismatches = done.get("roi_mismatches")
+        raise TransportError(
+            f"the receiver still lacks chunks after {s.options.max_passes} passes (it rejected "
+            f"them: {done.get('problems', '?')} problems"
+            + (f", {mismatches} ROI digest mismatches" if isinstance(mismatches, int)
+               and mismatches else "") + ")")
 
     async def _connect(self) -> None:
         s = self.s

@@ -88,23 +88,71 @@ class Volume:
         return int(self.data.size) * 2
 
     def stored_values(self, hu: np.ndarray | None = None) -> np.ndarray:
-        """HU voxels converted back to the source file's stored dtype (slice-major).
+        """HU voxels converted back to the source file's stored dtype (slice-major), exactly.
 
-        Values that the stored dtype cannot hold (possible only in lossy regions)
-        are clipped to its range.
+        Raises:
+            VolumeError: a voxel that the stored dtype and rescale cannot hold exactly (out of
+                the dtype's range, or between two values of the rescale's lattice): nothing is
+                ever clipped or rounded on the way out.
         """
         hu = self.data if hu is None else hu
         dtype = np.dtype(self.source_dtype)
         if self.rescale_slope == 1.0 and float(self.rescale_intercept).is_integer():
             # The usual case (slope 1, integral intercept): integer arithmetic, no float64 copy.
             stored = hu.astype(np.int32) - int(self.rescale_intercept)
+            exact = True
         else:
             stored = np.rint((hu.astype(np.float64) - self.rescale_intercept) / self.rescale_slope)
-        if dtype.kind in "iu":
+            exact = np.array_equal(stored * self.rescale_slope + self.rescale_intercept, hu)
+        if dtype.kind in "iu" and stored.size:
             info = np.iinfo(dtype)
-            if stored.min() < info.min or stored.max() > info.max:
-                stored = np.clip(stored, info.min, info.max)
-        return stored.astype(dtype, copy=False)
+            exact = exact and info.min <= stored.min() and stored.max() <= info.max
+        converted = stored.astype(dtype, copy=False)
+        if dtype.kind == "f":
+            exact = exact and np.array_equal(converted.astype(np.float64) * self.rescale_slope
+                                             + self.rescale_intercept, hu)
+        if not exact:
+            raise VolumeError(
+                f"HU values in [{hu.min()}, {hu.max()}] cannot be stored exactly as "
+                f"{self.source_dtype} with slope {self.rescale_slope:g} and intercept "
+                f"{self.rescale_intercept:g}")
+        return converted
+
+
+def representation_problem(source_dtype: str, slope: float, intercept: float,
+                           value_range: tuple[int, int]) -> str | None:
+    """Why ``source_dtype`` with ``HU = stored * slope + intercept`` cannot hold every integer HU
+    of ``value_range`` exactly; None when it can.
+
+    Lossy voxels take any integer in the volume's HU range, so the stored representation must
+    hold all of them: slope 1, an integral intercept, and the range within the dtype's.
+
+    >>> representation_problem("uint16", 1.0, -1024.0, (-1024, 3000)) is None
+    True
+    >>> print(representation_problem("uint8", 1.0, 0.0, (-1024, 3000)))
+    uint8 with intercept 0 holds HU 0..255, not the volume's -1024..3000
+    """
+    if source_dtype not in SUPPORTED_SOURCE_DTYPES:
+        return f"unsupported stored dtype {source_dtype!r}"
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        return f"invalid rescale slope/intercept {slope}/{intercept}"
+    if slope != 1.0 or not float(intercept).is_integer():
+        return (f"rescale slope {slope:g} / intercept {intercept:g} cannot hold every integer HU "
+                "(needs slope 1 and an integral intercept)")
+    low, high = int(value_range[0]), int(value_range[1])
+    if low > high:
+        return f"empty value range {low}..{high}"
+    dtype = np.dtype(source_dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lowest, highest = int(info.min + intercept), int(info.max + intercept)
+    else:  # floats hold every integer up to 2^(mantissa bits + 1) exactly
+        limit = 2 ** (np.finfo(dtype).nmant + 1)
+        lowest, highest = int(-limit + intercept), int(limit + intercept)
+    if low < lowest or high > highest:
+        return (f"{source_dtype} with intercept {intercept:g} holds HU {lowest}..{highest}, not "
+                f"the volume's {low}..{high}")
+    return None
 
 
 def to_hu_int16(values: np.ndarray, what: str) -> np.ndarray:

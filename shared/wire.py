@@ -29,8 +29,22 @@ Header body (kind 1):
 ``spacing``        ``[sx, sy, sz]`` voxel size in mm
 ``source_dtype``   dtype of the voxels in the source file (``"int16"``, ``"uint16"``...)
 ``rescale``        ``[slope, intercept]``: HU = stored * slope + intercept
-``value_range``    ``[min, max]`` HU of the original; lossy voxels are clipped to it
-``sha256``         hex SHA-256 of the original voxels as int16 little-endian, slice-major
+``value_range``    ``[min, max]`` HU of the original; lossy voxels are clipped to it. A header
+                   whose ``source_dtype`` and ``rescale`` cannot store every integer HU of this
+                   range exactly (slope 1, integral intercept, range within the dtype's) is
+                   refused: the receiver's output never clips or rounds
+``sha256``         hex SHA-256 of the original voxels as int16 little-endian, slice-major;
+                   the receiver reports the exact layer verified only when its volume hashes
+                   to it
+``roi_digests``    list of ``[z0, z1, digest]``, one per block of slices ``[z0, z1)`` that holds
+                   ROI voxels (the plan's blocks of the layer that makes the ROI exact); digest
+                   = 32 bytes of :func:`shared.layers.roi_digest` of the *original* voxels:
+                   SHA-256 over ``b"dlad-roi-sha256-v1"``, ``z0`` and ``z1`` as little-endian
+                   uint32, then the ROI voxels of each slice as int16 little-endian in C order.
+                   The receiver reports a block's ROI exact (verified) only after its decoded
+                   voxels hash to this; a mismatch drops the block's chunks (re-requested live).
+                   Blocks are disjoint; at most one per slice. Optional for parsing (streams
+                   before it): without it no ROI is ever reported exact
 ``roi``            ``{"encoding": "packbits-zstd", "data": bytes, "voxels": int}``: the ROI mask
                    (bit-packed, zstd), and its voxel count as a check
 ``layers``         map ``"0"|"1"|"2"`` -> ``{"codec", "lossless", "region"}``, region being
@@ -69,6 +83,8 @@ import msgpack
 import numpy as np
 import zstandard
 
+from shared.volume import representation_problem
+
 MAGIC = b"DLAD"
 WIRE_VERSION = 1
 FORMAT_NAME = "dlad-stream"
@@ -82,6 +98,8 @@ MAX_VOXELS = 1 << 31
 MAX_STUDY_ID = 128
 LAYERS = (0, 1, 2)
 REGION_OF_LAYER = {0: "all", 1: "roi", 2: "outside-roi"}
+#: Bytes of a ROI digest (SHA-256).
+ROI_DIGEST_BYTES = 32
 #: Bounds of the header's ``dicom`` map: a series' identifying and descriptive attributes fit in a
 #: few dozen entries; a DICOM long text (LT) is at most 10,240 characters.
 MAX_DICOM_ATTRIBUTES = 128
@@ -209,12 +227,15 @@ class StreamHeader:
     """ROI provider, diffusion settings, input description (informative only)."""
     dicom: dict = field(default_factory=dict)
     """DICOM attributes of the source series by keyword (empty unless the input was DICOM)."""
+    roi_digests: list = field(default_factory=list)
+    """``[(z0, z1, digest), ...]``: :func:`shared.layers.roi_digest` of the original ROI voxels
+    of each block that has some (empty in streams made before ROI verification)."""
 
     def __init__(self, study_id: str, shape, affine, spacing, source_dtype: str, rescale,
                  value_range, sha256: str, roi: np.ndarray | None = None,
                  layers: dict | None = None, plan: list | None = None, created: str = "",
                  provenance: dict | None = None, *, roi_bits: np.ndarray | None = None,
-                 dicom: dict | None = None):
+                 dicom: dict | None = None, roi_digests: list | None = None):
         """``roi`` is the bool mask of ``shape``; a parser passes it packed as ``roi_bits``."""
         if (roi is None) == (roi_bits is None):
             raise ValueError("give the ROI either as a mask (roi) or packed (roi_bits)")
@@ -228,6 +249,8 @@ class StreamHeader:
         self.created = created
         self.provenance = {} if provenance is None else provenance
         self.dicom = {} if dicom is None else check_dicom_attributes(dicom)
+        self.roi_digests = [] if roi_digests is None else [
+            (int(z0), int(z1), bytes(digest)) for z0, z1, digest in roi_digests]
 
     @property
     def roi(self) -> np.ndarray:
@@ -274,6 +297,8 @@ class StreamHeader:
         }
         if self.dicom:
             body["dicom"] = self.dicom
+        if self.roi_digests:
+            body["roi_digests"] = [[z0, z1, digest] for z0, z1, digest in self.roi_digests]
         return frame(KIND_HEADER, body)
 
     @classmethod
@@ -304,6 +329,12 @@ class StreamHeader:
         sha256 = _require(body, "sha256", str, what)
         if len(sha256) != 64:
             raise WireError("header: sha256 must be 64 hex characters")
+        source_dtype = _require(body, "source_dtype", str, what)
+        problem = representation_problem(source_dtype, float(rescale[0]), float(rescale[1]),
+                                         (value_range[0], value_range[1]))
+        if problem:
+            raise WireError(f"header: the output cannot hold the voxels: {problem}")
+        roi_digests = _roi_digests(body.get("roi_digests", []), shape[0])
         roi_field = _require(body, "roi", dict, what)
         roi_bits = _decode_roi(roi_field, tuple(shape))
         layers_field = _require(body, "layers", dict, what)
@@ -327,12 +358,31 @@ class StreamHeader:
         dicom = check_dicom_attributes(body.get("dicom", {}))
         return cls(study_id=study_id, shape=tuple(shape),
                    affine=np.array(affine, dtype=np.float64).reshape(4, 4),
-                   spacing=tuple(float(v) for v in spacing), source_dtype=_require(
-                       body, "source_dtype", str, what),
+                   spacing=tuple(float(v) for v in spacing), source_dtype=source_dtype,
                    rescale=(float(rescale[0]), float(rescale[1])),
                    value_range=(value_range[0], value_range[1]), sha256=sha256, roi_bits=roi_bits,
                    layers=layers, plan=plan, created=str(body.get("created", "")),
-                   provenance=provenance if isinstance(provenance, dict) else {}, dicom=dicom)
+                   provenance=provenance if isinstance(provenance, dict) else {}, dicom=dicom,
+                   roi_digests=roi_digests)
+
+
+def _roi_digests(value, nz: int) -> list:
+    """The header's ``roi_digests``: disjoint ``[z0, z1, 32 bytes]`` blocks inside the volume."""
+    if not isinstance(value, list) or len(value) > nz:
+        raise WireError("header: roi_digests must be a list of at most one entry per slice")
+    digests, covered = [], np.zeros(nz, dtype=bool)
+    for entry in value:
+        if (not isinstance(entry, list) or len(entry) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:2])
+                or not isinstance(entry[2], bytes) or len(entry[2]) != ROI_DIGEST_BYTES):
+            raise WireError("header: malformed roi_digests entry")
+        z0, z1, digest = entry
+        if not 0 <= z0 < z1 <= nz or covered[z0:z1].any():
+            raise WireError(f"header: roi_digests block [{z0}, {z1}) is outside the volume or "
+                            "overlaps another")
+        covered[z0:z1] = True
+        digests.append((z0, z1, digest))
+    return digests
 
 
 #: Set bits of every byte value (numpy < 2 has no bitwise_count).

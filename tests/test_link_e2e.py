@@ -83,7 +83,7 @@ def test_demo_streams_a_small_study_bit_exact_through_a_lossy_throttled_link(sma
     elapsed = time.monotonic() - started
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "SHA-256 of the exact volume verified" in demo.stdout
-    assert "receiver: ROI complete (bit-exact)" in demo.stdout
+    assert "receiver: ROI complete (bit-exact, every block digest verified)" in demo.stdout
 
     (status_file,) = out_dir.glob("*/status.json")
     status = json.loads(status_file.read_text())

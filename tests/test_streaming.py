@@ -553,8 +553,10 @@ def test_live_stream_real_ct_separate_processes(tmp_path, token_file, abdomen_di
     assert not stream.reassembler.exact_complete
     np.testing.assert_array_equal(stream.reassembler.volume[header.roi], original[header.roi])
     assert not np.array_equal(stream.reassembler.volume, original)
-    # The receiver's slice report: every slice has all three layers.
-    assert status["slice_layers"] == [7] * original.shape[0]
+    # The receiver's slice report: every slice has all three layers and its ROI verified
+    # against the sender's digest (1 + 2 + 4 + 8).
+    assert status["slice_layers"] == [15] * original.shape[0]
+    assert status["roi_verified_slices"] == original.shape[0] and status["roi_mismatches"] == 0
 
 
 def test_sender_killed_mid_stream_then_run_again(tmp_path, token_file):

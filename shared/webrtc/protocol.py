@@ -14,8 +14,11 @@ Exchange (``S`` sender, ``R`` receiver)::
     S  binary the data frames of the planned chunks not in "have", then an end frame
     R  text   {"type": "ack", "consumed", "applied", "planned", "roi_complete",
                "base_complete", "exact_complete", "verified"}   (after each batch it applied)
-    R  text   {"type": "done", "complete", "verified", "missing": [seq...], ...}
-                                                          (after it applied the end frame)
+    R  text   {"type": "done", "complete", "verified", "missing": [seq...], ...,
+               "roi_mismatches"}                          (after it applied the end frame)
+
+``missing`` includes chunks the receiver rejected or dropped after a failed ROI digest check
+(``roi_mismatches`` counts those checks): the sender sends them again on its next pass.
 
 ``consumed`` counts the bytes of this session the receiver has processed; the sender keeps at
 most ``window`` bytes beyond it in flight, so the receiver's memory stays bounded whatever the
@@ -45,10 +48,10 @@ CONTROL_TYPES = ("hello", "inventory", "ack", "done", "error")
 #: The milestones a receiver reports (``reached`` of an ack, ``times`` of status.json), in words.
 MILESTONE_TEXT = {
     "first_chunk": "first chunk applied",
-    "first_roi_slice": "first ROI slice bit-exact",
+    "first_roi_slice": "first ROI slice bit-exact (digest verified)",
     "base_complete": "base complete (every slice viewable)",
-    "roi_complete": "ROI complete (bit-exact)",
-    "exact_complete": "exact layer complete",
+    "roi_complete": "ROI complete (bit-exact, every block digest verified)",
+    "exact_complete": "exact layer complete (whole volume SHA-256 verified)",
     "complete": "all chunks applied",
 }
 
@@ -105,6 +108,7 @@ def stream_key(header: StreamHeader) -> str:
                for k, v in header.layers.items()),
         [list(map(int, entry)) for entry in header.plan],
         header.provenance, header.dicom,
+        [[z0, z1, digest] for z0, z1, digest in header.roi_digests],
     ]
     packed = msgpack.packb(fields, use_bin_type=True, default=str)
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
