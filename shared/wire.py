@@ -62,7 +62,10 @@ Header body (kind 1):
 
 Data chunk body (kind 2): ``study_id``; ``seq`` (index into the plan); ``layer`` (0 base,
 1 ROI residual, 2 outside-ROI residual); ``z0``, ``z1`` (slice range, ``z1`` exclusive);
-``codec`` (registry name); ``params`` (the codec's decode parameters); ``payload`` (bytes).
+``codec`` (registry name); ``params`` (the codec's decode parameters; a residual's also hold
+``base_digest``, BLAKE2b-128 of the decoded base block it was computed against); ``payload``
+(bytes). A checksum proves a frame arrived as sent, not that its voxels are right: what the
+receiver reports exact is proven by the header's ``roi_digests`` and ``sha256``.
 
 End body (kind 3): ``study_id``; ``chunks`` (data chunks sent); ``bytes`` (total stream bytes
 before this frame).

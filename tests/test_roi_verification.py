@@ -367,3 +367,21 @@ def test_live_chunk_that_stays_wrong_is_never_claimed(layered, tmp_path):
     assert status["roi_complete"] is False and len(status["problems"]) == 3  # one per pass
     layers = status["slice_layers"]
     assert all(layers[z] & 8 == 0 for z in range(chunk.z0, chunk.z1))
+
+
+def test_residual_waiting_for_a_tampered_base(layered):
+    """Residuals that arrive before their (tampered) base: both are dropped, never claimed."""
+    study, frames = layered
+    header = parse_frame(frames[0])
+    chunks = [parse_frame(data) for data in frames[1:-1]]
+    base = next(c for c in chunks if c.layer == 0 and study.roi[c.z0:c.z1].any())
+    bad, _ = tamper_base(base, header, np.random.default_rng(9))
+    same_block = [c for c in chunks if (c.z0, c.z1) == (base.z0, base.z1) and c.layer > 0]
+    others = [c for c in chunks if (c.z0, c.z1) != (base.z0, base.z1)]
+    order = [c.to_frame() for c in same_block] + [bad.to_frame()] + [c.to_frame() for c in others]
+    stream = receive([frames[0]] + order + frames[-1:])
+    assert_claims_true(stream, study.volume.data)
+    r = stream.reassembler
+    missing = {seq for seq, *_ in r.missing()}
+    assert base.seq in missing and all(c.seq in missing for c in same_block)
+    assert not (r.slice_state[base.z0:base.z1] & 1).any() and stream.problems
