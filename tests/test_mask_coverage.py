@@ -45,9 +45,11 @@ def test_a_mask_covering_half_the_slices_is_refused(ct_and_liver, tmp_path):
 
 def test_a_mask_cropped_in_plane_is_refused(ct_and_liver, tmp_path):
     volume, liver, _ = ct_and_liver
-    crop = liver[:, 10:80, 10:100]
+    rows = np.flatnonzero((volume.data > -500).any(axis=(0, 2)))
+    top = int(rows[0]) + 5  # the crop leaves 5 rows of tissue above it uncovered
+    crop = liver[:, top:, :]
     affine = volume.affine.copy()
-    affine[:3, 3] = (volume.affine @ [10, 10, 0, 1])[:3]  # the crop's first voxel, in place
+    affine[:3, 3] = (volume.affine @ [0, top, 0, 1])[:3]  # the crop's first voxel, in place
     save_mask(crop, affine, tmp_path / "crop.nii")
     with pytest.raises(VolumeError, match="lie outside its field of view"):
         MaskFileProvider(tmp_path / "crop.nii").probability(volume)

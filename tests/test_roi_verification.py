@@ -191,7 +191,7 @@ def test_tampered_lossy_bases_are_dropped(layered, fix_base_digest):
         assert not np.array_equal(decoded[region], genuine[region])  # the forgery is effective
         assert stream.problems
         assert base.seq in {seq for seq, *_ in r.missing()}  # the base is dropped, not kept
-        assert not (r.slice_state[base.z0:base.z1] & 1).any()
+        assert not (r.slice_layers()[base.z0:base.z1] & 1).any()
         assert not r.roi_exact_slices[base.z0:base.z1].any() and not r.roi_complete
 
 
@@ -384,4 +384,4 @@ def test_residual_waiting_for_a_tampered_base(layered):
     r = stream.reassembler
     missing = {seq for seq, *_ in r.missing()}
     assert base.seq in missing and all(c.seq in missing for c in same_block)
-    assert not (r.slice_state[base.z0:base.z1] & 1).any() and stream.problems
+    assert not (r.slice_layers()[base.z0:base.z1] & 1).any() and stream.problems
