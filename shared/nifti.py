@@ -69,6 +69,11 @@ def nifti_header(volume: Volume) -> nib.Nifti1Header:
     header.set_zooms(volume.spacing)
     header.set_slope_inter(volume.rescale_slope, volume.rescale_intercept)
     header.set_qform(affine, code=1)
+    if not np.allclose(header.get_qform(), affine, rtol=0, atol=1e-4):
+        # A sheared affine (a tilted gantry's slices) has no quaternion form: nibabel would
+        # store an approximation as the qform. Code 0 marks it unusable, so that every reader
+        # takes the exact sform instead of silently moving voxels.
+        header.set_qform(affine, code=0)
     header.set_sform(affine, code=1)
     header["vox_offset"] = VOXEL_OFFSET
     return header

@@ -86,6 +86,14 @@ def test_oblique_and_tilted_stacks_keep_their_positions(tmp_path):
         expected = LPS_TO_RAS[:3, :3] @ (np.array([10.0, 20.0, 30.0]) + k * step)
         np.testing.assert_allclose(world(affine, 0, 0, k), expected, atol=1e-3)
     np.testing.assert_array_equal(series.volume.data, hu(stored))
+    # Written as NIfTI, the shear stays exact: in the sform, with the qform marked unusable.
+    import nibabel as nib
+
+    from shared.nifti import write_nifti
+
+    image = nib.load(str(write_nifti(series.volume, tmp_path / "tilted.nii")))
+    assert int(image.header["qform_code"]) == 0 and int(image.header["sform_code"]) == 1
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
 
 
 def test_the_shared_abdomen_series(abdomen_dicom):
