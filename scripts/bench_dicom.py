@@ -2,7 +2,9 @@
 series reader (the sender's DICOM path before issue 11), interleaved, medians.
 
 Each run reads the whole series (headers, sort, decode, HU) and reports wall and CPU seconds
-per slice; both readers must give the same voxels.
+per slice; both readers must give the same voxels. "Warm" runs are in this process (libraries
+imported once); "cold" runs are a fresh Python process per read, as ``dlad-send`` pays it
+(imports, ITK's lazy module loading, then the read).
 
     python scripts/bench_dicom.py --runs 5                   # the shared abdomen series
     python scripts/bench_dicom.py --series DIR --runs 5
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +76,17 @@ def main(argv=None) -> int:
             if reference is None:
                 reference = data
             assert np.array_equal(data, reference), name
+    cold = {name: [] for name in ("itk", "pydicom")}
+    for _ in range(args.runs):
+        for name in cold:
+            code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                    + ("from scripts.bench_dicom import read_with_itk as r; "
+                       if name == "itk" else
+                       "from sender.dicom import read_series as q; r = lambda f: q(f).volume; ")
+                    + f"r({str(args.series)!r})")
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+            cold[name].append(time.perf_counter() - started)
     slices = reference.shape[0]
     itk_wall = statistics.median(results["ITK (GDCM series reader)"][0])
     print(f"{args.series.name}: {slices} slices of {reference.shape[1]} x {reference.shape[2]}, "
@@ -82,6 +96,10 @@ def main(argv=None) -> int:
     for name, (walls, cpus) in results.items():
         wall, cpu = statistics.median(walls), statistics.median(cpus)
         print(f"| {name} | {wall / slices:.4f} | {cpu / slices:.4f} | {itk_wall / wall:.1f}x |")
+    itk_cold, pydicom_cold = (statistics.median(cold[name]) for name in ("itk", "pydicom"))
+    print(f"\ncold (a fresh process per read, wall): ITK {itk_cold:.2f} s "
+          f"({itk_cold / slices:.3f} s/slice), sender/dicom.py {pydicom_cold:.2f} s "
+          f"({pydicom_cold / slices:.3f} s/slice): {itk_cold / pydicom_cold:.1f}x")
     return 0
 
 
