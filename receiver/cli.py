@@ -127,6 +127,10 @@ def summary(status: dict, out: Path) -> str:
                     None: "not complete, not verified"}
         lines.append(f"  exact layer: {status['exact_layer_slices']}/{nz} slices applied "
                      f"({verified[status['verified_sha256']]})")
+    if status.get("source_inserted_slices"):
+        inserted = status["source_inserted_slices"]
+        lines.append(f"  note: {len(inserted)} slice(s) were missing from the source series and "
+                     f"filled by the sender (--allow-gaps): {', '.join(map(str, inserted[:20]))}")
     if status["missing_chunks"]:
         missing = status["missing_chunks"]
         shown = ", ".join(f"#{s} layer {layer} slices {z0}-{z1 - 1}"

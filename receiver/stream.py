@@ -119,6 +119,7 @@ class StudyStream:
             "roi_mismatches": progress.roi_mismatches,
             "exact_layer_slices": progress.exact_layer_slices,
             "exact_slices": progress.exact_slices,
+            "source_inserted_slices": inserted_slices(header),
             "roi_complete": r.roi_complete,
             "base_complete": r.base_complete,
             "exact_expected": r.exact_expected,
@@ -128,3 +129,13 @@ class StudyStream:
             "state": "complete" if r.complete else "partial",
         })
         return status
+
+
+def inserted_slices(header: StreamHeader) -> list[int]:
+    """Slices the sender filled in for missing source images (``dlad-send --allow-gaps``), as
+    its header's provenance says (slice indices; anything malformed is ignored)."""
+    value = header.provenance.get("inserted_slices")
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, int) and not isinstance(v, bool)
+            and 0 <= v < header.shape[0]]

@@ -51,7 +51,9 @@ Header body (kind 1):
                    ``"all"``, ``"roi"`` or ``"outside-roi"``
 ``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry, in
                    sending order (``z1`` exclusive)
-``provenance``     free map: ROI provider, diffusion settings, input description
+``provenance``     free map: ROI provider, diffusion settings, input description;
+                   ``inserted_slices``: slice indices the sender filled in for images missing
+                   from a DICOM series (``dlad-send --allow-gaps``), reported by the receiver
 ``dicom``          optional map of DICOM attributes of the source series, keyed by DICOM keyword
                    (``StudyInstanceUID``, ``SeriesInstanceUID``, ``PatientID``,
                    ``SeriesDescription``...); values are strings, numbers or lists of them. Empty

@@ -159,6 +159,25 @@ def test_allow_gaps_fills_at_the_original_positions(tmp_path, caplog):
     assert series.volume.extra["inserted_slices"] == [2, 3]
 
 
+def test_inserted_slices_travel_to_the_receiver_summary(tmp_path):
+    from receiver import cli as receiver_cli
+
+    stored = ct_slices(count=6, rows=64, columns=80)
+    paths = write_series(tmp_path / "series", stored)
+    paths[2].unlink()
+    out = tmp_path / "study.dlad"
+    subprocess.run([sys.executable, "-m", "sender.cli", str(tmp_path / "series"), "--roi", "body",
+                    "--allow-gaps", "--out", str(out), "--quiet"], check=True, timeout=300)
+    from receiver.stream import StudyStream
+
+    stream = StudyStream()
+    stream.feed(out.read_bytes())
+    stream.finish()
+    status = stream.status()
+    assert status["source_inserted_slices"] == [2]  # the third slice along z
+    assert "filled by the sender (--allow-gaps): 2" in receiver_cli.summary(status, "x.nii")
+
+
 def test_uneven_spacing_is_refused_never_resampled(tmp_path):
     stored = ct_slices(count=5)
     paths = write_series(tmp_path, stored, first=(0.0, 0.0, 0.0), step=(0.0, 0.0, 2.0))

@@ -165,3 +165,17 @@ def test_header_carries_dicom_attributes_and_refuses_malformed_ones():
                 {f"Key{i}": i for i in range(MAX_DICOM_ATTRIBUTES + 1)}):
         with pytest.raises(WireError):
             header(bad)
+
+
+def test_header_roi_digests_round_trip_and_refuse_malformed_ones():
+    header = make_header()
+    header.roi_digests = [(0, 2, b"\x01" * 32), (2, 3, b"\x02" * 32)]
+    assert parse_frame(header.to_frame()).roi_digests == header.roi_digests
+    assert parse_frame(make_header().to_frame()).roi_digests == []  # optional (older streams)
+    for bad in ([[0, 2, b"\x01" * 31]], [[0, 4, b"\x01" * 32]], [[1, 1, b"\x01" * 32]],
+                [[0, 2, b"\x01" * 32], [1, 3, b"\x02" * 32]], [[0, 2]], [["0", 2, b"\x01" * 32]],
+                [[0, 1, b"\x01" * 32]] * 4, "digests"):
+        body = msgpack.unpackb(make_header().to_frame()[wire.PREFIX_BYTES:], raw=False)
+        body["roi_digests"] = bad
+        with pytest.raises(WireError, match="roi_digests"):
+            parse_frame(wire.frame(wire.KIND_HEADER, body))
