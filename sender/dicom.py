@@ -15,11 +15,15 @@ their position on the normal ``n = r x c``, and the slice axis of the affine is 
 consecutive positions (``n * dz`` for a plain stack; sheared for a tilted gantry), so every
 slice keeps the position the scanner gave it. NIfTI's RAS+ is LPS with x and y negated.
 
+Enhanced (multi-frame) images are split into their frames, each placed by the position,
+orientation, pixel spacing and rescale of its functional groups (per-frame, else shared), and
+then checked and sorted like single-frame images (several files of frames may form a series).
+
 Refusals (:class:`DicomSeriesError`, a one-line message naming the series, the files and what
 is wrong; nothing is returned): no images; files that are not readable DICOM (unless
 ``skip_unreadable``); several series and no ``series_uid`` (the message lists each series
 with its description, image count and UID); images that differ in orientation, pixel spacing,
-size, bits or sign; multi-frame images; two images at one position; missing slices (a gap of a
+size, bits or sign; two images at one position; missing slices (a gap of a
 whole number of spacings; ``allow_gaps`` fills them with the volume's lowest value at their own
 positions and says so); slices off a regular grid (uneven spacing: never resampled). Rescale
 slope and intercept may differ between slices only where the HU values stay integral; the volume
@@ -163,12 +167,58 @@ class _Instance:
     """pydicom Dataset (pixel data deferred for files, present for in-memory datasets)."""
     owned: bool = True
     """Read from a file by this module: its encoded pixel data may be dropped once decoded."""
+    frame: int | None = None
+    """Frame index within a multi-frame dataset (None: a single-frame image)."""
+    overrides: dict = field(default_factory=dict)
+    """Attributes of this frame from the functional groups, by keyword (multi-frame)."""
     position: np.ndarray | None = None
     z: float = 0.0
 
     def attr(self, keyword, default=None):
-        value = self.dataset.get(keyword, default)
+        value = self.overrides.get(keyword)
+        if value is None:
+            value = self.dataset.get(keyword, default)
         return default if value is None or value == "" else value
+
+
+#: Functional group sequence of each per-frame attribute of an enhanced (multi-frame) image.
+_FUNCTIONAL_GROUPS = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+}
+
+
+def _frames_of(name: str, dataset, owned: bool) -> list[_Instance]:
+    """One instance per frame: a single-frame image as it is, an enhanced (multi-frame) image
+    split into its frames, each with the geometry and rescale of its functional groups
+    (per-frame first, then shared; PS3.3 C.7.6.16)."""
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    if count <= 1:
+        return [_Instance(name, dataset, owned=owned)]
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    if per_frame is None or len(per_frame) != count:
+        raise DicomSeriesError(f"{Path(name).name}: a multi-frame image of {count} frames "
+                               "without one per-frame functional group per frame: the frames' "
+                               "positions are unknown")
+    sop = str(dataset.get("SOPInstanceUID", "") or "") or Path(name).name
+    frames = []
+    for index, group in enumerate(per_frame):
+        overrides = {"NumberOfFrames": 1, "SOPInstanceUID": f"{sop}#{index + 1}"}
+        for keyword, sequence in _FUNCTIONAL_GROUPS.items():
+            for source in (group, shared):
+                items = source.get(sequence) if source is not None else None
+                if items and keyword in items[0]:
+                    overrides[keyword] = items[0][keyword].value
+                    break
+        # The frames share one dataset: it keeps its pixel data until all are decoded.
+        frames.append(_Instance(f"{name} frame {index + 1}", dataset, owned=False, frame=index,
+                                overrides=overrides))
+    return frames
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -227,7 +277,7 @@ def read_series(source, series_uid: str | None = None, allow_gaps: bool = False,
             # An image whose pixel data are gone (a truncated file) is damaged, not "no image".
             (not_image if _is_non_image(dataset) else not_dicom).append(str(path))
         else:
-            instances.append(_Instance(str(path), dataset))
+            instances.extend(_frames_of(str(path), dataset, owned=True))
     if not_dicom and not skip_unreadable:
         raise DicomSeriesError(
             f"{where}: {len(not_dicom)} file(s) are not readable DICOM ({_names(not_dicom)}); "
@@ -286,7 +336,7 @@ def series_from_datasets(datasets: Iterable, series_uid: str | None = None,
         if "PixelData" not in dataset:
             skipped.append(name)
             continue
-        instances.append(_Instance(name, dataset, owned=False))
+        instances.extend(_frames_of(name, dataset, owned=False))
     if skipped:
         log.warning("skipped %d DICOM dataset(s) without an image: %s", len(skipped),
                     _names(skipped))
@@ -369,9 +419,6 @@ def _check_uniform(instances: list[_Instance], label: str) -> None:
         if lacking:
             raise DicomSeriesError(f"{label}: {len(lacking)} image(s) lack a valid {keyword} "
                                    f"({_names(lacking)}); their geometry is unknown")
-    multi = [i.name for i in instances if int(i.attr("NumberOfFrames", 1) or 1) > 1]
-    if multi:
-        raise DicomSeriesError(f"{label}: multi-frame images are not supported ({_names(multi)})")
     _same(instances, label, "image orientation",
           lambda i: _floats(i, "ImageOrientationPatient", 6), ORIENTATION_TOLERANCE)
     _same(instances, label, "pixel spacing", lambda i: _floats(i, "PixelSpacing", 2),
@@ -593,7 +640,7 @@ def _decode_all(placed: list, data: np.ndarray, label: str, threads: int | None)
             return
         dataset = instance.dataset
         try:
-            stored = pixel_array(dataset)
+            stored = pixel_array(dataset, index=instance.frame)
         except Exception as error:  # decoder missing, corrupt or truncated pixel data
             syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(syntax, "name", str(syntax)) if syntax else "unknown transfer syntax"
@@ -621,6 +668,9 @@ def _decode_all(placed: list, data: np.ndarray, label: str, threads: int | None)
         except VolumeError as error:
             raise DicomSeriesError(str(error)) from None
 
+    for instance in placed:
+        if instance is not None and instance.frame is not None:
+            instance.dataset.PixelData  # noqa: B018 - read a deferred value once, not per thread
     count = threads or min(MAX_DECODE_THREADS, os.cpu_count() or 1)
     if count <= 1:
         for k in range(len(placed)):

@@ -101,3 +101,43 @@ def save(ds, path: Path, syntax=None) -> None:
         ds.compress(syntax, encoding_plugin="")
     ds.save_as(path, enforce_file_format=True, little_endian=little_endian,
                implicit_vr=syntax == uid.ImplicitVRLittleEndian)
+
+
+def make_enhanced(stored: np.ndarray, first=(-100.0, -80.0, -300.0), step=(0.0, 0.0, 2.0),
+                  order=None, intercepts=None):
+    """One Enhanced CT dataset holding ``stored``'s slices as frames, in ``order`` (default:
+    slice order), with per-frame positions (and rescale intercepts) and shared orientation and
+    pixel spacing, as the functional groups of PS3.3 C.7.6.16 hold them."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    order = list(range(len(stored))) if order is None else list(order)
+    ds = make_dataset(stored[order[0]], first)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                    "RescaleSlope", "RescaleIntercept"):
+        delattr(ds, keyword)
+    ds.NumberOfFrames = len(order)
+    shared = Dataset()
+    orientation, measures, transform = Dataset(), Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    measures.PixelSpacing, measures.SliceThickness = [0.8, 0.7], 2
+    transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    if intercepts is None:
+        shared.PixelValueTransformationSequence = Sequence([transform])
+    groups = []
+    for k in order:
+        group, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [float(v) for v in np.asarray(first) + k * np.asarray(step)]
+        group.PlanePositionSequence = Sequence([position])
+        if intercepts is not None:
+            own = Dataset()
+            own.RescaleSlope, own.RescaleIntercept = 1, intercepts[k]
+            group.PixelValueTransformationSequence = Sequence([own])
+        groups.append(group)
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.PixelData = np.ascontiguousarray(stored[order], dtype="<u2").tobytes()
+    return ds

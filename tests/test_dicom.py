@@ -26,7 +26,7 @@ from sender.dicom import (  # noqa: E402
 )
 from shared.geometry import LPS_TO_RAS  # noqa: E402
 from shared.wire import voxel_sha256  # noqa: E402
-from tests.dicom_series import ct_slices, make_dataset, save, write_series  # noqa: E402
+from tests.dicom_series import ct_slices, make_dataset, make_enhanced, save, write_series  # noqa: E402
 
 SYNTAXES = [None, uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian,
             uid.DeflatedExplicitVRLittleEndian, uid.RLELossless, uid.JPEGLSLossless,
@@ -375,3 +375,39 @@ def test_dlad_send_refuses_with_one_line_and_writes_nothing(tmp_path, case):
     assert len(errors) == 1 and errors[0].startswith("dlad-send: error: ")
     assert "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == [folder]
+
+
+@pytest.mark.parametrize("syntax", [None, uid.JPEG2000Lossless])
+def test_enhanced_multi_frame_images_are_split_into_their_frames(tmp_path, syntax):
+    stored = ct_slices(count=5)
+    save(make_enhanced(stored, order=[3, 0, 4, 1, 2]), tmp_path / "enhanced.dcm", syntax)
+    series = read_series(tmp_path)
+    np.testing.assert_array_equal(series.volume.data, hu(stored))
+    for k in range(5):
+        np.testing.assert_allclose(world(series.volume.affine, 0, 0, k),
+                                   LPS_TO_RAS[:3, :3] @ [-100.0, -80.0, -300.0 + 2 * k])
+    assert series.volume.spacing == pytest.approx((0.7, 0.8, 2.0))
+    assert series.sources[0].endswith("enhanced.dcm frame 2")
+
+
+def test_enhanced_frames_with_their_own_rescale(tmp_path):
+    stored = ct_slices(count=3)
+    save(make_enhanced(stored, intercepts=[-1024, -1000, -1024]), tmp_path / "e.dcm")
+    series = read_series(tmp_path)
+    expected = hu(stored)
+    expected[1] += 24
+    np.testing.assert_array_equal(series.volume.data, expected)
+
+
+def test_enhanced_image_with_a_missing_frame_is_refused(tmp_path):
+    stored = ct_slices(count=5)
+    ds = make_enhanced(stored[[0, 1, 3, 4]], order=None)
+    for group, z in zip(ds.PerFrameFunctionalGroupsSequence, (0, 1, 3, 4)):
+        group.PlanePositionSequence[0].ImagePositionPatient = [-100.0, -80.0, -300.0 + 2 * z]
+    save(ds, tmp_path / "e.dcm")
+    with pytest.raises(DicomSeriesError, match="1 slice\\(s\\) missing.*e.dcm frame 2"):
+        read_series(tmp_path)
+    del ds.PerFrameFunctionalGroupsSequence[0]
+    save(ds, tmp_path / "e.dcm")
+    with pytest.raises(DicomSeriesError, match="without one per-frame functional group"):
+        read_series(tmp_path)
