@@ -120,7 +120,12 @@ class Reassembler:
         self.plan = {seq: (layer, z0, z1) for seq, layer, z0, z1 in header.plan}
         self.milestones = Milestones()
         self._base_digest: dict[tuple[int, int], bytes] = {}
-        self._waiting_for_base: dict[int, tuple[DataChunk, np.ndarray]] = {}
+        # Residuals that came before their base wait coded (a few percent of their decoded
+        # size), up to max_waiting_bytes; they are decoded again once the base is there.
+        self._waiting_for_base: dict[int, DataChunk] = {}
+        self._waiting_bytes = 0
+        self.max_waiting_bytes = max(4 << 20, self.volume.nbytes // 4)
+        """Coded bytes of early residuals held at most (more are rejected: resent later)."""
         # Slice by slice: the whole mask unpacked would take a byte per voxel.
         self._roi_per_slice = np.array([np.count_nonzero(header.roi_slices(z, z + 1))
                                         for z in range(nz)], dtype=np.int64)
@@ -167,23 +172,37 @@ class Reassembler:
                                 f"header's {self.header.layers[chunk.layer].get('codec')!r}")
         if self.holds(chunk.seq):
             return []
+        if (self._slice_state[chunk.z0:chunk.z1] & _LAYER_BIT[chunk.layer]).any():
+            # Only a plan with overlapping blocks of one layer gets here (no sender makes
+            # one): a second base would overwrite, a residual added twice would corrupt.
+            what = "a base" if chunk.layer == 0 else f"layer {chunk.layer}"
+            raise ChunkRejected(f"chunk {chunk.seq}: slices {chunk.z0}-{chunk.z1 - 1} already "
+                                f"have {what}")
         codec = get_codec(chunk.codec)
         if chunk.layer == 0:
             applied = self._apply_base(chunk, codec)
         else:
-            shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
-            try:
-                block = codec.decode(chunk.payload, shape, chunk.params)
-            except CodecError as error:
-                raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
+            block = self._decode_residual(chunk, codec)
             if (chunk.z0, chunk.z1) in self._base_digest:
                 self._apply_residual(chunk, block)
                 applied = [chunk]
             else:
-                self._waiting_for_base[chunk.seq] = (chunk, block)
+                if self._waiting_bytes + len(chunk.payload) > self.max_waiting_bytes:
+                    raise ChunkRejected(f"chunk {chunk.seq}: residual before its base, and "
+                                        f"{self._waiting_bytes} bytes of those already wait")
+                del block
+                self._waiting_for_base[chunk.seq] = chunk
+                self._waiting_bytes += len(chunk.payload)
                 applied = []
         self._update_milestones()
         return applied
+
+    def _decode_residual(self, chunk: DataChunk, codec: Codec) -> np.ndarray:
+        shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
+        try:
+            return codec.decode(chunk.payload, shape, chunk.params)
+        except CodecError as error:
+            raise ChunkRejected(f"chunk {chunk.seq}: {error}") from None
 
     def holds(self, seq: int) -> bool:
         """Whether chunk ``seq`` was applied, or is held until its base arrives."""
@@ -192,11 +211,7 @@ class Reassembler:
     def _apply_base(self, chunk: DataChunk, codec: Codec) -> list[DataChunk]:
         # Decoded straight into the volume: no block-sized buffer beside the decoder's own. The
         # slices hold the fill value until their base arrives, so a payload that fails to decode
-        # is undone by filling them again; a second base for a slice (a plan with overlapping
-        # blocks, which no sender makes) is refused for the same reason.
-        if (self._slice_state[chunk.z0:chunk.z1] & HAS_BASE).any():
-            raise ChunkRejected(f"chunk {chunk.seq}: slices {chunk.z0}-{chunk.z1 - 1} already "
-                                "have a base")
+        # is undone by filling them again (apply() has refused a second base for a slice).
         block = self.volume[chunk.z0:chunk.z1]
         try:
             codec.decode_into(chunk.payload, chunk.params, block)
@@ -217,13 +232,15 @@ class Reassembler:
         self._base_digest[key] = block_digest(block)
         self._mark(chunk)
         applied = [chunk]
-        for seq, (waiting, residual) in list(self._waiting_for_base.items()):
+        for seq, waiting in list(self._waiting_for_base.items()):
             if key not in self._base_digest:
                 break  # a residual before this one dropped the base (and the others waiting)
             if (waiting.z0, waiting.z1) == key and seq in self._waiting_for_base:
                 del self._waiting_for_base[seq]
+                self._waiting_bytes -= len(waiting.payload)
                 try:
-                    self._apply_residual(waiting, residual)
+                    self._apply_residual(waiting, self._decode_residual(
+                        waiting, get_codec(waiting.codec)))
                     applied.append(waiting)
                 except ChunkRejected as error:
                     self.late_rejections.append(str(error))
@@ -309,9 +326,9 @@ class Reassembler:
         self.roi_verified[z0:z1] = False
         for key in [key for key in self._base_digest if key[0] < z1 and z0 < key[1]]:
             del self._base_digest[key]
-        for seq in [seq for seq, (waiting, _) in self._waiting_for_base.items()
+        for seq in [seq for seq, waiting in self._waiting_for_base.items()
                     if waiting.z0 < z1 and z0 < waiting.z1]:
-            del self._waiting_for_base[seq]
+            self._waiting_bytes -= len(self._waiting_for_base.pop(seq).payload)
         self.verified = None
         return sorted(dropped)
 

@@ -3,41 +3,68 @@
 :class:`StudyStream` is what both transports feed: the file reader (``dlad-receive --in``)
 hands it the file in pieces, the network service the data channel's messages. It never raises
 on bad input: every rejected frame or chunk is logged and counted in :meth:`status`.
+
+Whatever the input, its memory stays bounded: a run of garbage is one problem however many
+bad frames it holds (see :class:`~shared.wire.FrameReader`), at most :data:`KEPT_PROBLEMS`
+problem texts are kept (the first and the latest halves, with the total count), and once the
+header is known the reader waits for no frame larger than the header allows
+(:func:`~shared.wire.max_data_frame_bytes`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from receiver.reassembly import ChunkRejected, Reassembler
-from shared.wire import DataChunk, FrameEvent, FrameReader, StreamEnd, StreamHeader
+from shared.wire import DataChunk, FrameEvent, FrameReader, StreamEnd, StreamHeader, max_data_frame_bytes
 
 log = logging.getLogger("dlad.receiver")
+
+#: Problem texts kept (half the first ones, half the latest): enough to diagnose a stream,
+#: bounded whatever a peer sends.
+KEPT_PROBLEMS = 200
 
 
 class StudyStream:
     """Parses a stream of frames for one study and applies its chunks."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, name: str = ""):
         self._clock = clock
         self._reader = FrameReader()
+        self.name = name
+        """Shown before each logged problem (``"study X: "``); empty: the study id, once known."""
         self.started = clock()
         self.header: StreamHeader | None = None
         self.reassembler: Reassembler | None = None
         self.end: StreamEnd | None = None
         self.bytes_received = 0
         self.duplicates = 0
-        self.problems: list[str] = []
+        self.problem_count = 0
+        """Problems so far: bad regions of the byte stream plus rejected chunks."""
+        self.bad_bytes = 0
+        """Bytes skipped as not part of any good frame."""
+        self._first_problems: list[str] = []
+        self._latest_problems: deque[str] = deque(maxlen=KEPT_PROBLEMS // 2)
 
-    def feed(self, data: bytes) -> list[DataChunk]:
+    @property
+    def problems(self) -> list[str]:
+        """The kept problem texts: the first ones, a note of how many were left out, the latest."""
+        left_out = self.problem_count - len(self._first_problems) - len(self._latest_problems)
+        note = [f"... {left_out} more problems not kept ..."] if left_out > 0 else []
+        return self._first_problems + note + list(self._latest_problems)
+
+    def feed(self, data: bytes, max_problems: int | None = None) -> list[DataChunk]:
         """Consume bytes; return the data chunks applied by this call.
 
         A residual that arrives before its base is held (not applied, not returned, not counted
-        in :meth:`status`) and returned by the call that brings its base.
+        in :meth:`status`) and returned by the call that brings its base. With ``max_problems``, stop applying (and drop the rest of ``data``) once this call has
+        found more problems than that: the caller is about to close a session that sends
+        garbage, and decoding it would only cost time.
         """
         self.bytes_received += len(data)
-        return self._handle(self._reader.feed(data))
+        return self._handle(self._reader.feed(data), max_problems)
 
     def finish(self) -> list[DataChunk]:
         """End of input: report an incomplete trailing frame, recover frames behind it."""
@@ -52,12 +79,19 @@ class StudyStream:
             return
         self.header = header
         self.reassembler = Reassembler(header, clock=self._clock, started=self.started)
+        self._reader.max_body_bytes = max_data_frame_bytes(header)
 
-    def _handle(self, events: list[FrameEvent]) -> list[DataChunk]:
+    def _handle(self, events: list[FrameEvent], max_problems: int | None = None
+                ) -> list[DataChunk]:
         applied = []
+        budget_end = None if max_problems is None else self.problem_count + max_problems
         for event in events:
+            if budget_end is not None and self.problem_count > budget_end:
+                break
             if event.error is not None:
-                self._problem(f"at byte {event.offset}: {event.error} ({event.size} bytes skipped)")
+                self.bad_bytes += event.size
+                self._problem(f"at byte {event.offset}: {event.error} ({event.size} bytes "
+                              "skipped)", count=max(event.bad_frames, 1))
             elif isinstance(event.chunk, StreamHeader):
                 self.accept_header(event.chunk)
             elif isinstance(event.chunk, StreamEnd):
@@ -76,9 +110,14 @@ class StudyStream:
                 self.reassembler.late_rejections.clear()
         return applied
 
-    def _problem(self, message: str) -> None:
-        self.problems.append(message)
-        log.warning("%s", message)
+    def _problem(self, message: str, count: int = 1) -> None:
+        self.problem_count += count
+        if len(self._first_problems) < KEPT_PROBLEMS // 2:
+            self._first_problems.append(message)
+        else:
+            self._latest_problems.append(message)
+        name = self.name or (self.header.study_id if self.header is not None else "")
+        log.warning("study %s: %s", name or "?", message)
 
     def status(self) -> dict:
         """JSON-able progress report: chunks, layers per slice, milestones, problems.
@@ -94,7 +133,8 @@ class StudyStream:
             "bytes_received": self.bytes_received,
             "elapsed_s": round(self._clock() - self.started, 3),
             "duplicates": self.duplicates,
-            "problems": list(self.problems),
+            "problems": self.problems,
+            "problem_count": self.problem_count,
             "stream_ended": self.end is not None,
         }
         if self.reassembler is None:

@@ -73,7 +73,10 @@ End body (kind 3): ``study_id``; ``chunks`` (data chunks sent); ``bytes`` (total
 before this frame).
 
 Limits: a body is at most 64 MiB; msgpack strings, arrays and maps are bounded when parsing;
-the receiver bounds every decompression by the voxels the slice range announces.
+the receiver bounds every decompression by the voxels the slice range announces. A data frame
+is at most :func:`max_data_frame_bytes` of its header: twice the raw int16 bytes of the
+largest planned block plus 64 KiB (no codec expands CT slices that much; x265's parameter SEI
+alone is about 2 KB), so a receiver knows from the header how much it may have to buffer.
 """
 
 from __future__ import annotations
@@ -518,15 +521,56 @@ class FrameEvent:
     chunk: StreamHeader | DataChunk | StreamEnd | None = None
     """The parsed chunk, when the frame was good."""
     error: str | None = None
-    """Why the bytes were rejected, when they were bad."""
+    """Why the bytes were rejected, when they were bad (the first reason of a merged run)."""
+    bad_frames: int = 0
+    """Bad regions merged into this error event (consecutive errors are reported as one)."""
+    reasons: list = field(default_factory=list, repr=False)
+    """The first few distinct reasons of a merged run (``error`` joins them)."""
+
+
+#: Distinct reasons kept in the message of a merged run of bad regions.
+MAX_MERGED_REASONS = 4
+_NUMBERS = re.compile(r"\d+")
+
+
+def _add_error(events: list[FrameEvent], offset: int, size: int, error: str) -> None:
+    """Report ``size`` bad bytes at ``offset``, merged into the previous event if it is an
+    error that ends there: a run of garbage is one event, whatever it holds (8 MB of frame
+    magic would otherwise be two million events and as many log lines). The merged event's
+    message is written by :func:`_finish_errors`."""
+    last = events[-1] if events else None
+    if last is not None and last.error is not None and last.offset + last.size == offset:
+        last.size += size
+        last.bad_frames += 1
+        reasons = last.reasons
+        if len(reasons) < MAX_MERGED_REASONS and error != reasons[-1]:
+            kind = _NUMBERS.sub("N", error)
+            if all(_NUMBERS.sub("N", known) != kind for known in reasons):
+                reasons.append(error)
+        return
+    events.append(FrameEvent(offset, size, error=error, bad_frames=1, reasons=[error]))
+
+
+def _finish_errors(events: list[FrameEvent]) -> list[FrameEvent]:
+    for event in events:
+        if event.bad_frames > 1:
+            more = event.bad_frames - len(event.reasons)
+            event.error = "; ".join(event.reasons) + (
+                f" (and {more} more bad regions, {event.size} bytes in all)" if more else "")
+    return events
 
 
 class FrameReader:
     """Incremental frame parser for a byte stream (a file read in pieces, a data channel).
 
     ``feed()`` returns every complete frame found so far; bytes that do not form a valid frame
-    are reported as errors and skipped up to the next magic. ``pending`` counts the bytes of an
-    incomplete frame at the end (a truncated stream leaves them there).
+    are reported as errors and skipped up to the next magic, consecutive bad regions as one
+    event (``bad_frames`` says how many). ``pending`` counts the bytes of an incomplete frame
+    at the end (a truncated stream leaves them there).
+
+    ``max_body_bytes`` bounds the frame a reader waits for (and so its buffer): a prefix that
+    announces a longer body is rejected at once. A receiver lowers it once the header says how
+    large the study's frames can be.
     """
 
     def __init__(self, max_body_bytes: int = MAX_BODY_BYTES):
@@ -539,47 +583,59 @@ class FrameReader:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[FrameEvent]:
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
         events: list[FrameEvent] = []
+        size = len(buffer)
+        pos = 0  # the buffer is cut once at the end, not after every frame
         while True:
-            start = self._buffer.find(MAGIC)
+            start = buffer.find(MAGIC, pos)
             if start < 0:
                 # Keep the last bytes: they may be the start of a magic split across reads.
-                keep = len(MAGIC) - 1
-                if len(self._buffer) > keep:
-                    dropped = len(self._buffer) - keep
-                    events.append(FrameEvent(self._offset, dropped,
-                                             error=f"{dropped} bytes that are not a frame"))
-                    self._consume(dropped)
-                return events
-            if start:
-                events.append(FrameEvent(self._offset, start,
-                                         error=f"{start} bytes that are not a frame"))
-                self._consume(start)
-            if len(self._buffer) < PREFIX_BYTES:
-                return events
-            length = PREFIX.unpack_from(self._buffer)[3]
-            if length > self.max_body_bytes:
-                events.append(FrameEvent(self._offset, 1,
-                                         error=f"oversized frame ({length} bytes) rejected"))
-                self._consume(1)
+                keep_from = max(pos, size - (len(MAGIC) - 1))
+                if keep_from > pos:
+                    _add_error(events, self._offset + pos, keep_from - pos,
+                               f"{keep_from - pos} bytes that are not a frame")
+                    pos = keep_from
+                break
+            if start > pos:
+                _add_error(events, self._offset + pos, start - pos,
+                           f"{start - pos} bytes that are not a frame")
+                pos = start
+            if size - pos < PREFIX_BYTES:
+                break
+            _, version, kind, length, _ = PREFIX.unpack_from(buffer, pos)
+            if length > self.max_body_bytes or version != WIRE_VERSION or kind not in _PARSERS:
+                # Not a frame this reader would take: do not wait for its body.
+                reason = (f"oversized frame ({length} bytes) rejected"
+                          if length > self.max_body_bytes else
+                          f"unsupported wire version {version}" if version != WIRE_VERSION
+                          else f"unknown frame kind {kind}")
+                pos = self._skip_bad(events, pos, reason)
                 continue
-            end = PREFIX_BYTES + length
-            if len(self._buffer) < end:
-                return events
+            end = pos + PREFIX_BYTES + length
+            if size < end:
+                break
+            with memoryview(buffer) as view:  # one copy of the frame, released before del
+                data_of_frame = bytes(view[pos:end])
             try:
-                # One copy of the frame, taken through a view (slicing the bytearray would
-                # copy it twice); the view is gone before the buffer is resized.
-                chunk = parse_frame(bytes(memoryview(self._buffer)[:end]))
+                chunk = parse_frame(data_of_frame)
             except WireError as error:
                 # Do not trust the length of a frame that failed: resume at the next magic.
-                resume = self._buffer.find(MAGIC, 1)
-                resume = resume if resume > 0 else max(1, len(self._buffer) - len(MAGIC) + 1)
-                events.append(FrameEvent(self._offset, resume, error=str(error)))
-                self._consume(resume)
+                pos = self._skip_bad(events, pos, str(error))
                 continue
-            events.append(FrameEvent(self._offset, end, chunk=chunk))
-            self._consume(end)
+            events.append(FrameEvent(self._offset + pos, end - pos, chunk=chunk))
+            pos = end
+        self._consume(pos)
+        return _finish_errors(events)
+
+    def _skip_bad(self, events: list[FrameEvent], pos: int, reason: str) -> int:
+        """Report the bytes from ``pos`` to the next magic as bad; return where to resume."""
+        resume = self._buffer.find(MAGIC, pos + 1)
+        if resume < 0:
+            resume = max(pos + 1, len(self._buffer) - len(MAGIC) + 1)
+        _add_error(events, self._offset + pos, resume - pos, reason)
+        return resume
 
     def finish(self) -> list[FrameEvent]:
         """End of stream: report what is left as truncated, after parsing any frame behind it.
@@ -592,20 +648,35 @@ class FrameReader:
             resume = self._buffer.find(MAGIC, 1)
             if resume < 0:
                 size = len(self._buffer)
-                events.append(FrameEvent(self._offset, size,
-                                         error=f"truncated: the last {size} bytes are an "
-                                               "incomplete frame"))
+                _add_error(events, self._offset, size,
+                           f"truncated: the last {size} bytes are an incomplete frame")
                 self._consume(size)
                 break
-            events.append(FrameEvent(self._offset, resume,
-                                     error="incomplete frame (its length runs past the end)"))
+            _add_error(events, self._offset, resume,
+                       "incomplete frame (its length runs past the end)")
             self._consume(resume)
             events.extend(self.feed(b""))
-        return events
+        return _finish_errors(events)
 
     def _consume(self, count: int) -> None:
         del self._buffer[:count]
         self._offset += count
+
+
+#: Room for a data frame's fields, codec headers and parameters beyond its coded voxels.
+DATA_FRAME_OVERHEAD = 64 * 1024
+
+
+def max_data_frame_bytes(header: StreamHeader) -> int:
+    """Largest data frame (prefix + body) a stream with this header may carry.
+
+    Twice the raw int16 bytes of the largest planned block, plus :data:`DATA_FRAME_OVERHEAD`,
+    and never more than the format's own limit. Senders stay far below it (a lossless codec
+    on noise expands by a few percent at most); a receiver uses it to bound its buffers.
+    """
+    plane = int(header.shape[1]) * int(header.shape[2])
+    slices = max((z1 - z0 for _, _, z0, z1 in header.plan), default=1)
+    return min(PREFIX_BYTES + MAX_BODY_BYTES, 2 * 2 * plane * slices + DATA_FRAME_OVERHEAD)
 
 
 def voxel_sha256(voxels: np.ndarray) -> str:
