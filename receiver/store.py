@@ -7,15 +7,28 @@ Layout of ``OUT_DIR`` (one folder per study stream)::
       <folder>/                    named from the sanitised study id (see folder_name)
         header.dlad                the stream's header frame, written once (atomically)
         chunks.dlad                append-only log of the data-chunk frames applied, in order;
-                                   flushed and fsync'd after every batch
+                                   written and fsync'd after every batch, before anything
+                                   about that batch is told to the sender
         status.json                progress report, atomically replaced (see StudyRecord.status)
         volume.nii                 NIfTI snapshot of the reassembled volume, atomically replaced
                                    (volume.nii.gz with --snapshot-format nii.gz)
 
 ``header.dlad`` followed by ``chunks.dlad`` is a valid ``.dlad`` stream: ``cat header.dlad
 chunks.dlad > s.dlad && dlad-receive --in s.dlad --out s.nii.gz`` rebuilds the same volume.
-A receiver restarted on the same folder replays the log (every frame is checked again), cuts a
-torn tail left by a crash, and continues from there.
+A receiver restarted on the same folder replays the log (every frame's checksum and every
+chunk's fit to the plan are checked again), cuts a torn tail left by a crash, and continues
+from there: what it reports to a sender is exactly what the log holds.
+
+Durability: a batch's frames are written with ``os.write`` and ``fsync``'d before the batch is
+acknowledged; a failed write (disk full, I/O error) truncates the log back to its last good
+frame and raises :class:`StoreWriteError`, and the service then drops the study from memory, so
+that nothing the disk lacks is ever reported as received. New files and folders are made
+inside a temporary folder that is fsync'd and renamed into place, and the parent folder is
+fsync'd after the rename. Before writing, the :class:`~receiver.limits.DiskGuard` checks the
+out-dir quota and the free-space reserve.
+
+Permissions: files are created with the process umask (``dlad-receive`` sets 077 unless
+``--umask`` says otherwise: files 0600, folders 0700, as patient data should be).
 
 A folder belongs to one stream: its header's study id and :func:`~shared.webrtc.protocol.stream_key`.
 Another stream claiming the same name (same id with other settings, or another id that
@@ -27,6 +40,7 @@ Nothing here is thread-safe: the service calls one study's methods from one task
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -34,10 +48,14 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
+from receiver.limits import DiskFull, DiskGuard
 from receiver.stream import StudyStream
 from shared.atomic import write_json_atomic
 from shared.nifti import write_nifti
@@ -54,13 +72,16 @@ LOCK_FILE = ".dlad-receiver.lock"
 TEMP_PREFIX = ".tmp-"
 MAX_NAME = 64
 MAX_VARIANTS = 50
-MAX_PROBLEMS = 200
 READ_BYTES = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class StoreError(RuntimeError):
     """The study folder cannot be used (locked, full of other streams, unreadable)."""
+
+
+class StoreWriteError(StoreError):
+    """Data could not be written durably (disk full, quota, I/O error); nothing of it counts."""
 
 
 def folder_name(study_id: str) -> str:
@@ -101,16 +122,23 @@ def _now() -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    """Make a folder's entries (a new file, a rename) durable."""
+    handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(handle)
-    except OSError:
-        pass
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems without dir fsync
+            raise
     finally:
         os.close(handle)
+
+
+def _describe(error: OSError) -> str:
+    if isinstance(error, DiskFull):
+        return str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({error.strerror})"
+    return f"{error.strerror or error} ({type(error).__name__})"
 
 
 def read_header_file(path: Path) -> tuple[StreamHeader, bytes]:
@@ -129,14 +157,15 @@ class StudyRecord:
     """One study folder and the volume being rebuilt in memory from what arrived."""
 
     def __init__(self, folder: Path, header: StreamHeader, key: str,
-                 snapshot_format: str = "nii"):
+                 snapshot_format: str = "nii", disk: DiskGuard | None = None):
         if snapshot_format not in SNAPSHOT_FORMATS:
             raise ValueError(f"snapshot format must be one of {SNAPSHOT_FORMATS}")
         self.snapshot_file = f"volume.{snapshot_format}"
         self.folder = folder
         self.header = header
         self.key = key
-        self.stream = StudyStream()
+        self.disk = disk
+        self.stream = StudyStream(name=header.study_id)
         self.stream.accept_header(header)
         self.times: dict[str, str] = {"created": _now()}
         self.counters = {"sessions": 0, "network_bytes": 0, "resumed_with": 0}
@@ -145,22 +174,29 @@ class StudyRecord:
         self.last_pass: dict = {}
         self.last_snapshot = 0.0
         self.dirty = True
-        self._log = None
+        self.snapshot_written = False
+        """Whether the last :meth:`write_snapshot` wrote a new volume."""
+        self._log: int | None = None  # file descriptor of the chunk log, opened for appending
         self._log_bytes = 0
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where the NIfTI snapshot is (it may not exist yet)."""
+        return self.folder / self.snapshot_file
 
     # --- persistence -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, folder: Path, header: StreamHeader, key: str, snapshot_format: str = "nii"):
-        record = cls(folder, header, key, snapshot_format)
-        (folder / LOG_FILE).touch()
-        return record
+    def create(cls, folder: Path, header: StreamHeader, key: str, snapshot_format: str = "nii",
+               disk: DiskGuard | None = None):
+        """A record for a folder just claimed (its empty log made by the claim)."""
+        return cls(folder, header, key, snapshot_format, disk)
 
     @classmethod
     def load(cls, folder: Path, header: StreamHeader, key: str,
-             snapshot_format: str = "nii") -> StudyRecord:
+             snapshot_format: str = "nii", disk: DiskGuard | None = None) -> StudyRecord:
         """Rebuild from ``folder``: replay the chunk log, cut a torn tail, restore counters."""
-        record = cls(folder, header, key, snapshot_format)
+        record = cls(folder, header, key, snapshot_format, disk)
         path = folder / LOG_FILE
         good = 0
         if path.exists():
@@ -178,12 +214,15 @@ class StudyRecord:
                 with open(path, "r+b") as handle:
                     handle.truncate(good)
                     os.fsync(handle.fileno())
+                if disk is not None:
+                    disk.charge(good - size)
             with open(path, "rb") as handle:
                 while data := handle.read(READ_BYTES):
                     record.stream.feed(data)
             record.stream.finish()
         else:
             path.touch()
+            _fsync_dir(folder)
         record._log_bytes = good
         previous = record._read_status()
         if previous.get("stream_key") == key:
@@ -204,21 +243,48 @@ class StudyRecord:
         return value if isinstance(value, dict) else {}
 
     def append(self, chunks: list[DataChunk]) -> None:
-        """Add applied chunks to the log, durably (flush + fsync) before returning."""
+        """Add applied chunks to the log, durably (write + fsync) before returning.
+
+        Raises :class:`StoreWriteError` when they cannot all be stored (quota, reserve, disk
+        full, I/O error); the log is then cut back to where it was, so it never ends in a torn
+        frame and holds none of these chunks.
+        """
         if not chunks:
             return
-        if self._log is None:
-            self._log = open(self.folder / LOG_FILE, "ab")
-        for chunk in chunks:
-            data = chunk.to_frame()
-            self._log.write(data)
-            self._log_bytes += len(data)
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        data = b"".join(chunk.to_frame() for chunk in chunks)
+        start = self._log_bytes
+        try:
+            if self.disk is not None:
+                self.disk.require(len(data))
+            if self._log is None:
+                self._log = os.open(self.folder / LOG_FILE, os.O_WRONLY | os.O_APPEND)
+            view = memoryview(data)
+            while view:
+                written = os.write(self._log, view)
+                view = view[written:]
+            os.fsync(self._log)
+        except OSError as error:
+            self._cut_log(start)
+            raise StoreWriteError(f"{len(chunks)} chunks not stored in {self.folder}: "
+                                  f"{_describe(error)}") from error
+        self._log_bytes += len(data)
+        if self.disk is not None:
+            self.disk.charge(len(data))
+
+    def _cut_log(self, size: int) -> None:
+        """After a failed append: the log back to ``size`` bytes (a shrink needs no space)."""
+        try:
+            if self._log is None:
+                self._log = os.open(self.folder / LOG_FILE, os.O_WRONLY | os.O_APPEND)
+            os.ftruncate(self._log, size)
+            os.fsync(self._log)
+        except OSError as error:  # the replay at the next load cuts a torn tail anyway
+            log.error("study %s: cannot cut the chunk log back to %d bytes: %s",
+                      self.header.study_id, size, error)
 
     def close(self) -> None:
         if self._log is not None:
-            self._log.close()
+            os.close(self._log)
             self._log = None
 
     # --- progress ----------------------------------------------------------------------------
@@ -239,14 +305,8 @@ class StudyRecord:
                 reached.append(name)
         return reached
 
-    def trim_problems(self) -> None:
-        problems = self.stream.problems
-        if len(problems) > MAX_PROBLEMS:
-            del problems[:len(problems) - MAX_PROBLEMS]
-
     def status(self) -> dict:
         """The study's status: :meth:`StudyStream.status` plus folder, times and transfer."""
-        self.trim_problems()
         status = self.stream.status()
         r = self.reassembler
         status.update({
@@ -267,30 +327,73 @@ class StudyRecord:
         return status
 
     def write_snapshot(self, with_volume: bool = True) -> dict:
-        """Atomically replace the NIfTI snapshot (optional) and then status.json."""
+        """Atomically replace the NIfTI snapshot (optional) and then status.json.
+
+        No volume is written before a chunk has been applied (a header alone must not make the
+        receiver write a volume of fill values). A snapshot that does not fit within the disk
+        limits, or fails to write, is skipped with an error in the log: the chunk log, not the
+        snapshot, is what must be on disk, and the next snapshot will try again.
+        """
         r = self.reassembler
-        with_volume = with_volume and (self.dirty or not (self.folder / self.snapshot_file).exists())
+        path = self.snapshot_path
+        with_volume = (with_volume and bool(r.applied)
+                       and (self.dirty or not path.exists()))
+        self.snapshot_written = False
         if with_volume:
-            write_nifti(r.to_volume(), self.folder / self.snapshot_file, compresslevel=1)
-            self.snapshot_info = {"file": self.snapshot_file, "written": _now(),
-                                  "chunks_applied": len(r.applied),
-                                  "roi_complete": r.roi_complete, "complete": r.complete}
-            self.dirty = False
+            old_size = path.stat().st_size if path.exists() else 0
+            try:
+                if self.disk is not None:
+                    self.disk.require(_snapshot_bytes(self.header))
+                write_nifti(r.to_volume(), path, compresslevel=1)
+            except OSError as error:
+                log.error("study %s: snapshot not written: %s", self.header.study_id,
+                          _describe(error))
+            else:
+                if self.disk is not None:
+                    self.disk.charge(path.stat().st_size - old_size)
+                self.snapshot_info = {"file": self.snapshot_file, "written": _now(),
+                                      "chunks_applied": len(r.applied),
+                                      "roi_complete": r.roi_complete, "complete": r.complete}
+                self.dirty = False
+                self.snapshot_written = True
         self.last_snapshot = time.monotonic()
         status = self.status()
-        write_json_atomic(self.folder / STATUS_FILE, status)
+        try:
+            write_json_atomic(self.folder / STATUS_FILE, status)
+        except OSError as error:
+            log.error("study %s: status.json not written: %s", self.header.study_id,
+                      _describe(error))
         if with_volume:
             release_memory()
         return status
 
 
+def _snapshot_bytes(header: StreamHeader) -> int:
+    """Size of an uncompressed NIfTI snapshot of the study (the .nii.gz one is smaller)."""
+    voxels = int(header.shape[0]) * int(header.shape[1]) * int(header.shape[2])
+    try:
+        itemsize = max(2, np.dtype(header.source_dtype).itemsize)
+    except TypeError:
+        itemsize = 2
+    return 352 + voxels * itemsize
+
+
 class StudyStore:
     """``OUT_DIR`` of one receiver: finds, creates and loads study folders."""
 
-    def __init__(self, out_dir: Path, snapshot_format: str = "nii"):
+    def __init__(self, out_dir: Path, snapshot_format: str = "nii",
+                 disk: DiskGuard | None = None):
         self.snapshot_format = snapshot_format
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = disk
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create the out-dir {self.out_dir}: {error}") from None
+        mode = stat.S_IMODE(self.out_dir.stat().st_mode)
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("the out-dir %s is accessible by other users (mode %o); the studies "
+                        "in it are patient data: chmod 700 it", self.out_dir, mode)
         self._lock = open(self.out_dir / LOCK_FILE, "a+")
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -311,25 +414,39 @@ class StudyStore:
         for n in range(2, MAX_VARIANTS + 1):
             yield f"{base}.{n}"
 
-    def open(self, header: StreamHeader, header_frame: bytes) -> tuple[StudyRecord, bool]:
+    def open(self, header: StreamHeader, header_frame: bytes, disk_need: int = 0
+             ) -> tuple[StudyRecord, bool]:
         """The record for this stream: loaded from its folder, or in a new one.
 
-        Returns ``(record, existed)``. Raises StoreError when no folder name is free.
+        Returns ``(record, existed)``. Raises StoreError when no folder name is free, when a
+        new study's ``disk_need`` bytes do not fit the disk limits, or when its folder cannot
+        be made.
         """
         key = stream_key(header)
         for name in self.candidates(header.study_id):
             folder = self.out_dir / name
             if not folder.exists():
-                self._claim(folder, header_frame)
+                try:
+                    if self.disk is not None:
+                        self.disk.require(disk_need)
+                    self._claim(folder, header_frame)
+                except OSError as error:
+                    raise StoreWriteError(f"cannot make a folder for study "
+                                          f"{header.study_id!r}: {_describe(error)}") from None
                 log.info("study %s: new folder %s", header.study_id, folder)
-                return StudyRecord.create(folder, header, key, self.snapshot_format), False
+                return StudyRecord.create(folder, header, key, self.snapshot_format,
+                                          self.disk), False
             try:
                 stored, _ = read_header_file(folder / HEADER_FILE)
             except StoreError as error:
                 log.warning("skipping folder %s: %s", folder, error)
                 continue
             if stored.study_id == header.study_id and stream_key(stored) == key:
-                record = StudyRecord.load(folder, stored, key, self.snapshot_format)
+                try:
+                    record = StudyRecord.load(folder, stored, key, self.snapshot_format,
+                                              self.disk)
+                except OSError as error:
+                    raise StoreError(f"cannot load {folder}: {_describe(error)}") from None
                 log.info("study %s: resuming in %s with %d/%d chunks", header.study_id, folder,
                          len(record.reassembler.applied), len(record.reassembler.plan))
                 return record, True
@@ -340,7 +457,11 @@ class StudyStore:
                          f"{MAX_VARIANTS} different streams with this id)")
 
     def _claim(self, folder: Path, header_frame: bytes) -> None:
-        """Create ``folder`` with its header atomically (a temp folder renamed into place)."""
+        """Create ``folder`` with its header and an empty log, atomically and durably.
+
+        Both files are made in a temporary folder, fsync'd with it, and the folder is renamed
+        into place; then the out-dir is fsync'd so that the rename survives a crash.
+        """
         temporary = self.out_dir / f"{TEMP_PREFIX}{folder.name}-{os.getpid()}-{time.monotonic_ns()}"
         temporary.mkdir()
         try:
@@ -348,11 +469,16 @@ class StudyStore:
                 out.write(header_frame)
                 out.flush()
                 os.fsync(out.fileno())
+            with open(temporary / LOG_FILE, "wb") as out:
+                os.fsync(out.fileno())
+            _fsync_dir(temporary)
             os.rename(temporary, folder)  # fails if folder appeared meanwhile (non-empty)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
         _fsync_dir(self.out_dir)
+        if self.disk is not None:
+            self.disk.charge(len(header_frame))
 
     def list(self) -> list[dict]:
         """Every study folder with its last status (for ``GET /studies``)."""

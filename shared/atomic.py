@@ -14,9 +14,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # mkstemp creates owner-only files; a finished file gets the permissions a plain open() would
-# give it, so a viewer running as another user can read a received volume.
+# give it (0666 less the umask). The umask is read once here (reading it means setting it,
+# which is not thread-safe) and changed only through set_umask.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def set_umask(mask: int) -> int:
+    """Set the process umask (and the one atomic writes follow); return the previous one.
+
+    ``dlad-receive`` sets 0o077 (files 0600, folders 0700: received studies are patient data)
+    unless ``--umask`` says otherwise. Call it at start-up, before threads write files.
+    """
+    global _UMASK
+    if not 0 <= mask <= 0o777:
+        raise ValueError(f"a umask is between 000 and 777 (octal), got {mask:o}")
+    previous = os.umask(mask)
+    _UMASK = mask
+    return previous
 
 
 @contextlib.contextmanager

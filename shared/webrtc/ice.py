@@ -92,3 +92,119 @@ def enlarge_socket_buffers(pc, size: int = SOCKET_BUFFER_BYTES) -> int:
         except OSError:
             pass
     return changed
+
+
+# --- STUN / TURN servers ---------------------------------------------------------------------
+
+ICE_SCHEMES = ("stun", "turn", "turns")
+
+
+class IceConfigError(ValueError):
+    """An ``--ice-server`` URL or its credentials file cannot be used."""
+
+
+def read_ice_credentials(path) -> tuple[str, str]:
+    """``(username, password)`` from a file holding one ``USERNAME:PASSWORD`` line.
+
+    The password may contain ``:``; surrounding whitespace is stripped. Like the token file it
+    should be readable by its owner only.
+    """
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise IceConfigError(f"cannot read ICE credentials file {path}: {error}") from None
+    username, sep, password = text.partition(":")
+    if not sep or not username or not password or "\n" in text:
+        raise IceConfigError(f"ICE credentials file {path} must hold one USERNAME:PASSWORD line")
+    return username, password
+
+
+def ice_servers(urls: list[str] | None, credentials_file=None) -> list:
+    """aiortc ``RTCIceServer`` objects for ``--ice-server`` URLs (and ``--ice-credentials``).
+
+    ``stun:HOST[:PORT]``, ``turn:HOST[:PORT][?transport=udp|tcp]`` and ``turns:HOST[:PORT]``
+    (TURN over TLS; the server's certificate is checked against the system's store). TURN URLs
+    need credentials. aiortc uses the first STUN and the first TURN server it is given.
+    """
+    from aiortc import RTCIceServer
+    from aiortc.rtcicetransport import parse_stun_turn_uri
+
+    servers = []
+    credentials = None
+    for url in urls or []:
+        scheme = url.partition(":")[0].lower()
+        if scheme not in ICE_SCHEMES:
+            raise IceConfigError(f"--ice-server {url!r}: the URL must start with stun:, turn: "
+                                 "or turns:")
+        try:
+            parse_stun_turn_uri(url)
+        except ValueError as error:
+            raise IceConfigError(f"--ice-server {url!r}: {error}") from None
+        if scheme == "stun":
+            servers.append(RTCIceServer(urls=url))
+            continue
+        if credentials_file is None:
+            raise IceConfigError(f"--ice-server {url!r}: a TURN server needs --ice-credentials")
+        if credentials is None:
+            credentials = read_ice_credentials(credentials_file)
+        servers.append(RTCIceServer(urls=url, username=credentials[0],
+                                    credential=credentials[1]))
+    return servers
+
+
+# --- the remote candidates a receiver accepts --------------------------------------------------
+
+class CandidateError(ValueError):
+    """An offer whose ICE candidates the receiver will not probe."""
+
+
+def screen_candidates(sdp: str, allow: tuple | None, limit: int) -> tuple[str, int]:
+    """The offer without the candidates the receiver must not probe; and how many were dropped.
+
+    Every ``a=candidate`` line counts against ``limit`` (an offer with more is refused: each
+    candidate costs a pair of STUN checks, retransmitted up to 7 times). With ``allow`` (a tuple
+    of ``ipaddress`` networks), candidates whose address is not inside one of them are removed,
+    names (mDNS ``.local`` and others) included: the receiver sends no packet to an address the
+    administrator did not allow. Raises :class:`CandidateError` when the offer lists more than
+    ``limit`` candidates, or when ``allow`` leaves none.
+    """
+    lines = sdp.splitlines(keepends=True)
+    candidates = [line for line in lines if line.startswith("a=candidate:")]
+    if len(candidates) > limit:
+        raise CandidateError(f"the offer lists {len(candidates)} ICE candidates, more than "
+                             f"this receiver probes ({limit})")
+    if allow is None:
+        return sdp, 0
+    kept, dropped = [], 0
+    for line in lines:
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            try:
+                address = ipaddress.ip_address(fields[4].strip("[]"))
+            except (IndexError, ValueError):
+                address = None
+            if address is None or not any(address in network for network in allow):
+                dropped += 1
+                continue
+        kept.append(line)
+    if candidates and dropped == len(candidates):
+        raise CandidateError("none of the offer's ICE candidates is in --allow-peers")
+    return "".join(kept), dropped
+
+
+def selected_pair(pc) -> str | None:
+    """The candidate pair a peer connection's ICE nominated, in words (None if unknown).
+
+    ``"relay 10.0.0.1:49170 -> host 10.0.0.2:40211"``: says whether the media goes through a
+    TURN relay, which an administrator wants to know.
+    """
+    try:
+        connection = pc.sctp.transport.transport.iceGatherer._connection
+        pair = next(iter(connection._nominated.values()))
+    except (AttributeError, StopIteration):
+        return None
+    local, remote = pair.local_candidate, pair.remote_candidate
+    return (f"{local.type} {local.host}:{local.port} -> {remote.type} "
+            f"{remote.host}:{remote.port}")

@@ -19,18 +19,51 @@ log = logging.getLogger("dlad.receiver")
 
 SDP_CONTENT_TYPE = "application/sdp"
 MAX_SDP_BYTES = 64 * 1024
-MIN_TOKEN_CHARS = 16
+#: A token must carry at least this much entropy (estimated by :func:`token_bits`): 128 bits
+#: cannot be guessed online, whatever the request rate.
+MIN_TOKEN_BITS = 128
+_HEX = frozenset("0123456789abcdefABCDEF")
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_")
 
 
 class TokenError(ValueError):
     """The token file cannot be used."""
 
 
-def read_token_file(path, role: str = "receiver") -> str:
+def token_bits(token: str) -> float:
+    """Entropy of ``token`` in bits, assuming it was drawn at random from its alphabet.
+
+    The alphabet is the smallest usual one that holds every character: hex digits (4 bits a
+    character: ``openssl rand -hex 32`` gives 256 bits), base64 / base64url (6 bits:
+    ``openssl rand -base64 32``, ``secrets.token_urlsafe``), else printable ASCII (6.5 bits).
+    A token with fewer than 8 distinct characters is not random text: it counts 8 bits a
+    distinct character at most (``"aaaa..."`` is worth next to nothing).
+
+    >>> token_bits("0123456789abcdef0123456789abcdef")
+    128.0
+    >>> token_bits("secret") < 128
+    True
+    """
+    characters = set(token)
+    if characters <= _HEX:
+        per_char = 4.0
+    elif characters <= _BASE64:
+        per_char = 6.0
+    else:
+        per_char = 6.55  # log2(94) printable ASCII characters
+    bits = len(token) * per_char
+    if len(characters) < 8:
+        bits = min(bits, 8.0 * len(characters))
+    return bits
+
+
+def read_token_file(path, role: str = "receiver", allow_weak: bool = False) -> str:
     """The token in ``path`` (surrounding whitespace stripped).
 
-    Refuses a missing, empty or multi-line file; warns when the file is readable by other
-    users (``chmod 600`` it) or the token is short.
+    Refuses a missing, empty or multi-line file, and (for the receiver, unless
+    ``allow_weak``) a token worth less than :data:`MIN_TOKEN_BITS` bits; a sender only warns
+    about a weak token (the receiver decides). Warns when the file is readable by other users
+    (``chmod 600`` it).
     """
     path = Path(path)
     try:
@@ -47,10 +80,13 @@ def read_token_file(path, role: str = "receiver") -> str:
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and os.name == "posix":
         log.warning("token file %s is accessible by other users (mode %o); chmod 600 it",
                     path, stat.S_IMODE(info.st_mode))
-    if len(token) < MIN_TOKEN_CHARS:
-        log.warning("the %s token in %s is short (%d characters); use at least %d random "
-                    "characters, e.g. `openssl rand -hex 32`", role, path, len(token),
-                    MIN_TOKEN_CHARS)
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        advice = (f"the token in {path} is weak (about {bits:.0f} bits, fewer than "
+                  f"{MIN_TOKEN_BITS}); make one with `openssl rand -hex 32 > {path}`")
+        if role == "receiver" and not allow_weak:
+            raise TokenError(f"{advice}, or pass --allow-weak-token")
+        log.warning("%s", advice)
     return token
 
 
