@@ -18,6 +18,7 @@ from sender.pipeline import PHANTOM
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
 from shared.atomic import atomic_path
 from shared.codecs import codec_names, get_codec
+from shared.logs import configure
 from shared.volume import VolumeError
 
 EXAMPLES = """examples:
@@ -37,6 +38,10 @@ EXAMPLES = """examples:
   # stream to a receiver (dlad-receive --listen) over WebRTC, resuming after drops
   dlad-send ct.nii.gz --roi-mask liver.nii.gz --exact --to http://127.0.0.1:8700 \\
       --token-file token.txt
+  # to a receiver on another network: HTTPS (its certificate checked) and a TURN relay
+  dlad-send ct.nii.gz --exact --to https://expert.example.org:8700 --token-file token.txt \\
+      --ca-file hospital-ca.pem --ice-server turn:turn.example.org:3478 \\
+      --ice-credentials turn.txt
 
 exit status: 0 ok, 1 failed (bad input, nothing written; refused by the receiver),
 2 bad arguments, 3 (--to) not delivered completely: run it again to resume
@@ -68,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "where the receiver is (default %(default)s)")
     where.add_argument("--max-rate", type=float, metavar="MBIT_S",
                        help="with --to: cap the sending rate (Mbit/s)")
+    where.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="with --to https://: certificate authorities that may sign the "
+                            "receiver's certificate (default: the system's store)")
+    where.add_argument("--allow-plain-http", action="store_true",
+                       help="with --to http:// to another machine: send the token in clear "
+                            "(only on a network you trust)")
+    where.add_argument("--ice-server", action="append", metavar="URL",
+                       help="with --to: STUN or TURN server (stun:HOST[:PORT], "
+                            "turn:HOST[:PORT][?transport=tcp], turns:HOST[:PORT]); repeatable")
+    where.add_argument("--ice-credentials", type=Path, metavar="FILE",
+                       help="with --to: file holding USERNAME:PASSWORD for the TURN servers")
     where.add_argument("--drop-after", type=int, metavar="N", help=argparse.SUPPRESS)
     where.add_argument("--study-id", help="study id in the stream (default: input name + hash)")
     dicom = parser.add_argument_group("DICOM input (a folder of one series)")
@@ -192,9 +208,11 @@ def main_to(args, parser) -> int:
         Refused,
         StreamOptions,
         TransportError,
+        check_url,
         process_started,
         stream_study,
     )
+    from shared.webrtc.ice import IceConfigError, ice_servers
     from shared.webrtc.signaling import TokenError, read_token_file
 
     started = process_started()
@@ -205,8 +223,13 @@ def main_to(args, parser) -> int:
     if args.retries < 0:
         parser.error("--retries must be >= 0")
     try:
+        check_url(args.to, args.allow_plain_http)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         token = read_token_file(args.token_file, role="sender")
-    except TokenError as error:
+        servers = ice_servers(args.ice_server, args.ice_credentials)
+    except (TokenError, IceConfigError) as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
     try:
@@ -223,7 +246,9 @@ def main_to(args, parser) -> int:
         parser.error("--max-rate must be > 0")
     options = StreamOptions(retries=args.retries, quiet=args.quiet,
                             drop_after_chunks=args.drop_after,
-                            max_rate=args.max_rate * 1e6 if args.max_rate else None)
+                            max_rate=args.max_rate * 1e6 if args.max_rate else None,
+                            ca_file=str(args.ca_file) if args.ca_file else None,
+                            allow_plain_http=args.allow_plain_http, ice_servers=servers)
     try:
         result = asyncio.run(stream_study(source, args.to, token, options, started))
     except Refused as error:
@@ -256,8 +281,7 @@ def main_to(args, parser) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
-                        format="dlad-send: %(message)s")
+    configure("dlad-send: ", logging.ERROR if args.quiet else logging.INFO, times=False)
     if args.to is not None:
         return main_to(args, parser)
     if args.token_file is not None or args.drop_after is not None:

@@ -11,14 +11,21 @@ rest of the volume is encoded. Two limits bound memory: the data channel's ``buf
 
 If the connection drops, the sender connects again (``retries`` times, with backoff) and, the
 receiver's inventory telling what it already has, sends only the rest. A sender run again later
-does the same: study id, plan and chunks are derived from the input and the settings. See
+does the same: study id, plan and chunks are derived from the input and the settings. A
+receiver that is busy (503: all its sessions taken, or its memory budget) is asked again after
+its ``Retry-After``, for up to ``busy_timeout`` seconds, without using up the retries. See
 :mod:`shared.webrtc.protocol` for the messages and docs/STREAMING.md for the whole picture.
+
+Signaling over ``https://`` checks the receiver's certificate against the system's store or
+``StreamOptions.ca_file``; plain ``http://`` to an address other than loopback is refused
+unless ``allow_plain_http`` (the bearer token would travel in clear).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +36,9 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from shared.logs import printable
 from shared.webrtc import sctp
-from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, loopback_hosts_for
+from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, is_loopback, loopback_hosts_for
 from shared.webrtc.protocol import (
     CHANNEL_LABEL,
     DEFAULT_WINDOW,
@@ -63,6 +71,18 @@ class Disconnected(TransportError):
     """The connection failed or dropped: worth another attempt."""
 
 
+class Busy(Disconnected):
+    """The receiver answered 503 (no free session, memory budget used): ask again later."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: Bounds of the wait a busy receiver may ask for (Retry-After), in seconds.
+RETRY_AFTER_BOUNDS = (0.5, 30.0)
+
+
 @dataclass
 class StreamOptions:
     """Knobs of :func:`stream_study`."""
@@ -92,6 +112,15 @@ class StreamOptions:
     """No progress bar or milestone lines."""
     drop_after_chunks: int | None = None
     """Testing: cut the first connection abruptly after this many data chunks were sent."""
+    busy_timeout: float = 300.0
+    """Seconds to keep asking a busy receiver (503) before giving up."""
+    ca_file: str | None = None
+    """PEM file of the certificate authorities that may sign an https receiver's certificate
+    (None: the system's store)."""
+    allow_plain_http: bool = False
+    """Allow ``http://`` to an address other than loopback (the token travels in clear)."""
+    ice_servers: list = field(default_factory=list)
+    """aiortc ``RTCIceServer`` objects (STUN/TURN) for the peer connection."""
 
 
 @dataclass
@@ -244,7 +273,7 @@ class _Channel:
         else:
             self.last_ack = time.monotonic()
             if kind == "error":
-                reason = str(control.get("reason", "?"))
+                reason = printable(control.get("reason", "?"))
                 self.close_reason = f"the receiver closed the session: {reason}"
                 if not control.get("retry"):
                     self.refusal = f"the receiver refused: {reason}"
@@ -296,7 +325,7 @@ class _Channel:
                 await self._stalled_wait(self.arrived, f"the receiver's {kind!r}", deadline)
             message = self.messages.get_nowait()
             if message["type"] == "error":
-                reason = message.get("reason", "?")
+                reason = printable(message.get("reason", "?"))
                 if message.get("retry"):
                     raise Disconnected(f"the receiver closed the session: {reason}")
                 raise Refused(f"the receiver refused: {reason}")
@@ -330,7 +359,8 @@ class _Attempt:
 
     def __init__(self, streamer: Streamer):
         self.s = streamer
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = RTCPeerConnection(RTCConfiguration(
+            iceServers=list(streamer.options.ice_servers)))
         self.ch = _Channel(self.pc, streamer.options)
         log.debug("SCTP tuning (shared/webrtc/sctp.py): %s", sctp.status())
         self.location: str | None = None
@@ -352,7 +382,8 @@ class _Attempt:
         window = inventory.get("window")
         if isinstance(window, int) and not isinstance(window, bool) and window > 0:
             self.ch.window = max(window, s.options.message_bytes)
-        s.result.folder = inventory.get("folder")
+        folder = inventory.get("folder")
+        s.result.folder = printable(folder) if isinstance(folder, str) else None
         s._say(f"connected to {s.url}: inventory after {time.monotonic() - s.started:.2f} s "
                f"since start ({len(have)} chunks there)")
         if s.result.attempts == 1:
@@ -457,9 +488,13 @@ class Streamer:
 
     def __init__(self, source: FrameSource, url: str, token: str,
                  options: StreamOptions = StreamOptions(), started: float | None = None):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"--to must be http(s)://HOST:PORT[/PATH], got {url!r}")
+        parts = check_url(url, options.allow_plain_http)
+        self.ssl: ssl.SSLContext | bool = True
+        if parts.scheme == "https":
+            try:
+                self.ssl = ssl.create_default_context(cafile=options.ca_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(f"cannot use --ca-file {options.ca_file}: {error}") from None
         path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
         self.url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
         self.token = token
@@ -479,25 +514,32 @@ class Streamer:
     async def post_offer(self, sdp: str, attempt: _Attempt) -> str:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": SDP_CONTENT_TYPE}
         try:
-            async with self.http.post(self.url, data=sdp.encode(), headers=headers) as response:
+            async with self.http.post(self.url, data=sdp.encode(), headers=headers,
+                                      ssl=self.ssl) as response:
                 text = await response.text()
                 if response.status == 201 or response.status == 200:
                     if "Location" in response.headers:
                         attempt.location = urljoin(self.url, response.headers["Location"])
                     return text
-                message = f"signaling: HTTP {response.status} from {self.url}: {text.strip()}"
+                message = (f"signaling: HTTP {response.status} from {self.url}: "
+                           f"{printable(text.strip())}")
                 if response.status in (401, 403):
                     raise Refused(f"{message} (is --token-file the receiver's token?)")
+                if response.status == 503:
+                    raise Busy(message, _retry_after(response.headers.get("Retry-After")))
                 if response.status in (408, 429) or response.status >= 500:
                     raise Disconnected(message)
                 raise Refused(message)
+        except aiohttp.ClientConnectorCertificateError as error:
+            raise Refused(f"signaling: the certificate of {self.url} is not trusted "
+                          f"({error.certificate_error}); give its CA with --ca-file") from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             raise Disconnected(f"signaling: cannot reach {self.url}: {error}") from None
 
     async def delete_session(self, location: str) -> None:
         try:
             async with self.http.delete(location, headers={
-                    "Authorization": f"Bearer {self.token}"},
+                    "Authorization": f"Bearer {self.token}"}, ssl=self.ssl,
                     timeout=aiohttp.ClientTimeout(total=5)) as response:
                 await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -517,7 +559,7 @@ class Streamer:
         planned = len(self.source.order)
         if have:
             self._say(f"receiver already has {len(have)}/{planned} chunks "
-                      f"(folder {inventory.get('folder')}); sending the other {planned - len(have)}")
+                      f"(folder {self.result.folder}); sending the other {planned - len(have)}")
         if self.bar is None and not self.options.quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=planned, initial=len(have), unit="chunk",
@@ -559,15 +601,30 @@ class Streamer:
 
     async def run(self) -> StreamResult:
         options = self.options
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        # One connection per request: signaling is a few requests per study, and a pooled
+        # connection could be reused just as the receiver closes it (its idle timeout).
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                          connector=aiohttp.TCPConnector(force_close=True))
         try:
             delay = options.backoff
+            busy_until = None
             while True:
                 self.result.attempts += 1
                 attempt = _Attempt(self)
+                wait = None
                 try:
                     await attempt.run()
                     return self.result
+                except Busy as error:
+                    # Not a failed attempt: the receiver is there, with no room right now.
+                    self.result.attempts -= 1
+                    now = time.monotonic()
+                    busy_until = busy_until or now + options.busy_timeout
+                    if now >= busy_until:
+                        raise TransportError(f"{error} (still busy after "
+                                             f"{options.busy_timeout:g} s)") from None
+                    wait = min(error.retry_after, busy_until - now)
+                    self._say(f"the receiver is busy ({error}); asking again in {wait:g} s")
                 except Disconnected as error:
                     if self.result.attempts > options.retries:
                         raise TransportError(f"{error} (gave up after "
@@ -576,6 +633,10 @@ class Streamer:
                               f"(attempt {self.result.attempts + 1} of {options.retries + 1})")
                 finally:
                     await attempt.close()
+                if wait is not None:
+                    await asyncio.sleep(wait)
+                    continue
+                busy_until = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         finally:
@@ -583,6 +644,32 @@ class Streamer:
             self.encode_pool.shutdown(wait=True, cancel_futures=True)
             if self.bar is not None:
                 self.bar.close()
+
+
+def check_url(url: str, allow_plain_http: bool = False):
+    """``urlsplit(url)`` of a usable receiver URL; ValueError says what is wrong with it.
+
+    Plain ``http://`` is only for loopback (or with ``allow_plain_http``): the bearer token and
+    the DTLS fingerprints would otherwise cross the network in clear.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--to must be http(s)://HOST:PORT[/PATH], got {url!r}")
+    if parts.scheme == "http" and not allow_plain_http and not is_loopback(parts.hostname):
+        raise ValueError(f"refusing plain HTTP to {parts.hostname}: the token would travel "
+                         "in clear; use https:// (the receiver's --tls-cert, or a TLS reverse "
+                         "proxy), or pass --allow-plain-http on a network you trust")
+    return parts
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds a 503's ``Retry-After`` asks for, within :data:`RETRY_AFTER_BOUNDS`."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = 2.0
+    low, high = RETRY_AFTER_BOUNDS
+    return min(max(seconds, low), high)
 
 
 async def stream_study(source: FrameSource, url: str, token: str,

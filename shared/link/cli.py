@@ -81,6 +81,9 @@ def _proxy_parser() -> OneLineErrorParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--to", metavar="URL", required=True, type=argument_type(parse_url),
                         help="the receiver's HTTP signaling URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--ca-file", metavar="PEM",
+                        help="with an https:// --to: certificate authorities that may sign the "
+                             "receiver's certificate (default: the system's store)")
     _add_common_arguments(parser)
     return parser
 
@@ -172,7 +175,8 @@ async def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaita
 
 
 async def _run_proxy(args: argparse.Namespace, uplink: LinkParams, downlink: LinkParams) -> int:
-    proxy = SignalingProxy(args.to, uplink, downlink, listen=args.listen, seed=args.seed)
+    proxy = SignalingProxy(args.to, uplink, downlink, listen=args.listen, seed=args.seed,
+                           ca_file=args.ca_file)
 
     async def start() -> None:
         await proxy.start()

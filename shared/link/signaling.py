@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -71,7 +72,9 @@ class SignalingProxy:
     (see :func:`is_relayable`), drops the others, and returns the rewritten answer; it also
     strips the candidates from the offer it forwards (see :func:`strip_sdp_candidates`). A
     ``Location`` header names the session: a successful DELETE of it stops its relays.
-    `downlink` defaults to `uplink`.
+    `downlink` defaults to `uplink`. An ``https`` target's certificate is checked against the
+    system's store or `ca_file`; the proxy itself serves plain HTTP (meant for loopback: a
+    sender refuses ``http://`` to another host without ``--allow-plain-http``).
     """
 
     def __init__(
@@ -83,10 +86,17 @@ class SignalingProxy:
         listen: Address = ("127.0.0.1", 0),
         relay_host: str = "127.0.0.1",
         seed: int | str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         target = urlsplit(target_url)
         if target.scheme not in ("http", "https") or not target.hostname:
             raise ValueError(f"the signaling URL must be http(s)://HOST[:PORT][/PATH], not {target_url!r}")
+        self._ssl: ssl.SSLContext | bool = True
+        if target.scheme == "https":
+            try:
+                self._ssl = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot use the CA file {ca_file}: {exc}") from None
         self.target_url = target_url
         self._target_origin = f"{target.scheme}://{target.netloc}"
         self.uplink_params = uplink
@@ -157,7 +167,7 @@ class SignalingProxy:
         try:
             async with self._client.request(
                 request.method, self._target_origin + request.raw_path, headers=_end_to_end(request.headers),
-                data=body or None, allow_redirects=False,
+                data=body or None, allow_redirects=False, ssl=self._ssl,
             ) as response:
                 answer_body = await response.read()
                 status, reason, headers = response.status, response.reason, _end_to_end(response.headers)
@@ -207,17 +217,19 @@ async def run_behind_link(
     *,
     downlink: LinkParams | str | None = None,
     seed: int | str | None = None,
+    ca_file: str | None = None,
 ) -> tuple[str, SignalingProxy]:
     """Put a receiver's signaling URL behind an emulated link.
 
     `params` is the link (a :class:`LinkParams` or a profile name such as ``"wifi-2m"``),
     for both directions unless `downlink` is given. Returns the URL the sender should use in
     place of `receiver_url` (same path, the proxy's host and port) and the started proxy,
-    which the caller stops with ``await proxy.stop()``.
+    which the caller stops with ``await proxy.stop()``. `ca_file` checks an ``https``
+    receiver's certificate (default: the system's store).
     """
     uplink = get_profile(params) if isinstance(params, str) else params
     if isinstance(downlink, str):
         downlink = get_profile(downlink)
-    proxy = SignalingProxy(receiver_url, uplink, downlink, listen=listen, seed=seed)
+    proxy = SignalingProxy(receiver_url, uplink, downlink, listen=listen, seed=seed, ca_file=ca_file)
     await proxy.start()
     return proxy.proxied_url(receiver_url), proxy
