@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from receiver.limits import Limits
 from receiver.service import ReceiverService, ServiceConfig
 from receiver.store import HEADER_FILE, LOG_FILE, STATUS_FILE, StudyStore, folder_name
 from receiver.stream import StudyStream
@@ -91,8 +92,9 @@ def retitle(source: Path, target: Path, study_id: str) -> None:
 # --- receiver in this process ------------------------------------------------------------------
 
 class Receiver:
-    def __init__(self, out_dir: Path, **config):
+    def __init__(self, out_dir: Path, limits: dict | None = None, **config):
         self.config = ServiceConfig(out_dir=out_dir, token=TOKEN,
+                                    limits=Limits(**{"disk_reserve": 0, **(limits or {})}),
                                     **{"snapshot_interval": 0.2, **config})
         self.service: ReceiverService | None = None
 
@@ -300,7 +302,7 @@ def test_signaling_refuses_bad_requests_and_leaves_no_state(studies, tmp_path):
     out = tmp_path / "out"
 
     async def scenario():
-        async with Receiver(out, max_sessions=1) as service:
+        async with Receiver(out, limits={"max_sessions": 1}) as service:
             offer = (await real_offer()).encode()
             sdp = {"Content-Type": "application/sdp"}
             auth = {"Authorization": f"Bearer {TOKEN}", **sdp}
@@ -603,7 +605,7 @@ def test_receiver_refuses_a_study_larger_than_it_takes(studies, tmp_path):
     path, _, _ = studies["a"]
 
     async def scenario():
-        async with Receiver(tmp_path / "out", max_voxels=1000) as service:
+        async with Receiver(tmp_path / "out", limits={"max_voxels": 1000}) as service:
             with pytest.raises(Refused, match="voxels"):
                 await stream_study(FileSource(path), service.url, TOKEN, quick())
             return len(service.studies)
