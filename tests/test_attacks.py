@@ -88,12 +88,14 @@ async def live_offer():
 
 def encode_study(path: Path, shape, seed: int):
     """Encode a phantom of ``shape`` (exact layer) into ``path``; return (volume, header)."""
+    from models.phantoms import make_phantom
     from sender.encoder import EncodeSettings, StudyEncoder
     from sender.pipeline import prepare_study
     from sender.roi.provider import StaticMaskProvider
-    from sender.synthetic_phantom import make_phantom
 
-    volume, liver = make_phantom(shape, spacing=(1.5, 1.4, 2.5), seed=seed)
+    # An in-plane field of view of 330 mm holds the whole abdomen.
+    spacing = (330 / shape[2], 330 / shape[1], 2.5)
+    volume, liver = make_phantom(shape, spacing=spacing, seed=seed)
     prepared = prepare_study(volume, StaticMaskProvider(liver, "phantom liver"))
     encoder = StudyEncoder(prepared, EncodeSettings(exact=True, group_slices=2, preset="fast"))
     path.write_bytes(b"".join(encoder.frames()))
