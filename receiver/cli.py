@@ -162,7 +162,14 @@ def receive_file(source: Path, stream: StudyStream) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_umask(args.umask)
+    previous = set_umask(args.umask)
+    try:
+        return _run(args, parser)
+    finally:
+        set_umask(previous)  # main() may be called in-process (tests): leave it as it was
+
+
+def _run(args, parser) -> int:
     if args.listen is not None:
         if args.input is not None or args.out is not None or args.status is not None:
             parser.error("--listen does not combine with --in/--out/--status")

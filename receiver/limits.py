@@ -46,8 +46,10 @@ GiB = 1 << 30
 MAX_HEADER_BYTES = 16 * MiB
 
 #: Memory held per open session besides its study: aiortc's peer connection, SCTP and DTLS
-#: state and the messages in flight (about 3 MB measured; twice that for safety).
-SESSION_MEMORY = 6 * MiB
+#: state and the messages in flight (about 3 MB measured, twice that for safety), and what a
+#: peer that ignores the receive window can make SCTP buffer (8.5 MiB at most, see
+#: shared/webrtc/sctp.py, MAX_REASSEMBLY_BYTES).
+SESSION_MEMORY = 16 * MiB
 
 #: The decoders' own state while a chunk is decoded (the HEVC decoder holds 5-6 MB).
 DECODER_MEMORY = 8 * MiB

@@ -647,3 +647,63 @@ def test_receiver_outputs_are_private_and_forged_ids_stay_on_one_line(studies, t
     for item in out.rglob("*"):
         expected = 0o700 if item.is_dir() else 0o600
         assert stat.S_IMODE(item.stat().st_mode) == expected, item
+
+
+def test_a_peer_ignoring_the_receive_window_cannot_make_sctp_buffer_without_end():
+    """One endless message (and out-of-order data behind a gap): aiortc's reassembly stays
+    bounded (shared/webrtc/sctp.py), and the association still carries data afterwards."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, DataChunk, tsn_plus_one
+
+    from shared.webrtc import sctp
+    from shared.webrtc.ice import ice_hosts
+
+    if sctp.bounds_status() != "applied":
+        pytest.skip(sctp.bounds_status())
+
+    async def scenario():
+        with ice_hosts(("127.0.0.1",)):
+            offerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            answerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        channel = offerer.createDataChannel("test")
+        received = asyncio.Queue()
+        answerer.on("datachannel", lambda incoming: incoming.on(
+            "message", lambda message: received.put_nowait(message)))
+        try:
+            with ice_hosts(("127.0.0.1",)):
+                await offerer.setLocalDescription(await offerer.createOffer())
+                await answerer.setRemoteDescription(offerer.localDescription)
+                await answerer.setLocalDescription(await answerer.createAnswer())
+                await offerer.setRemoteDescription(answerer.localDescription)
+            opened = asyncio.Event()
+            channel.on("open", opened.set)
+            await asyncio.wait_for(opened.wait(), 30)
+            channel.send(b"before")
+            assert await asyncio.wait_for(received.get(), 30) == b"before"
+            transport = answerer.sctp
+            tsn = transport._last_received_tsn
+            peak = 0
+            # Out of order, behind a gap (TSN + 1 never comes), then an endless message.
+            for index in range(12_000):  # 12,000 x 1,160 bytes: 13 MiB
+                chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG if index == 0 else 0)
+                chunk.tsn = (tsn + 2 + index) % (1 << 32)
+                chunk.stream_id, chunk.stream_seq, chunk.protocol = channel.id, 999, 53
+                chunk.user_data = b"x" * 1160
+                await transport._receive_data_chunk(chunk)
+                peak = max(peak, (1 << 20) - transport._advertised_rwnd)
+            for index in range(12_000):  # in order: a message that never ends
+                tsn = transport._last_received_tsn
+                chunk = DataChunk(flags=0)
+                chunk.tsn = tsn_plus_one(tsn)
+                chunk.stream_id, chunk.stream_seq, chunk.protocol = channel.id, 1000, 53
+                chunk.user_data = b"y" * 1160
+                await transport._receive_data_chunk(chunk)
+                peak = max(peak, (1 << 20) - transport._advertised_rwnd)
+            return peak
+        finally:
+            await offerer.close()
+            await answerer.close()
+
+    peak = run(scenario(), timeout=120)
+    print(f"peak SCTP reassembly buffer: {peak / 2**20:.1f} MiB")
+    assert peak <= sctp.MAX_REASSEMBLY_BYTES + 2 * 262144 + 1160

@@ -39,6 +39,17 @@ they are applied only to the aiortc versions they were written and tested agains
 runs unchanged and :func:`status` says why. ``DLAD_SCTP_TUNING=0`` in the environment turns
 them off (for comparison, or if a peer misbehaves). Importing this module applies them once
 per process; both ``dlad-send`` and ``dlad-receive`` import it.
+
+A fourth change is a bound, not tuning, and ``DLAD_SCTP_TUNING`` leaves it on: **bounded
+reassembly**. aiortc buffers every DATA chunk it cannot deliver yet (behind a gap, or part of
+a message whose end has not come) and only lowers the window it advertises; its own sender
+never reads that window, and a hostile peer need not either, so a peer could make it buffer
+without end (one endless message). Past :data:`MAX_REASSEMBLY_BYTES` buffered, DATA chunks
+that are not the next in order are dropped unacknowledged (RFC 9260 section 6.2 lets a
+receiver without buffer space drop them; the peer resends them later), and past that plus two
+of aiortc's largest messages, every chunk is (only an endless message gets there; the
+association then stalls and the application's timeouts end it). dlad peers keep at most a
+couple of MiB in flight (the credit window), far below the bound.
 """
 
 from __future__ import annotations
@@ -218,6 +229,46 @@ def whole_chunk_message_bytes(limit: int) -> int:
     return limit // _CHUNK * _CHUNK if 0 < _CHUNK <= limit else limit
 
 
+#: Bytes of undeliverable DATA a receiver buffers before it drops out-of-order chunks.
+MAX_REASSEMBLY_BYTES = 8 * 1024 * 1024
+
+#: aiortc's initial advertised receive window: what is buffered = this - the current window.
+_INITIAL_RWND = 1024 * 1024
+
+#: aiortc's largest message (bytes): in-order data beyond the bound plus two of these can only
+#: be an endless message.
+_MAX_MESSAGE = getattr(rtcsctptransport, "MAX_MESSAGE_SIZE", 262144)
+
+
+async def _receive_data_chunk_bounded(self, chunk) -> None:
+    """aiortc's DATA handling, unless the chunk would take the buffer past its bound."""
+    buffered = _INITIAL_RWND - self._advertised_rwnd + len(chunk.user_data)
+    if buffered > MAX_REASSEMBLY_BYTES:
+        in_order = (self._last_received_tsn is not None
+                    and chunk.tsn == rtcsctptransport.tsn_plus_one(self._last_received_tsn))
+        if not in_order or buffered > MAX_REASSEMBLY_BYTES + 2 * _MAX_MESSAGE:
+            self._dlad_dropped_chunks = getattr(self, "_dlad_dropped_chunks", 0) + 1
+            return  # not marked received: not acknowledged, the peer may resend it
+    await _Transport._dlad_original_receive_data_chunk(self, chunk)
+
+
+def _apply_bounds() -> str:
+    if not aiortc.__version__.startswith(SUPPORTED_AIORTC):
+        return f"not applied: aiortc {aiortc.__version__} is not one of {SUPPORTED_AIORTC}"
+    if not all(hasattr(_Transport, name) for name in ("_receive_data_chunk",)) or not hasattr(
+            rtcsctptransport, "tsn_plus_one"):
+        return "not applied: aiortc has no _receive_data_chunk"
+    if not hasattr(_Transport, "_dlad_original_receive_data_chunk"):
+        _Transport._dlad_original_receive_data_chunk = _Transport._receive_data_chunk
+    _Transport._receive_data_chunk = _receive_data_chunk_bounded
+    return "applied"
+
+
+def bounds_status() -> str:
+    """``"applied"``, or why aiortc's reassembly runs unbounded."""
+    return _bounds_status
+
+
 def _apply() -> str:
     if os.environ.get("DLAD_SCTP_TUNING", "1").strip().lower() in ("0", "off", "no", "false"):
         return "off (DLAD_SCTP_TUNING)"
@@ -237,3 +288,4 @@ def _apply() -> str:
 
 
 _status = _apply()
+_bounds_status = _apply_bounds()
