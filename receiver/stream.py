@@ -59,7 +59,8 @@ class StudyStream:
         """Consume bytes; return the data chunks applied by this call.
 
         A residual that arrives before its base is held (not applied, not returned, not counted
-        in :meth:`status`) and returned by the call that brings its base. With ``max_problems``, stop applying (and drop the rest of ``data``) once this call has
+        in :meth:`status`) and returned by the call that brings its base. With
+        ``max_problems``, stop applying (and drop the rest of ``data``) once this call has
         found more problems than that: the caller is about to close a session that sends
         garbage, and decoding it would only cost time.
         """

@@ -62,10 +62,11 @@ def proc_mem(pid: int) -> dict:
     return values
 
 
-def start_receiver(folder: Path, token_file: Path) -> tuple[ReceiverProcess, dict, float]:
+def start_receiver(folder: Path, token_file: Path, *options: str
+                   ) -> tuple[ReceiverProcess, dict, float]:
     """A receiver process for one run, settled: (it, its idle memory, its CPU seconds so far)."""
     receiver = ReceiverProcess.start(folder / "out", token_file, folder / "receiver.log",
-                                     timeout=120, cwd=ROOT)
+                                     *options, timeout=120, cwd=ROOT)
     time.sleep(1.0)  # let it settle before the idle baseline
     return receiver, proc_mem(receiver.pid), proc_cpu(receiver.pid)
 

@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # attack_helpers: the attack suite's tools
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_stream import Receiver, proc_cpu, proc_mem  # noqa: E402
+from bench_stream import proc_cpu, proc_mem, start_receiver  # noqa: E402
 
 STUDY_SHAPE = (48, 256, 256)
 HOG_SHAPE = (160, 512, 512)
@@ -269,7 +269,7 @@ def encode_studies(work: Path, count: int) -> list[dict]:
     return studies
 
 
-def send(receiver: Receiver, studies: list[dict], token_file: Path) -> list[dict]:
+def send(receiver, studies: list[dict], token_file: Path) -> list[dict]:
     """Replay ``studies`` at once; return each one's outcome, checked bit-exact."""
     from shared.nifti import read_nifti
     from shared.wire import voxel_sha256
@@ -280,14 +280,14 @@ def send(receiver: Receiver, studies: list[dict], token_file: Path) -> list[dict
         stderr=subprocess.PIPE, text=True) for study in studies]
     peak = 0
     while any(s.poll() is None for s in senders):
-        peak = max(peak, proc_mem(receiver.process.pid)["VmHWM"])
+        peak = max(peak, proc_mem(receiver.pid)["VmHWM"])
         time.sleep(0.05)
     time.sleep(0.5)  # the last snapshot
     outcomes = []
     for study, sender in zip(studies, senders):
         _, err = sender.communicate()
         outcome = {"study": study["study_id"], "exit": sender.returncode}
-        folder = receiver.out / study["study_id"]
+        folder = receiver.out_dir / study["study_id"]
         try:
             status = json.loads((folder / "status.json").read_text())
             snapshot = read_nifti(folder / status["snapshot"]["file"])
@@ -304,7 +304,7 @@ def send(receiver: Receiver, studies: list[dict], token_file: Path) -> list[dict
 def run_scenario(name: str, studies: list[dict], token_file: Path, work: Path,
                  attacks: tuple = (), extra: tuple = ()) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
-    receiver = Receiver(folder, token_file, *extra)
+    receiver, idle, cpu0 = start_receiver(folder, token_file, *extra)
     attackers = []
     try:
         token = token_file.read_text().strip()
@@ -322,8 +322,8 @@ def run_scenario(name: str, studies: list[dict], token_file: Path, work: Path,
         outcomes = send(receiver, studies, token_file)
         attack_seconds = time.monotonic() - attack_started
         log_growth = receiver.log_path.stat().st_size - log_before
-        cpu = proc_cpu(receiver.process.pid) - receiver.cpu0
-        memory = proc_mem(receiver.process.pid)
+        cpu = proc_cpu(receiver.pid) - cpu0
+        memory = proc_mem(receiver.pid)
     finally:
         events = [event for attacker in attackers for event in attacker.stop()]
         receiver.stop()
@@ -334,9 +334,8 @@ def run_scenario(name: str, studies: list[dict], token_file: Path, work: Path,
         "all_bit_exact": all(o["verified"] and o["independent"] and o["exit"] == 0
                              for o in outcomes),
         "seconds": [o["seconds"] for o in outcomes],
-        "receiver_idle_rss_mb": round(receiver.idle["VmRSS"] / 2**20, 1),
-        "receiver_peak_above_idle_mb": round((memory["VmHWM"] - receiver.idle["VmRSS"])
-                                             / 2**20, 1),
+        "receiver_idle_rss_mb": round(idle["VmRSS"] / 2**20, 1),
+        "receiver_peak_above_idle_mb": round((memory["VmHWM"] - idle["VmRSS"]) / 2**20, 1),
         "receiver_cpu_s": round(cpu, 2),
         "log_bytes_per_s": round(log_growth / max(attack_seconds, 1e-3)),
         "flood_sessions": len(floods), "flood_closed_max_s": max(floods, default=None),
@@ -357,7 +356,7 @@ def run_offers(study: dict, token_file: Path, work: Path) -> dict:
     from shared.webrtc.protocol import CHANNEL_LABEL
 
     folder = Path(tempfile.mkdtemp(prefix="offers-", dir=work))
-    receiver = Receiver(folder, token_file, "--max-sessions", "8")
+    receiver, _, _ = start_receiver(folder, token_file, "--max-sessions", "8")
     token = token_file.read_text().strip()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/sdp"}
 
@@ -406,7 +405,7 @@ def run_offers(study: dict, token_file: Path, work: Path) -> dict:
 
     try:
         codes, waiting, code, served, admitted = asyncio.run(scenario())
-        status = json.loads((receiver.out / study["study_id"] / "status.json").read_text())
+        status = json.loads((receiver.out_dir / study["study_id"] / "status.json").read_text())
     finally:
         receiver.stop()
     return {"scenario": "offers", "accepted": codes.count(201), "busy": codes.count(503),

@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import resource
 import stat
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from receiver.service import ReceiverService, ServiceConfig
 from receiver.store import LOG_FILE, STATUS_FILE, StoreWriteError, StudyStore
 from sender.transport import FileSource, Refused, stream_study
 from shared.logs import RateLimitFilter, SafeFormatter, printable
+from shared.receiver_process import ReceiverProcess
 from shared.webrtc.ice import CandidateError, screen_candidates
 from shared.webrtc.protocol import encode_control
 from shared.webrtc.signaling import TokenError, read_token_file, token_bits
@@ -363,20 +363,15 @@ def test_slowloris_connections_are_closed_and_a_legit_transfer_is_unaffected(stu
 
 
 def test_slowloris_against_a_low_open_file_limit_does_not_flood_the_log(tmp_path, token_file):
-    out = tmp_path / "out"
-    log_path = tmp_path / "receiver.log"
-
-    def low_limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
-
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "--listen", "127.0.0.1:0", "--token-file",
-             str(token_file), "--out-dir", str(out), "--max-sessions", "2",
-             "--header-timeout", "3"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=low_limit)
+    # The receiver under an open-file limit of 200 (soft and hard: it cannot raise it).
+    limited = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)); "
+               "runpy.run_module('receiver.cli', run_name='__main__')")
+    receiver = ReceiverProcess.spawn(
+        [sys.executable, "-c", limited, "--listen", "127.0.0.1:0", "--token-file",
+         str(token_file), "--out-dir", str(tmp_path / "out"), "--max-sessions", "2",
+         "--header-timeout", "3"], tmp_path / "receiver.log", cwd=ROOT)
+    url = receiver.url
     try:
-        url = wait_for_url(log_path, process)
         host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
 
         async def attack():
@@ -389,24 +384,11 @@ def test_slowloris_against_a_low_open_file_limit_does_not_flood_the_log(tmp_path
 
         closed, health = run(attack(), timeout=60)
     finally:
-        process.terminate()
-        process.wait(30)
-    text = log_path.read_text()
+        receiver.stop()
+    text = receiver.log_path.read_text()
     assert all(seconds is not None for seconds in closed) and health == 200
     assert "Too many open files" not in text
     assert len(text) < 20_000, text[-2000:]
-
-
-def wait_for_url(log_path: Path, process, timeout: float = 60) -> str:
-    import re
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on (https?://\S+)", log_path.read_text())
-        if found:
-            return found.group(1)
-        assert process.poll() is None, log_path.read_text()
-        time.sleep(0.1)
-    raise AssertionError("the receiver did not start")
 
 
 # --- 1. ICE ----------------------------------------------------------------------------------------
@@ -628,21 +610,22 @@ def test_weak_tokens_are_refused(tmp_path):
 
 def test_receiver_outputs_are_private_and_forged_ids_stay_on_one_line(studies, tmp_path,
                                                                       token_file):
-    from test_streaming import ReceiverProcess, retitle, send_command
+    from test_streaming import retitle, send_command, start_receiver_process
 
     path, volume, header = studies["a"]
     forged = tmp_path / "forged.dlad"
     retitle(path, forged, "x\ndlad-receive: 00:00:00 study y: SHA-256 verified")
-    receiver = ReceiverProcess(tmp_path, token_file)
+    receiver = start_receiver_process(tmp_path, token_file)
     try:
         sent = subprocess.run(send_command(token_file, receiver.url, str(forged), "--quiet"),
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert sent.returncode == 0, sent.stderr
     finally:
-        log = receiver.stop()
+        receiver.stop()
+    log = receiver.log_path.read_text()
     assert not any(line.startswith("dlad-receive: 00:00:00") for line in log.splitlines())
     assert "\\ndlad-receive: 00:00:00" in log
-    out = receiver.out
+    out = receiver.out_dir
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     for item in out.rglob("*"):
         expected = 0o700 if item.is_dir() else 0o600
@@ -691,7 +674,7 @@ def test_a_peer_ignoring_the_receive_window_cannot_make_sctp_buffer_without_end(
                 chunk.user_data = b"x" * 1160
                 await transport._receive_data_chunk(chunk)
                 peak = max(peak, (1 << 20) - transport._advertised_rwnd)
-            for index in range(12_000):  # in order: a message that never ends
+            for _ in range(12_000):  # in order: a message that never ends
                 tsn = transport._last_received_tsn
                 chunk = DataChunk(flags=0)
                 chunk.tsn = tsn_plus_one(tsn)
