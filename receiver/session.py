@@ -48,6 +48,10 @@ log = logging.getLogger("dlad.receiver")
 #: it (aiortc delivers whole messages; a sender may be a few messages late reading an ack).
 WINDOW_SLACK_MESSAGES = 16
 
+#: Seconds a sender turned away for lack of memory is told to wait (``retry_after``): studies
+#: leave memory when their sessions end, which takes seconds, not minutes.
+BUSY_RETRY_AFTER_S = 2.0
+
 
 class Refusal(Exception):
     """The service cannot take a study now or at all; ``retry`` says whether to try again."""
@@ -171,7 +175,7 @@ class Session:
             need = 3 * end
             if not self.service.memory.reserve(need):
                 self.fail("the receiver is busy (memory budget in use); retry later",
-                          retry=True, discard=True)
+                          retry=True, discard=True, retry_after=BUSY_RETRY_AFTER_S)
                 return
             self._header_reserved = need
         if len(self.header_bytes) < end:
@@ -210,7 +214,8 @@ class Session:
             runtime = await self.service.open_study(header, frame, cost)
         except Refusal as refusal:
             log.warning("session %s: study %s refused: %s", self.id, header.study_id, refusal)
-            self.fail(str(refusal), retry=refusal.retry)
+            self.fail(str(refusal), retry=refusal.retry,
+                      retry_after=BUSY_RETRY_AFTER_S if refusal.retry else None)
             return
         except StoreError as error:
             log.error("session %s: study %s refused: %s", self.id, header.study_id, error)
@@ -273,22 +278,26 @@ class Session:
         except Exception as error:  # a channel closing under us
             log.debug("session %s: cannot send %s: %s", self.id, kind, error)
 
-    def fail(self, reason: str, retry: bool = False, discard: bool = False) -> None:
+    def fail(self, reason: str, retry: bool = False, discard: bool = False,
+             retry_after: float | None = None) -> None:
         """Close the session for ``reason``, telling the sender; ``discard`` drops its queued
-        data unprocessed (a session closed for abuse)."""
+        data unprocessed (a session closed for abuse); ``retry_after`` tells a sender turned
+        away for lack of room when to ask again."""
         if self.state == "closed":
             return
         log.warning("session %s (%s): closing: %s", self.id, self.remote, reason)
         if discard:
             self.discard_input = True
-        self.close(reason, notify=True, retry=retry)
+        self.close(reason, notify=True, retry=retry, retry_after=retry_after)
 
-    def close(self, reason: str, notify: bool = False, retry: bool = False) -> None:
+    def close(self, reason: str, notify: bool = False, retry: bool = False,
+              retry_after: float | None = None) -> None:
         """End the session; ``notify`` tells the sender why, and whether to try again."""
         if self.state == "closed":
             return
         if notify:
-            self.send_control("error", reason=reason, retry=retry)
+            extra = {} if retry_after is None else {"retry_after": retry_after}
+            self.send_control("error", reason=reason, retry=retry, **extra)
         self.state = "closed"
         self.header_bytes = bytearray()
         self._release_header_memory()

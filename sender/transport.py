@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import sys
 import time
@@ -326,6 +327,10 @@ class _Channel:
             message = self.messages.get_nowait()
             if message["type"] == "error":
                 reason = printable(message.get("reason", "?"))
+                retry_after = message.get("retry_after")
+                if (message.get("retry") and isinstance(retry_after, (int, float))
+                        and not isinstance(retry_after, bool)):
+                    raise Busy(f"the receiver is busy: {reason}", _retry_after(retry_after))
                 if message.get("retry"):
                     raise Disconnected(f"the receiver closed the session: {reason}")
                 raise Refused(f"the receiver refused: {reason}")
@@ -662,11 +667,14 @@ def check_url(url: str, allow_plain_http: bool = False):
     return parts
 
 
-def _retry_after(value: str | None) -> float:
-    """Seconds a 503's ``Retry-After`` asks for, within :data:`RETRY_AFTER_BOUNDS`."""
+def _retry_after(value) -> float:
+    """Seconds a 503's ``Retry-After`` (or an error's ``retry_after``) asks for, within
+    :data:`RETRY_AFTER_BOUNDS`."""
     try:
         seconds = float(value)
     except (TypeError, ValueError):
+        seconds = 2.0
+    if not math.isfinite(seconds):
         seconds = 2.0
     low, high = RETRY_AFTER_BOUNDS
     return min(max(seconds, low), high)

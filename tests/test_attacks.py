@@ -242,6 +242,33 @@ def test_memory_budget_admits_what_fits_and_a_header_only_study_writes_no_volume
     assert not (folder / "volume.nii").exists()
 
 
+def test_a_sender_turned_away_for_memory_waits_and_is_served_when_memory_frees(studies,
+                                                                               tmp_path):
+    from receiver.limits import SESSION_MEMORY, study_cost
+    from shared.wire import FrameReader as Reader
+
+    path, volume, header = studies["a"]
+    hog = blank_header("hog", (96, 512, 512))
+    legit_cost = study_cost(Reader().feed(FileSource(path).header_frame)[0].chunk, 1 << 20)
+    # Room for the hog's study and two sessions, not for the legitimate study beside them.
+    budget = study_cost(hog, 1 << 20).memory + 2 * SESSION_MEMORY + legit_cost.memory // 2
+
+    async def scenario():
+        async with Receiver(tmp_path / "out", limits={"memory_budget": budget}) as service:
+            holder, inventory = await open_raw(service.url, hog.to_frame())
+            assert inventory["type"] == "inventory"
+            legit = asyncio.create_task(stream_study(FileSource(path), service.url, TOKEN,
+                                                     quick()))
+            await asyncio.sleep(3.0)
+            assert not legit.done()  # told to wait (retry_after), not failed
+            await holder.close()  # the hog leaves: its study can be unloaded for the legit one
+            return await legit
+
+    result = run(scenario())
+    assert result.complete and result.verified and result.attempts == 1
+    check_complete(tmp_path / "out" / header.study_id, volume, header)
+
+
 # --- 1. error budget, fairness, logs -------------------------------------------------------------
 
 def test_garbage_flood_closes_the_session_and_a_legit_transfer_goes_on(studies, tmp_path):

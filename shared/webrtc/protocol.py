@@ -10,7 +10,7 @@ Exchange (``S`` sender, ``R`` receiver)::
     S  text   {"type": "hello", "protocol": 1, "client": "dlad-send/0.1"}
     S  binary the header frame
     R  text   {"type": "inventory", "study_id", "folder", "have": [seq...], "complete",
-               "window"}                                  (or {"type": "error", "reason"})
+               "window"}                     (or {"type": "error", "reason", "retry"[, "retry_after"]})
     S  binary the data frames of the planned chunks not in "have", then an end frame
     R  text   {"type": "ack", "consumed", "applied", "planned", "roi_complete",
                "base_complete", "exact_complete", "verified"}   (after each batch it applied)
@@ -19,6 +19,10 @@ Exchange (``S`` sender, ``R`` receiver)::
 
 ``missing`` includes chunks the receiver rejected or dropped after a failed ROI digest check
 (``roi_mismatches`` counts those checks): the sender sends them again on its next pass.
+
+An ``error`` says why the receiver closes the session; ``retry`` whether trying again may
+help, and ``retry_after`` (seconds, only when the receiver is busy: no memory for the study
+now) when to ask again: a sender waits that long without counting a failed attempt.
 
 ``consumed`` counts the bytes of this session the receiver has processed; the sender keeps at
 most ``window`` bytes beyond it in flight, so the receiver's memory stays bounded whatever the
