@@ -114,7 +114,7 @@ class Reassembler:
         self._clock = clock
         self._started = clock() if started is None else started
         nz = header.shape[0]
-        self.volume = np.full(header.shape, header.value_range[0], dtype=np.int16)
+        self._volume: np.ndarray | None = None  # made at first use (see volume)
         self._slice_state = np.zeros(nz, dtype=np.uint8)
         self.applied: set[int] = set()
         self.plan = {seq: (layer, z0, z1) for seq, layer, z0, z1 in header.plan}
@@ -124,7 +124,7 @@ class Reassembler:
         # size), up to max_waiting_bytes; they are decoded again once the base is there.
         self._waiting_for_base: dict[int, DataChunk] = {}
         self._waiting_bytes = 0
-        self.max_waiting_bytes = max(4 << 20, self.volume.nbytes // 4)
+        self.max_waiting_bytes = max(4 << 20, 2 * int(np.prod(header.shape)) // 4)
         """Coded bytes of early residuals held at most (more are rejected: resent later)."""
         # Slice by slice: the whole mask unpacked would take a byte per voxel.
         self._roi_per_slice = np.array([np.count_nonzero(header.roi_slices(z, z + 1))
@@ -145,6 +145,17 @@ class Reassembler:
         #: Residuals queued before their base arrived and rejected once it did, and blocks
         #: dropped after a failed ROI check: messages for the stream's problems.
         self.late_rejections: list[str] = []
+
+    @property
+    def volume(self) -> np.ndarray:
+        """The int16 volume being rebuilt; slices not received yet hold the header's minimum.
+
+        It is made when first needed (the first chunk, a snapshot): a study that never gets a
+        chunk, a header sent alone, takes no memory for its voxels.
+        """
+        if self._volume is None:
+            self._volume = np.full(self.header.shape, self.header.value_range[0], dtype=np.int16)
+        return self._volume
 
     # --- applying chunks ---------------------------------------------------------------------
 

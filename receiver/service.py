@@ -43,6 +43,7 @@ events and HTTP routes, :meth:`ReceiverService.add_route` for a route behind the
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import resource
@@ -63,7 +64,14 @@ from receiver.runtime import StudyRuntime
 from receiver.session import Refusal, Session
 from receiver.store import StudyStore
 from shared.webrtc import sctp
-from shared.webrtc.ice import CandidateError, enlarge_socket_buffers, ice_hosts, loopback_hosts_for, screen_candidates
+from shared.webrtc.ice import (
+    CandidateError,
+    enlarge_socket_buffers,
+    ice_hosts,
+    is_loopback,
+    loopback_hosts_for,
+    screen_candidates,
+)
 from shared.webrtc.protocol import DEFAULT_WINDOW, stream_key
 from shared.webrtc.signaling import MAX_SDP_BYTES, SDP_CONTENT_TYPE, check_offer, token_matches
 from shared.wire import StreamHeader
@@ -76,6 +84,9 @@ SESSIONS_PATH = "/studies/sessions/"
 #: while its worker is busy (a long decode, a snapshot); the sender's stall timeout (15 s) is
 #: several of these.
 HEARTBEAT_S = 2.0
+
+#: What a receiver whose media stays on loopback lets ICE probe.
+LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 #: Seconds a refused offer is told to wait (Retry-After): a slot frees as soon as a session
 #: ends, and the sender polls again after this.
@@ -136,6 +147,8 @@ class ReceiverService:
         self.store = store or StudyStore(config.out_dir, config.snapshot_format, self.disk)
         self.memory = MemoryBudget(limits.memory_budget)
         self.ice_addresses = ice_addresses
+        self.allow_peers = config.limits.allow_peers
+        """Networks the receiver sends ICE checks to (None: any); set by :meth:`start`."""
         self.sessions: dict[str, Session] = {}
         self.studies: dict[tuple[str, str], StudyRuntime] = {}
         self.executor = ThreadPoolExecutor(max_workers=config.workers,
@@ -202,6 +215,13 @@ class ReceiverService:
             chosen = self.config.ice_addresses
             self.ice_addresses = (loopback_hosts_for(host) if chosen is None
                                   else None if "*" in chosen else tuple(chosen))
+        self.allow_peers = limits.allow_peers
+        if (self.allow_peers is None and self.ice_addresses is not None
+                and all(is_loopback(a) for a in self.ice_addresses)
+                and not self.config.ice_servers):
+            # Media on loopback only: a sender elsewhere could not reach it anyway, so the
+            # receiver sends no ICE check to any other address an offer lists.
+            self.allow_peers = LOOPBACK_NETWORKS
         # aiohttp's keep-alive timer runs from a connection's start (and from each response)
         # until a complete request head has arrived: it is the header timeout, and it also
         # ends idle keep-alive connections.
@@ -393,7 +413,7 @@ class ReceiverService:
         problem = check_offer(text)
         if problem is None:
             try:
-                text, dropped = screen_candidates(text, limits.allow_peers,
+                text, dropped = screen_candidates(text, self.allow_peers,
                                                   limits.max_ice_candidates)
                 if dropped:
                     log.info("offer from %s: %d ICE candidates outside --allow-peers dropped",

@@ -452,6 +452,23 @@ def test_ice_candidates_are_capped_and_screened(tmp_path):
     assert refused[0] == 400 and "allow-peers" in refused[2]
 
 
+def test_a_loopback_receiver_probes_only_loopback_peers_by_default(tmp_path):
+    """The issue's case: an offer listing private and public addresses, to a receiver on
+    127.0.0.1 without --allow-peers: only the loopback candidate is kept."""
+    async def scenario():
+        async with Receiver(tmp_path / "out") as service:
+            pc, offer = await live_offer()
+            mixed = with_candidates(offer, ["10.1.2.3", "8.8.8.8", "192.168.7.7", "fe80::1"])
+            status, headers, _ = await post_offer(service.url, mixed.encode(), AUTH)
+            session = service.sessions[headers["Location"].rsplit("/", 1)[-1]]
+            remote = [c.ip for c in session.pc.sctp.transport.transport.getRemoteCandidates()]
+            await pc.close()
+            return status, remote
+
+    status, remote = run(scenario())
+    assert status == 201 and remote and all(ip.startswith("127.") for ip in remote), remote
+
+
 def test_screen_candidates():
     sdp = ("v=0\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ host\r\n"
            "a=candidate:2 1 udp 1 8.8.8.8 5000 typ host\r\n"
