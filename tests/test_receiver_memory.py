@@ -71,6 +71,7 @@ def test_applying_a_chunk_costs_about_one_decoded_block(frames):
     chunks = [parse_frame(frame) for frame in frames[1:-1]]
     assert {chunk.layer for chunk in chunks} == {0, 1, 2}
     reassembler = Reassembler(header)
+    assert reassembler.volume.shape == header.shape  # made lazily, once: not a chunk's cost
     for chunk in chunks:
         assert isinstance(chunk, DataChunk)
         block_bytes = 2 * (chunk.z1 - chunk.z0) * SHAPE[1] * SHAPE[2]
