@@ -24,6 +24,10 @@ EXAMPLES = """examples:
   dlad-receive --listen 0.0.0.0:8700 --tls-cert cert.pem --tls-key key.pem \\
       --token-file token.txt --out-dir received/ --ice-server turn:turn.example.org:3478 \\
       --ice-credentials turn.txt --memory-budget 4G --disk-quota 200G --max-sessions 4
+  # with the live viewer (http://127.0.0.1:8700/viewer/), DICOM files and a PACS
+  dlad-receive --listen 127.0.0.1:8700 --token-file token.txt --out-dir received/ \\
+      --viewer --viewer-token-file viewer-token.txt \\
+      --dicom-out dicom/ --pacs ORTHANC@pacs.local:4242 --pacs-calling-ae DLAD
 
 exit status (file mode): 0 complete, 1 failed or SHA-256 mismatch, 2 bad arguments,
 3 incomplete or damaged stream (a block whose ROI fails its digest check is dropped: partial);
@@ -148,8 +152,68 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-ice-candidates", type=int,
                         default=defaults.max_ice_candidates,
                         help="ICE candidates an offer may list (default %(default)s)")
+    expert = parser.add_argument_group(
+        "the expert's side (network mode; see docs/VIEWER.md and docs/DICOM.md)")
+    expert.add_argument("--viewer", action="store_true",
+                        help="serve the live web viewer at /viewer/ on the --listen address")
+    expert.add_argument("--viewer-token-file", type=Path,
+                        help="file holding the token the viewer's login asks for (not the "
+                             "senders' token)")
+    expert.add_argument("--dicom-out", type=Path, metavar="DIR",
+                        help="write each study as a DICOM CT series (+ ROI segmentation) here: "
+                             "a preview once the liver is complete, the exact series once "
+                             "verified (needs the [dicom] extra)")
+    expert.add_argument("--pacs", metavar="AE@HOST:PORT",
+                        help="C-STORE every DICOM series written by --dicom-out to this PACS "
+                             "(persistent outbox, retried until stored)")
+    expert.add_argument("--pacs-calling-ae", default="DLAD", metavar="TITLE",
+                        help="our AE title towards the PACS (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     return parser
+
+
+def build_extensions(args, parser) -> list:
+    """The receiver service's extensions chosen on the command line (viewer, DICOM, PACS).
+
+    Exits with a one-line error when an option is inconsistent or a needed extra is missing.
+    """
+    extensions = []
+    if args.viewer_token_file is not None and not args.viewer:
+        parser.error("--viewer-token-file belongs to --viewer")
+    if args.pacs is not None and args.dicom_out is None:
+        parser.error("--pacs needs --dicom-out DIR (the files it sends and its outbox live there)")
+    if args.viewer:
+        from receiver.viewer import LiveViewer, ViewerConfig
+        from shared.webrtc.signaling import TokenError, read_token_file
+
+        if args.viewer_token_file is None:
+            parser.error("--viewer needs --viewer-token-file (a token of its own)")
+        try:
+            token = read_token_file(args.viewer_token_file, allow_weak=args.allow_weak_token)
+            sender_token = read_token_file(args.token_file, allow_weak=args.allow_weak_token)
+        except TokenError as error:
+            parser.exit(1, f"dlad-receive: error: {error}\n")
+        if token == sender_token:
+            parser.exit(1, "dlad-receive: error: the viewer token must differ from the senders' "
+                           "token\n")
+        try:
+            extensions.append(LiveViewer(ViewerConfig(token=token)))
+        except ValueError as error:
+            parser.exit(1, f"dlad-receive: error: {error}\n")
+    if args.dicom_out is not None:
+        from receiver.dicom_export import DicomExporter, DicomExportError
+        from receiver.pacs import PacsError, PacsPusher, parse_pacs
+        from receiver.pacs import require as require_pacs
+
+        try:
+            pusher = None
+            if args.pacs is not None:
+                require_pacs()
+                pusher = PacsPusher(parse_pacs(args.pacs, args.pacs_calling_ae), args.dicom_out)
+            extensions.append(DicomExporter(args.dicom_out, pusher))
+        except (DicomExportError, PacsError, OSError) as error:
+            parser.exit(1, f"dlad-receive: error: {error}\n")
+    return extensions
 
 
 def receive_file(source: Path, stream: StudyStream) -> None:
@@ -175,12 +239,14 @@ def _run(args, parser) -> int:
             parser.error("--listen does not combine with --in/--out/--status")
         if args.token_file is None or args.out_dir is None:
             parser.error("--listen needs --token-file and --out-dir")
-        return run_listen(args, parser)
+        return run_listen(args, parser, build_extensions(args, parser))
     if args.input is None or args.out is None:
         parser.error("give --in FILE --out FILE, or --listen HOST:PORT --token-file FILE "
                      "--out-dir DIR")
     if args.token_file is not None or args.out_dir is not None:
         parser.error("--token-file and --out-dir belong to --listen")
+    if args.viewer or args.dicom_out is not None or args.pacs is not None:
+        parser.error("--viewer, --dicom-out and --pacs belong to --listen")
     configure("dlad-receive: ", logging.ERROR if args.quiet else logging.WARNING, times=False)
     if not str(args.out).lower().endswith((".nii", ".nii.gz")):
         print("dlad-receive: error: --out must end in .nii or .nii.gz", file=sys.stderr)
@@ -223,7 +289,7 @@ def limits_from_args(args, parser) -> Limits:
         parser.error(str(error))
 
 
-def run_listen(args, parser) -> int:
+def run_listen(args, parser, listeners=()) -> int:
     """``dlad-receive --listen``: the network mode."""
     from receiver.http import PlainHttpRefused, server_tls_context
     from receiver.limits import raise_open_file_limit
@@ -268,7 +334,7 @@ def run_listen(args, parser) -> int:
         print(format_ready_line(service.url, os.getpid(), config.out_dir), flush=True)
 
     try:
-        asyncio.run(serve(config, host, port, ready=announce))
+        asyncio.run(serve(config, host, port, ready=announce, listeners=listeners))
     except (StoreError, PlainHttpRefused) as error:
         return fail(str(error))
     except OSError as error:

@@ -1,0 +1,314 @@
+"use strict";
+// The live viewer of one study (docs/VIEWER.md). NiiVue draws the volume (axial, coronal,
+// sagittal) and an overlay of labels: the per-slice state as a frame around each slice (and a
+// hatch over slices not received yet), the ROI outline. The server pushes a "state" event (per-slice
+// state and version) whenever data arrives; the page fetches only the slices whose version moved.
+
+const STATE_COLORS = [[90, 90, 120], [240, 160, 40], [60, 200, 90], [70, 140, 255]];
+const ROI_COLOR = [255, 40, 40];
+const ROI_LABEL = 5;           // overlay label of the ROI outline; 1..4 are the states + 1
+const WINDOWS = {liver: [150, 90], abdomen: [400, 40], bone: [2000, 500]};  // [width, level] HU
+const FETCH_BATCH = 32;        // slices per request (the server takes at most 64)
+
+const metrics = {firstImage: null, liverExactShown: null, exactShown: null, events: 0,
+                 slicesFetched: 0, requests: 0, lastRevisionShown: -1, errors: []};
+window.dladViewer = {metrics};
+
+const $ = (id) => document.getElementById(id);
+const study = new URLSearchParams(location.search).get("study");
+const api = (path, extra = "") =>
+  `/viewer/api/${path}?study=${encodeURIComponent(study)}${extra}`;
+
+function niftiBuffer(header, voxels, datatype, bitpix, fill) {
+  // The server's 352-byte NIfTI-1 header (int16, the study's affine) and blank voxels; the
+  // overlay patches datatype/bitpix (offsets 70 and 72) to uint8.
+  const bytes = bitpix / 8;
+  const buffer = new ArrayBuffer(352 + voxels * bytes);
+  new Uint8Array(buffer, 0, 352).set(header);
+  const view = new DataView(buffer);
+  view.setInt16(70, datatype, true);
+  view.setInt16(72, bitpix, true);
+  if (bitpix === 16) new Int16Array(buffer, 352).fill(fill);
+  return buffer;
+}
+
+function rangesOf(list) {
+  // [0,1,2,3,7] -> "0-3,7"
+  const parts = [];
+  for (let i = 0; i < list.length;) {
+    let j = i;
+    while (j + 1 < list.length && list[j + 1] === list[j] + 1) j++;
+    parts.push(i === j ? `${list[i]}` : `${list[i]}-${list[j]}`);
+    i = j + 1;
+  }
+  return parts.join(",");
+}
+
+function nextFrame() {
+  return new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
+}
+
+async function main() {
+  const response = await fetch(api("study"), {cache: "no-store"});
+  if (response.status === 401) { location.href = "/viewer/"; return; }
+  const info = await response.json();
+  const [nz, ny, nx] = info.shape;
+  const plane = nx * ny;
+  $("title").textContent = `${info.study_id}${info.description ? " - " + info.description : ""}` +
+    ` (${nx} x ${ny} x ${nz})`;
+  const header = Uint8Array.from(atob(info.nifti_header), (c) => c.charCodeAt(0));
+
+  const nv = new niivue.Niivue({
+    backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false,
+    crosshairColor: [1, 1, 0, 0.45], crosshairWidth: 1, isRadiologicalConvention: true,
+    multiplanarShowRender: niivue.SHOW_RENDER ? niivue.SHOW_RENDER.NEVER : 0,
+    isNearestInterpolation: false, logLevel: "error",
+  });
+  await nv.attachTo("gl");
+  const [width, level] = WINDOWS.liver;
+  const ct = await niivue.NVImage.new(niftiBuffer(header, nz * plane, 4, 16, info.fill),
+                                     "study.nii", "gray", 1, null, level - width / 2,
+                                     level + width / 2, true);
+  nv.addVolume(ct);
+  const overlay = await niivue.NVImage.new(niftiBuffer(header, nz * plane, 2, 8, 0), "state.nii",
+                                          "gray", 0.85, null, 0, ROI_LABEL, true);
+  overlay.setColormapLabel({
+    R: [0, ...STATE_COLORS.map((c) => c[0]), ROI_COLOR[0]],
+    G: [0, ...STATE_COLORS.map((c) => c[1]), ROI_COLOR[1]],
+    B: [0, ...STATE_COLORS.map((c) => c[2]), ROI_COLOR[2]],
+    A: [0, 255, 255, 255, 255, 255],
+    I: [0, 1, 2, 3, 4, ROI_LABEL],
+    labels: ["", ...info.state_names, "ROI"],
+  });
+  nv.addVolume(overlay);
+  nv.setSliceType(nv.sliceTypeMultiplanar);
+  const img = ct.img;
+  const labels = overlay.img;
+
+  // ROI outline: ROI voxels with a 6-neighbour outside the ROI (the cut of its surface shows as
+  // an outline in all three views). np.packbits order: first voxel in the highest bit.
+  const roiBits = new Uint8Array(await (await fetch(api("roi"), {cache: "no-store"})).arrayBuffer());
+  const inRoi = (v) => (roiBits[v >> 3] >> (7 - (v & 7))) & 1;
+  const outline = [];
+  for (let z = 0; z < nz; z++) {
+    if (!info.roi_slices[z]) continue;
+    for (let y = 0; y < ny; y++) {
+      for (let x = 0; x < nx; x++) {
+        const v = z * plane + y * nx + x;
+        if (!inRoi(v)) continue;
+        if (x === 0 || x === nx - 1 || y === 0 || y === ny - 1 || z === 0 || z === nz - 1 ||
+            !inRoi(v - 1) || !inRoi(v + 1) || !inRoi(v - nx) || !inRoi(v + nx) ||
+            !inRoi(v - plane) || !inRoi(v + plane)) outline.push(v);
+      }
+    }
+  }
+  const border = Math.max(2, Math.round(Math.min(nx, ny) / 64));
+
+  function paintStates(states) {
+    // Frame of `border` voxels around each slice in its state's colour; a hatch of 8-voxel
+    // squares over slices not received yet; the ROI outline on top.
+    for (let z = 0; z < nz; z++) {
+      const s = +states[z];
+      const label = s + 1;
+      const base = z * plane;
+      for (let y = 0; y < ny; y++) {
+        const row = base + y * nx;
+        const edgeRow = y < border || y >= ny - border;
+        for (let x = 0; x < nx; x++) {
+          let value = 0;
+          if (edgeRow || x < border || x >= nx - border) value = label;
+          else if (s === 0 && (((x >> 3) + (y >> 3)) & 1)) value = 1;
+          labels[row + x] = value;
+        }
+      }
+    }
+    for (const v of outline) labels[v] = ROI_LABEL;
+  }
+
+  // Slice ruler: one cell per slice in its state's colour, the current axial slice marked.
+  const ruler = $("ruler");
+  let currentSlice = Math.floor(nz / 2);
+  let lastStates = "0".repeat(nz);
+  const superiorUp = true;  // slice k drawn from the bottom (k = 0) up
+  function drawRuler() {
+    const rect = ruler.getBoundingClientRect();
+    ruler.width = Math.max(20, Math.round(rect.width));
+    ruler.height = Math.max(50, Math.round(rect.height));
+    const g = ruler.getContext("2d");
+    g.fillStyle = "#111";
+    g.fillRect(0, 0, ruler.width, ruler.height);
+    const cell = ruler.height / nz;
+    for (let z = 0; z < nz; z++) {
+      const [r, gr, b] = STATE_COLORS[+lastStates[z]];
+      g.fillStyle = `rgb(${r},${gr},${b})`;
+      const top = superiorUp ? ruler.height - (z + 1) * cell : z * cell;
+      g.fillRect(8, top + (cell > 4 ? 1 : 0), ruler.width - 16, Math.max(1, cell - (cell > 4 ? 1 : 0)));
+      if (info.roi_slices[z]) {
+        g.fillStyle = `rgb(${ROI_COLOR.join(",")})`;
+        g.fillRect(ruler.width - 6, top, 4, Math.max(1, cell));
+      }
+    }
+    const top = superiorUp ? ruler.height - (currentSlice + 1) * cell : currentSlice * cell;
+    g.strokeStyle = "#ff0";
+    g.lineWidth = 2;
+    g.strokeRect(3, top, ruler.width - 6, Math.max(2, cell));
+  }
+  function goToSlice(z) {
+    currentSlice = Math.min(nz - 1, Math.max(0, z));
+    const frac = nv.vox2frac([Math.floor(nx / 2), Math.floor(ny / 2), currentSlice]);
+    const pos = nv.scene.crosshairPos;
+    nv.scene.crosshairPos = [pos[0], pos[1], frac[2]];
+    nv.drawScene();
+    showSlice();
+  }
+  function showSlice() {
+    $("slice").value = currentSlice;
+    $("slice-text").textContent = `${currentSlice + 1} / ${nz}`;
+    $("slice-state").textContent =
+      `Slice ${currentSlice + 1}: ${info.state_names[+lastStates[currentSlice]]}` +
+      (info.roi_slices[currentSlice] ? " (has ROI)" : "");
+    drawRuler();
+  }
+  ruler.addEventListener("click", (event) => {
+    const rect = ruler.getBoundingClientRect();
+    const fraction = (event.clientY - rect.top) / rect.height;
+    goToSlice(superiorUp ? Math.floor((1 - fraction) * nz) : Math.floor(fraction * nz));
+  });
+  $("slice").max = nz - 1;
+  $("slice").addEventListener("input", () => goToSlice(+$("slice").value));
+  nv.onLocationChange = (data) => {
+    if (data && data.vox && data.vox[2] !== currentSlice) {
+      currentSlice = data.vox[2];
+      showSlice();
+    }
+  };
+  window.addEventListener("resize", drawRuler);
+
+  // Window/level: presets and a free window.
+  function setWindow(w, l) {
+    ct.cal_min = l - w / 2;
+    ct.cal_max = l + w / 2;
+    $("ww").value = Math.round(w);
+    $("wl").value = Math.round(l);
+    nv.updateGLVolume();
+  }
+  for (const button of document.querySelectorAll("[data-window]")) {
+    button.addEventListener("click", () => {
+      document.querySelectorAll("[data-window]").forEach((b) => b.classList.remove("selected"));
+      button.classList.add("selected");
+      setWindow(...WINDOWS[button.dataset.window]);
+    });
+  }
+  for (const id of ["ww", "wl"]) {
+    $(id).addEventListener("change", () => {
+      document.querySelectorAll("[data-window]").forEach((b) => b.classList.remove("selected"));
+      setWindow(Math.max(1, +$("ww").value), +$("wl").value);
+    });
+  }
+  setWindow(width, level);
+
+  // Live updates.
+  const have = new Uint32Array(nz);     // version of each slice on screen
+  let latest = null;
+  let shownRevision = -1;
+  let syncing = false;
+
+  async function fetchSlices(list) {
+    const response = await fetch(api("slices", `&z=${rangesOf(list)}`), {cache: "no-store"});
+    if (!response.ok) throw new Error(`slices: HTTP ${response.status}`);
+    const slices = response.headers.get("X-Slices").split(",").map(Number);
+    const versions = response.headers.get("X-Versions").split(",").map(Number);
+    const data = new Int16Array(await response.arrayBuffer());
+    slices.forEach((z, index) => {
+      img.set(data.subarray(index * plane, (index + 1) * plane), z * plane);
+      have[z] = Math.max(have[z], versions[index]);
+    });
+    metrics.requests += 1;
+    metrics.slicesFetched += slices.length;
+  }
+
+  function showProgress(s) {
+    const fraction = s.planned ? s.applied / s.planned : 0;
+    $("bar").style.width = `${(100 * fraction).toFixed(1)}%`;
+    $("progress-text").textContent = `${s.applied}/${s.planned} chunks, ` +
+      `${(s.bytes / 1e6).toFixed(2)} MB` + (s.complete ? " - all received" : "");
+    const names = [["first_chunk", "first chunk"], ["roi_complete", "ROI complete (liver exact)"],
+                   ["base_complete", "whole volume previewed"],
+                   ["exact_complete", "exact layer complete"], ["complete", "all chunks"]];
+    const list = $("milestones");
+    list.replaceChildren();
+    const created = s.times.created ? Date.parse(s.times.created) : null;
+    for (const [key, text] of names) {
+      if (!s.times[key]) continue;
+      const item = document.createElement("li");
+      const at = Date.parse(s.times[key]);
+      item.textContent = `${text}` + (created ? ` +${((at - created) / 1000).toFixed(1)} s` : "");
+      list.append(item);
+    }
+    if (s.verified === true) list.append(Object.assign(document.createElement("li"),
+      {textContent: "SHA-256 verified: bit-exact"}));
+    if (s.verified === false) list.append(Object.assign(document.createElement("li"),
+      {textContent: "SHA-256 MISMATCH", className: "error"}));
+    $("connection").textContent = s.connected ? "sender connected" : "no sender connected";
+  }
+
+  async function sync() {
+    if (syncing) return;
+    syncing = true;
+    try {
+      while (latest && latest.revision !== shownRevision) {
+        const s = latest;
+        const changed = [];
+        for (let z = 0; z < nz; z++) if (s.versions[z] > have[z]) changed.push(z);
+        for (let i = 0; i < changed.length; i += FETCH_BATCH) {
+          await fetchSlices(changed.slice(i, i + FETCH_BATCH));
+        }
+        lastStates = s.states;
+        paintStates(s.states);
+        nv.updateGLVolume();
+        showProgress(s);
+        showSlice();
+        const shownAt = await nextFrame();
+        const now = performance.timeOrigin + shownAt;
+        if (metrics.firstImage === null && s.states.split("").some((c) => c !== "0")) {
+          metrics.firstImage = now;
+          metrics.firstChunkServer = s.times.first_chunk ? Date.parse(s.times.first_chunk) : null;
+        }
+        const roiDone = info.roi_slices.every((hasRoi, z) => !hasRoi || +s.states[z] >= 2);
+        if (metrics.liverExactShown === null && s.roi_complete && roiDone) {
+          metrics.liverExactShown = now;
+          metrics.roiCompleteServer = s.times.roi_complete ? Date.parse(s.times.roi_complete) : null;
+        }
+        if (metrics.exactShown === null && s.states.split("").every((c) => c === "3")) {
+          metrics.exactShown = now;
+        }
+        shownRevision = s.revision;
+        metrics.lastRevisionShown = s.revision;
+        metrics.lastStates = s.states;
+        document.body.dataset.revision = String(s.revision);
+        document.body.dataset.states = s.states;
+      }
+    } catch (error) {
+      metrics.errors.push(String(error));
+      setTimeout(sync, 1000);
+    } finally {
+      syncing = false;
+    }
+  }
+
+  const events = new EventSource(api("events"));
+  events.addEventListener("state", (event) => {
+    metrics.events += 1;
+    latest = JSON.parse(event.data);
+    sync();
+  });
+  events.addEventListener("error", () => {
+    $("connection").textContent = "viewer connection lost, reconnecting...";
+  });
+  goToSlice(currentSlice);
+}
+
+main().catch((error) => {
+  metrics.errors.push(String(error));
+  $("title").textContent = `viewer error: ${error}`;
+});
