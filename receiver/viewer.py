@@ -104,6 +104,7 @@ class StudyView:
     """What the viewer keeps about one study: per-slice versions and who waits for changes."""
 
     def __init__(self, nz: int, has_data: np.ndarray):
+        self.outline: bytes | None = None
         self.versions = has_data.astype(np.uint32)
         self.revision = 0
         self._changed = asyncio.Event()
@@ -323,8 +324,12 @@ class LiveViewer:
 
     async def api_roi(self, request: web.Request) -> web.Response:
         self._check(request)
-        runtime, _ = await self._runtime(self._folder(request))
-        return await self._binary(request, runtime.record.header.roi_bits.tobytes())
+        runtime, view = await self._runtime(self._folder(request))
+        if view.outline is None:
+            loop = asyncio.get_running_loop()
+            view.outline = await loop.run_in_executor(None, roi_outline_bits,
+                                                      runtime.record.header)
+        return await self._binary(request, view.outline)
 
     async def api_slices(self, request: web.Request) -> web.Response:
         self._check(request)
@@ -406,6 +411,31 @@ class LiveViewer:
         finally:
             self._streams -= 1
         return response
+
+
+def roi_outline_bits(header) -> bytes:
+    """The ROI's surface voxels, bit-packed like the header's mask (first voxel in the high bit).
+
+    A surface voxel is in the ROI with one of its 6 neighbours outside it (or on the volume's
+    edge): cut by any plane, the surface draws the ROI's outline in that view. Three slices of
+    the mask are unpacked at a time.
+    """
+    nz = header.shape[0]
+    out = np.zeros(header.shape, dtype=bool)
+    previous = np.zeros(header.shape[1:], dtype=bool)
+    current = header.roi_slices(0, 1)[0].copy()
+    for z in range(nz):
+        following = header.roi_slices(z + 1, z + 2)[0].copy() if z + 1 < nz else \
+            np.zeros_like(current)
+        inner = current.copy()
+        inner[0, :] = inner[-1, :] = False
+        inner[:, 0] = inner[:, -1] = False
+        inner[1:-1, 1:-1] &= (current[:-2, 1:-1] & current[2:, 1:-1] & current[1:-1, :-2]
+                              & current[1:-1, 2:])
+        inner &= previous & following
+        out[z] = current & ~inner
+        previous, current = current, following
+    return np.packbits(out).tobytes()
 
 
 def parse_slice_list(text: str, nz: int) -> list[int] | None:

@@ -48,16 +48,72 @@ function nextFrame() {
   return new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
 }
 
-async function main() {
-  const response = await fetch(api("study"), {cache: "no-store"});
-  if (response.status === 401) { location.href = "/viewer/"; return; }
-  const info = await response.json();
-  const [nz, ny, nx] = info.shape;
-  const plane = nx * ny;
-  $("title").textContent = `${info.study_id}${info.description ? " - " + info.description : ""}` +
-    ` (${nx} x ${ny} x ${nz})`;
-  const header = Uint8Array.from(atob(info.nifti_header), (c) => c.charCodeAt(0));
+function blankHeader(n) {
+  // A NIfTI-1 header of an n x n x n volume, 1 mm, identity sform: only to warm NiiVue up.
+  const header = new Uint8Array(352);
+  const view = new DataView(header.buffer);
+  view.setInt32(0, 348, true);
+  [3, n, n, n, 1, 1, 1, 1].forEach((d, i) => view.setInt16(40 + 2 * i, d, true));
+  [1, 1, 1, 1].forEach((p, i) => view.setFloat32(76 + 4 * i, p, true));
+  view.setFloat32(108, 352, true);
+  view.setFloat32(112, 1, true);
+  view.setInt16(254, 1, true);
+  [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]].forEach((row, r) =>
+    row.forEach((v, c) => view.setFloat32(280 + 16 * r + 4 * c, v, true)));
+  header.set([110, 43, 49, 0], 344);
+  return header;
+}
 
+async function warmUp(nv) {
+  // The first volume and label overlay cost NiiVue its shader compilations and texture set-up
+  // (seconds with a software GPU): pay them while the study has not arrived yet.
+  const header = blankHeader(8);
+  const ct = await niivue.NVImage.new(niftiBuffer(header, 512, 4, 16, 0), "warm.nii", "gray",
+                                      1, null, 0, 1, true);
+  const overlay = await niivue.NVImage.new(niftiBuffer(header, 512, 2, 8, 0), "warm-state.nii",
+                                           "gray", 0.85, null, 0, ROI_LABEL, true);
+  overlay.setColormapLabel(labelColormap(STATE_NAMES_FALLBACK));
+  nv.addVolume(ct);
+  nv.addVolume(overlay);
+  nv.setSliceType(nv.sliceTypeMultiplanar);
+  nv.drawScene();
+  await nextFrame();
+  nv.removeVolume(overlay);
+  nv.removeVolume(ct);
+}
+
+async function studyInfo(nv) {
+  // The page may be opened before the study's header has arrived: wait for it.
+  let warm = false;
+  for (;;) {
+    const response = await fetch(api("study"), {cache: "no-store"});
+    if (response.status === 401) { location.href = "/viewer/"; return null; }
+    if (response.ok) return response.json();
+    $("title").textContent = "waiting for the study to arrive...";
+    if (!warm) {
+      await warmUp(nv);
+      warm = true;
+      metrics.warmedUpMs = performance.now();
+    }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
+
+const STATE_NAMES_FALLBACK = ["not yet", "preview", "liver exact", "exact"];
+
+function labelColormap(stateNames) {
+  return {
+    R: [0, ...STATE_COLORS.map((c) => c[0]), ROI_COLOR[0]],
+    G: [0, ...STATE_COLORS.map((c) => c[1]), ROI_COLOR[1]],
+    B: [0, ...STATE_COLORS.map((c) => c[2]), ROI_COLOR[2]],
+    A: [0, 255, 255, 255, 255, 255],
+    I: [0, 1, 2, 3, 4, ROI_LABEL],
+    labels: ["", ...stateNames, "ROI"],
+  };
+}
+
+async function main() {
+  // NiiVue first (WebGL set-up is the slow part of opening the page), then the study.
   const nv = new niivue.Niivue({
     backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false,
     crosshairColor: [1, 1, 0, 0.45], crosshairWidth: 1, isRadiologicalConvention: true,
@@ -65,6 +121,29 @@ async function main() {
     isNearestInterpolation: false, logLevel: "error",
   });
   await nv.attachTo("gl");
+  metrics.niivueReadyMs = performance.now();
+  const info = await studyInfo(nv);
+  if (info === null) return;
+  metrics.infoMs = performance.now();
+  // Events start now; they are applied once the volumes exist (sync() waits for `ready`).
+  let latest = null;
+  let ready = false;
+  const events = new EventSource(api("events"));
+  events.addEventListener("state", (event) => {
+    metrics.events += 1;
+    if (metrics.firstEventMs === undefined) metrics.firstEventMs = performance.now();
+    latest = JSON.parse(event.data);
+    if (ready) sync();
+  });
+  events.addEventListener("error", () => {
+    $("connection").textContent = "viewer connection lost, reconnecting...";
+  });
+  const [nz, ny, nx] = info.shape;
+  const plane = nx * ny;
+  $("title").textContent = `${info.study_id}${info.description ? " - " + info.description : ""}` +
+    ` (${nx} x ${ny} x ${nz})`;
+  const header = Uint8Array.from(atob(info.nifti_header), (c) => c.charCodeAt(0));
+
   const [width, level] = WINDOWS.liver;
   const ct = await niivue.NVImage.new(niftiBuffer(header, nz * plane, 4, 16, info.fill),
                                      "study.nii", "gray", 1, null, level - width / 2,
@@ -72,42 +151,37 @@ async function main() {
   nv.addVolume(ct);
   const overlay = await niivue.NVImage.new(niftiBuffer(header, nz * plane, 2, 8, 0), "state.nii",
                                           "gray", 0.85, null, 0, ROI_LABEL, true);
-  overlay.setColormapLabel({
-    R: [0, ...STATE_COLORS.map((c) => c[0]), ROI_COLOR[0]],
-    G: [0, ...STATE_COLORS.map((c) => c[1]), ROI_COLOR[1]],
-    B: [0, ...STATE_COLORS.map((c) => c[2]), ROI_COLOR[2]],
-    A: [0, 255, 255, 255, 255, 255],
-    I: [0, 1, 2, 3, 4, ROI_LABEL],
-    labels: ["", ...info.state_names, "ROI"],
-  });
+  overlay.setColormapLabel(labelColormap(info.state_names));
   nv.addVolume(overlay);
+  metrics.volumesMs = performance.now();
   nv.setSliceType(nv.sliceTypeMultiplanar);
   const img = ct.img;
   const labels = overlay.img;
 
-  // ROI outline: ROI voxels with a 6-neighbour outside the ROI (the cut of its surface shows as
-  // an outline in all three views). np.packbits order: first voxel in the highest bit.
-  const roiBits = new Uint8Array(await (await fetch(api("roi"), {cache: "no-store"})).arrayBuffer());
-  const inRoi = (v) => (roiBits[v >> 3] >> (7 - (v & 7))) & 1;
-  const outline = [];
-  for (let z = 0; z < nz; z++) {
-    if (!info.roi_slices[z]) continue;
-    for (let y = 0; y < ny; y++) {
-      for (let x = 0; x < nx; x++) {
-        const v = z * plane + y * nx + x;
-        if (!inRoi(v)) continue;
-        if (x === 0 || x === nx - 1 || y === 0 || y === ny - 1 || z === 0 || z === nz - 1 ||
-            !inRoi(v - 1) || !inRoi(v + 1) || !inRoi(v - nx) || !inRoi(v + nx) ||
-            !inRoi(v - plane) || !inRoi(v + plane)) outline.push(v);
+  // ROI outline: the server sends the ROI's surface voxels (6-neighbourhood), bit-packed;
+  // cut by any view's plane they draw the outline. Kept as voxel indices per slice.
+  const outlineBits = new Uint8Array(
+    await (await fetch(api("roi"), {cache: "no-store"})).arrayBuffer());
+  const outline = Array.from({length: nz}, () => []);
+  for (let byte = 0; byte < outlineBits.length; byte++) {
+    const bits = outlineBits[byte];
+    if (!bits) continue;
+    for (let bit = 0; bit < 8; bit++) {
+      if (bits & (128 >> bit)) {
+        const v = byte * 8 + bit;
+        outline[Math.floor(v / plane)].push(v);
       }
     }
   }
+  metrics.overlayReadyMs = performance.now();
   const border = Math.max(2, Math.round(Math.min(nx, ny) / 64));
+  let painted = "";
 
   function paintStates(states) {
-    // Frame of `border` voxels around each slice in its state's colour; a hatch of 8-voxel
-    // squares over slices not received yet; the ROI outline on top.
+    // Per slice whose state changed: a frame of `border` voxels in its state's colour, a hatch
+    // of 8-voxel squares over a slice not received yet, the ROI outline on top.
     for (let z = 0; z < nz; z++) {
+      if (painted[z] === states[z]) continue;
       const s = +states[z];
       const label = s + 1;
       const base = z * plane;
@@ -121,8 +195,9 @@ async function main() {
           labels[row + x] = value;
         }
       }
+      for (const v of outline[z]) labels[v] = ROI_LABEL;
     }
-    for (const v of outline) labels[v] = ROI_LABEL;
+    painted = states;
   }
 
   // Slice ruler: one cell per slice in its state's colour, the current axial slice marked.
@@ -209,7 +284,6 @@ async function main() {
 
   // Live updates.
   const have = new Uint32Array(nz);     // version of each slice on screen
-  let latest = null;
   let shownRevision = -1;
   let syncing = false;
 
@@ -270,6 +344,10 @@ async function main() {
         showSlice();
         const shownAt = await nextFrame();
         const now = performance.timeOrigin + shownAt;
+        // Seconds from the server's state (taken right after a batch was applied) to the
+        // frame that shows it, for the last 200 updates.
+        metrics.latencies = (metrics.latencies || []).slice(-199);
+        metrics.latencies.push((now - 1000 * s.server_time) / 1000);
         if (metrics.firstImage === null && s.states.split("").some((c) => c !== "0")) {
           metrics.firstImage = now;
           metrics.firstChunkServer = s.times.first_chunk ? Date.parse(s.times.first_chunk) : null;
@@ -296,16 +374,9 @@ async function main() {
     }
   }
 
-  const events = new EventSource(api("events"));
-  events.addEventListener("state", (event) => {
-    metrics.events += 1;
-    latest = JSON.parse(event.data);
-    sync();
-  });
-  events.addEventListener("error", () => {
-    $("connection").textContent = "viewer connection lost, reconnecting...";
-  });
   goToSlice(currentSlice);
+  ready = true;
+  sync();
 }
 
 main().catch((error) => {
