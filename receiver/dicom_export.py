@@ -37,9 +37,11 @@ so in one line when they are missing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -110,7 +112,7 @@ def ras_to_lps(affine: np.ndarray) -> np.ndarray:
     >>> ras = np.diag([0.7, 0.7, 5.0, 1.0]); ras[:3, 3] = [-180.0, -150.0, 40.0]
     >>> lps = ras_to_lps(ras)
     >>> lps[:3, 3].tolist(), lps[:3, 0].tolist(), lps[:3, 2].tolist()
-    ([180.0, 150.0, 40.0], [-0.7, -0.0, 0.0], [0.0, 0.0, 5.0])
+    ([180.0, 150.0, 40.0], [-0.7, 0.0, 0.0], [0.0, 0.0, 5.0])
     >>> bool(np.allclose(lps_to_ras(lps), ras))
     True
     """
@@ -231,10 +233,18 @@ def received_bytes_per_slice(log_path: Path, header: StreamHeader, layers=(0, 1)
 
 
 def _uid(*parts: str) -> str:
-    """A UID derived from ``parts`` (2.25 form, from a hash): stable across rewrites."""
-    from pydicom.uid import generate_uid
+    """A UID derived from ``parts``: stable across rewrites, unique by construction.
 
-    return str(generate_uid(prefix=None, entropy_srcs=["dlad-stream", *parts]))
+    PS3.5 B.2: ``2.25.`` and the decimal value of a UUID, here a name-based one (the first 16
+    bytes of a SHA-256 of the parts, version bits set as for a UUID version 5).
+
+    >>> _uid("stream-key", "exact", "ct", "0") == _uid("stream-key", "exact", "ct", "0")
+    True
+    >>> _uid("a").startswith("2.25."), len(_uid("a")) <= 64
+    (True, True)
+    """
+    digest = hashlib.sha256("\x00".join(("dlad-stream", *parts)).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
 
 
 def _version_of_software() -> str:

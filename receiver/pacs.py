@@ -182,8 +182,8 @@ def store_files(target: PacsTarget, folder: Path, names: list[str], on_stored) -
     except Exception as error:  # a name that does not resolve, say
         return f"cannot associate with {target}: {error}"
     if not assoc.is_established:
-        return (f"association with {target} "
-                f"{'rejected' if assoc.is_rejected else 'aborted' if assoc.is_aborted else 'failed'}")
+        return (f"association with {target} rejected" if assoc.is_rejected else
+                f"no association with {target} (not reachable, or it aborted)")
     problem = ""
     try:
         for name in names:
