@@ -54,7 +54,7 @@ class Orthanc:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.__exit__()
                     raise RuntimeError("Orthanc did not start: " +
-                                       (self.folder / "orthanc.log").read_text()[-2000:])
+                                       (self.folder / "orthanc.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
