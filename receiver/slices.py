@@ -61,7 +61,7 @@ def volume_verified(reassembler: Reassembler) -> bool:
 
 def slice_states(reassembler: Reassembler) -> np.ndarray:
     """The state code (see the module docstring) of every slice, uint8, one per slice."""
-    has_base = (reassembler.slice_state & HAS_BASE) > 0
+    has_base = (reassembler.slice_layers() & HAS_BASE) > 0
     states = np.where(has_base, PREVIEW, NOT_YET).astype(np.uint8)
     with_roi = roi_voxels_per_slice(reassembler) > 0
     states[reassembler.roi_exact_slices & with_roi] = LIVER_EXACT

@@ -281,7 +281,7 @@ class LiveViewer:
         view = self.views.get(folder)
         if view is None:
             r = runtime.record.reassembler
-            view = StudyView(r.header.shape[0], r.slice_state > 0)
+            view = StudyView(r.header.shape[0], r.slice_layers() > 0)
             self.views[folder] = view
         return runtime, view
 

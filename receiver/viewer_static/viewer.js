@@ -118,6 +118,7 @@ async function main() {
     backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false,
     crosshairColor: [1, 1, 0, 0.45], crosshairWidth: 1, isRadiologicalConvention: true,
     multiplanarShowRender: niivue.SHOW_RENDER ? niivue.SHOW_RENDER.NEVER : 0,
+    multiplanarLayout: niivue.MULTIPLANAR_TYPE ? niivue.MULTIPLANAR_TYPE.GRID : 2,
     isNearestInterpolation: false, logLevel: "error",
   });
   await nv.attachTo("gl");
@@ -202,7 +203,10 @@ async function main() {
 
   // Slice ruler: one cell per slice in its state's colour, the current axial slice marked.
   const ruler = $("ruler");
-  let currentSlice = Math.floor(nz / 2);
+  // Start in the middle of the liver (the ROI's slices), where the expert looks first.
+  const roiSlices = info.roi_slices.flatMap((hasRoi, z) => (hasRoi ? [z] : []));
+  let currentSlice = roiSlices.length ? roiSlices[Math.floor(roiSlices.length / 2)] :
+    Math.floor(nz / 2);
   let lastStates = "0".repeat(nz);
   const superiorUp = true;  // slice k drawn from the bottom (k = 0) up
   function drawRuler() {
