@@ -337,16 +337,24 @@ async function main() {
       while (latest && latest.revision !== shownRevision) {
         const s = latest;
         const changed = [];
+        const started = performance.now();
         for (let z = 0; z < nz; z++) if (s.versions[z] > have[z]) changed.push(z);
         for (let i = 0; i < changed.length; i += FETCH_BATCH) {
           await fetchSlices(changed.slice(i, i + FETCH_BATCH));
         }
+        const fetched = performance.now();
         lastStates = s.states;
         paintStates(s.states);
         nv.updateGLVolume();
         showProgress(s);
         showSlice();
+        const drawn = performance.now();
         const shownAt = await nextFrame();
+        // Where an update's time goes: fetching slices, painting + NiiVue's upload, the frame.
+        metrics.breakdown = (metrics.breakdown || []).slice(-49);
+        metrics.breakdown.push({slices: changed.length, fetchMs: Math.round(fetched - started),
+                                drawMs: Math.round(drawn - fetched),
+                                frameMs: Math.round(shownAt - drawn)});
         const now = performance.timeOrigin + shownAt;
         // Seconds from the server's state (taken right after a batch was applied) to the
         // frame that shows it, for the last 200 updates.
