@@ -424,9 +424,9 @@ def build_ct_datasets(snapshot: SeriesSnapshot, version: str) -> list:
                                         "verified against the sender's)")
         else:
             ds.LossyImageCompression = "01"
-            ratio = 2.0 * ny * nx / max(float(snapshot.received_bytes[z]), 1.0) \
-                if len(snapshot.received_bytes) else 0.0
-            ds.LossyImageCompressionRatio = _ds(round(ratio, 2))
+            if len(snapshot.received_bytes) and snapshot.received_bytes[z] > 0:
+                ratio = 2.0 * ny * nx / float(snapshot.received_bytes[z])
+                ds.LossyImageCompressionRatio = _ds(round(ratio, 2))
             ds.LossyImageCompressionMethod = method
             ds.DerivationDescription = f"dlad-stream: {lossy_note}"
         ds.PixelData = np.ascontiguousarray(volume.stored_values(snapshot.hu[z])).astype(
