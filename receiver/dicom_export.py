@@ -536,6 +536,8 @@ class DicomExporter:
     def study_updated(self, runtime, update) -> None:
         from receiver.slices import volume_verified
 
+        if getattr(update, "unloaded", False):
+            return  # leaving memory: nothing new to write (it was written when it was due)
         r = runtime.record.reassembler
         exact = volume_verified(r)
         due = [EXACT_VERSION] if exact else (
@@ -551,7 +553,11 @@ class DicomExporter:
             if manifest and manifest.get("stream_key") == runtime.record.key:
                 self._done.add(key)
                 continue
-            task = asyncio.get_running_loop().create_task(self._export(runtime, folder, version))
+            # The copy is queued on the study's worker now (a study with queued work is never
+            # unloaded), then written in the export's own thread.
+            captured = runtime.call(lambda: self._capture(runtime, folder))
+            task = asyncio.get_running_loop().create_task(
+                self._export(runtime, captured, folder, version))
             self._tasks[key] = task
 
     def _relative(self, folder: Path) -> str:
@@ -560,11 +566,11 @@ class DicomExporter:
         except ValueError:
             return folder.name
 
-    async def _export(self, runtime, folder: str, version: str) -> None:
+    async def _export(self, runtime, captured, folder: str, version: str) -> None:
         key = (folder, version)
         loop = asyncio.get_running_loop()
         try:
-            snapshot = await runtime.call(lambda: self._capture(runtime, folder))
+            snapshot = await captured
             written = await loop.run_in_executor(self._executor, write_version, snapshot,
                                                  version, self.out_dir)
             self._done.add(key)

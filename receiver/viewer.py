@@ -52,8 +52,10 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
+from receiver.limits import study_cost
+from receiver.session import Refusal
 from receiver.slices import STATE_NAMES, roi_voxels_per_slice, slice_states
-from receiver.store import HEADER_FILE, read_header_file
+from receiver.store import HEADER_FILE, StoreError, read_header_file
 from shared.nifti import nifti_header
 from shared.volume import Volume
 
@@ -273,9 +275,15 @@ class LiveViewer:
         service = self.service
         runtime = service.runtime_for_folder(folder)
         if runtime is None:
+            # Loaded like a returning sender's study: within the receiver's memory budget.
             loop = asyncio.get_running_loop()
             header, frame = await loop.run_in_executor(None, read_header_file, folder / HEADER_FILE)
-            runtime = await service.open_study(header, frame)
+            try:
+                runtime = await service.open_study(
+                    header, frame, study_cost(header, service.config.window))
+            except (Refusal, StoreError) as error:
+                raise web.HTTPServiceUnavailable(text=f"{error}\n", headers={
+                    **SECURITY_HEADERS, "Retry-After": "5"}) from None
             if runtime.record.folder != folder:
                 raise web.HTTPNotFound(text="no such study\n")
         view = self.views.get(folder)
