@@ -167,6 +167,42 @@ def test_access_needs_the_viewer_token_and_a_cookie(study, tmp_path, caplog):
     assert "refused login" in logged
 
 
+def test_viewer_over_tls_sets_a_secure_cookie(tmp_path):
+    """Under the receiver's TLS the viewer is served over HTTPS and its cookie is Secure."""
+    import ssl
+
+    from attack_helpers import make_certificate
+
+    from receiver.http import server_tls_context
+
+    cert, key = make_certificate(tmp_path / "tls")
+
+    async def scenario():
+        service = ReceiverService(ServiceConfig(out_dir=tmp_path / "out", token=TOKEN,
+                                                tls=server_tls_context(cert, key)))
+        service.add_listener(LiveViewer(ViewerConfig(token=VIEWER_TOKEN)))
+        await service.start("127.0.0.1", 0)
+        try:
+            client_tls = ssl.create_default_context(cafile=str(cert))
+            connector = aiohttp.TCPConnector(ssl=client_tls)
+            async with aiohttp.ClientSession(connector=connector,
+                                             cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                async with http.get(service.url + "/viewer/") as response:
+                    page = response.status
+                async with http.post(service.url + "/viewer/login",
+                                     json={"token": VIEWER_TOKEN}) as response:
+                    cookie = response.headers["Set-Cookie"]
+                async with http.get(service.url + "/viewer/api/studies") as response:
+                    studies = response.status
+            return service.url, page, cookie, studies
+        finally:
+            await service.stop()
+
+    url, page, cookie, studies = run(scenario())
+    assert url.startswith("https://") and page == 200 and studies == 200
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
 def test_slices_api_returns_the_received_voxels(study, tmp_path):
     path, volume, header = study
 
