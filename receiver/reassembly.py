@@ -5,10 +5,10 @@ residual chunk adds to the voxels of its region (ROI for layer 1, the rest for l
 stays at one volume plus the decoder's state and, for a residual, its decoded block: a base is
 decoded straight into the volume, the ROI mask stays bit-packed (unpacked one slice at a time)
 and everything after decoding works in place. Every chunk is checked against the header's
-plan (slice range, layer, codec) and, for residuals, against the digest of the base block they
-were computed on; anything that does not fit is rejected with a reason and never applied. A
-chunk whose voxels would leave the header's HU range is wrong whatever its checksum says: it is
-rejected before it touches the volume.
+plan (slice range, layer, one of the layer's codecs) and, for residuals, against the digest
+of the base block they were computed on; anything that does not fit is rejected with a reason
+and never applied. A chunk whose voxels would leave the header's HU range is wrong whatever its
+checksum says: it is rejected before it touches the volume.
 
 Nothing is called exact that is not proven. A block's ROI counts as exact only once its decoded
 ROI voxels hash to the sender's digest of the original (:func:`shared.layers.roi_digest`, in
@@ -36,7 +36,7 @@ import numpy as np
 from shared.codecs import Codec, CodecError, get_codec
 from shared.layers import block_digest, clip_base, roi_digest
 from shared.volume import Volume
-from shared.wire import DataChunk, StreamHeader, voxel_sha256
+from shared.wire import DataChunk, StreamHeader, layer_codecs, voxel_sha256
 
 #: Bits of :meth:`Reassembler.slice_layers` (and of status.json's ``slice_layers``): the slice's
 #: base, its ROI residual, its rest residual, and its ROI verified against the sender's digest.
@@ -178,9 +178,10 @@ class Reassembler:
         if (chunk.layer, chunk.z0, chunk.z1) != expected:
             raise ChunkRejected(f"chunk {chunk.seq}: layer/slices ({chunk.layer}, {chunk.z0}, "
                                 f"{chunk.z1}) differ from the plan {expected}")
-        if chunk.codec != self.header.layers[chunk.layer].get("codec"):
-            raise ChunkRejected(f"chunk {chunk.seq}: codec {chunk.codec!r} differs from the "
-                                f"header's {self.header.layers[chunk.layer].get('codec')!r}")
+        allowed = layer_codecs(self.header.layers[chunk.layer])
+        if chunk.codec not in allowed:
+            raise ChunkRejected(f"chunk {chunk.seq}: codec {chunk.codec!r} is not one the "
+                                f"header names for layer {chunk.layer} ({', '.join(allowed)})")
         if self.holds(chunk.seq):
             return []
         if (self._slice_state[chunk.z0:chunk.z1] & _LAYER_BIT[chunk.layer]).any():
@@ -189,7 +190,7 @@ class Reassembler:
             what = "a base" if chunk.layer == 0 else f"layer {chunk.layer}"
             raise ChunkRejected(f"chunk {chunk.seq}: slices {chunk.z0}-{chunk.z1 - 1} already "
                                 f"have {what}")
-        codec = get_codec(chunk.codec)
+        codec = get_codec(chunk.codec)  # registered: the header's codecs were checked
         if chunk.layer == 0:
             applied = self._apply_base(chunk, codec)
         else:

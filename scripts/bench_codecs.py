@@ -37,7 +37,7 @@ from shared.codecs import get_codec
 from shared.metrics import compression_ratio, entropy_bits, psnr, ssim
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TABLE3_CODECS = ("zlib", "bz2", "lzma", "zstd", "jpegls", "ffv1", "hevc-lossless")
+TABLE3_CODECS = ("zlib", "bz2", "lzma", "zstd", "jpegls", "ffv1", "hevc-lossless", "htj2k", "jpegxl")
 SSIM_TARGET = 0.99
 
 

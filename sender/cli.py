@@ -50,6 +50,18 @@ exit status: 0 ok, 1 failed (bad input, nothing written; refused by the receiver
 log = logging.getLogger("dlad.sender")
 
 
+def codec_list(known: list[str]):
+    """argparse type: comma-separated codec names, each one of ``known``."""
+    def parse(text: str) -> list[str]:
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in known]
+        if not names or unknown or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(
+                f"expected distinct codecs from {', '.join(known)}, got {text!r}")
+        return names
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     lossless = [n for n in codec_names() if get_codec(n).lossless]
     parser = argparse.ArgumentParser(
@@ -149,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--qp", type=int, help="x265 fixed QP of the lossy base instead of CRF")
     coding.add_argument("--preset", default=encode_defaults.preset,
                         help="x265 preset (default %(default)s)")
-    coding.add_argument("--residual-codec", default=encode_defaults.residual_codec,
-                        choices=lossless, help="codec of the residual layers (default %(default)s)")
+    coding.add_argument("--residual-codec", default=",".join(encode_defaults.residual_codecs),
+                        type=codec_list(lossless), metavar="CODEC[,CODEC...]",
+                        help="lossless codecs of the residual layers; each chunk is sent with the "
+                             "one that codes it smallest (default %(default)s; htj2k decodes "
+                             f"fastest; known: {', '.join(lossless)})")
     coding.add_argument("--group-slices", type=int, default=encode_defaults.group_slices,
                         help="slices per chunk (default %(default)s)")
     coding.add_argument("--min-ssim", type=float, default=encode_defaults.min_ssim,
@@ -169,7 +184,7 @@ def settings_from_args(args):
                                   mode=args.diffusion)
     encode = EncodeSettings(codec=args.codec, exact=args.exact,
                             crf=None if args.qp is not None else args.crf, qp=args.qp,
-                            preset=args.preset, residual_codec=args.residual_codec,
+                            preset=args.preset, residual_codecs=tuple(args.residual_codec),
                             group_slices=args.group_slices, min_ssim=args.min_ssim or None)
     return steering, diffusion, encode
 

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import msgpack
 import numpy as np
 
 from sender.quality import block_ssim
 from sender.scheduler import PlannedChunk, plan_chunks
-from shared.codecs import codec_names, get_codec
+from shared.codecs import CodecError, codec_names, get_codec
 from shared.layers import block_digest, clip_base, residual, roi_digest
 from shared.volume import Volume, representation_problem
 from shared.wire import REGION_OF_LAYER, DataChunk, StreamEnd, StreamHeader, voxel_sha256
@@ -50,8 +51,9 @@ class EncodeSettings:
     preset: str = "faster"
     """x265 speed preset of the base (slower presets gain < 0.5 % here: the ROI residual
     dominates the stream)."""
-    residual_codec: str = "jpegls"
-    """Lossless codec of the residual layers in layered mode."""
+    residual_codecs: tuple[str, ...] = ("jpegxl", "jpegls")
+    """Lossless codecs of the residual layers in layered mode: every chunk is coded with each
+    and the smallest payload is sent (the header lists them all)."""
     group_slices: int = 4
     """Slices per chunk: HEVC predicts between the slices of a chunk."""
     min_ssim: float | None = 0.99
@@ -63,9 +65,10 @@ class EncodeSettings:
         if self.codec != LAYERED and self.codec not in lossless:
             raise ValueError(f"codec must be 'layered' or a lossless codec "
                              f"({', '.join(lossless)}), got {self.codec!r}")
-        if self.residual_codec not in lossless:
-            raise ValueError(f"residual codec must be lossless ({', '.join(lossless)}), "
-                             f"got {self.residual_codec!r}")
+        if (not self.residual_codecs or len(set(self.residual_codecs)) != len(self.residual_codecs)
+                or not set(self.residual_codecs) <= set(lossless)):
+            raise ValueError(f"residual codecs must be distinct lossless codecs "
+                             f"({', '.join(lossless)}), got {', '.join(self.residual_codecs)!r}")
         if not 1 <= self.group_slices <= 256:
             raise ValueError(f"slices per chunk must be in [1, 256], got {self.group_slices}")
         if self.codec == LAYERED:
@@ -85,10 +88,13 @@ class EncodeSettings:
             return (0, 1, 2) if self.exact else (0, 1)
         return (0, 2) if self.exact else (0,)
 
-    def codec_of_layer(self, layer: int):
+    def codecs_of_layer(self, layer: int) -> list:
+        """The codecs a layer's chunks are tried with, in the header's order."""
         if self.codec != LAYERED:
-            return get_codec(self.codec)
-        return self.base_codec() if layer == 0 else get_codec(self.residual_codec)
+            return [get_codec(self.codec)]
+        if layer == 0:
+            return [self.base_codec()]
+        return [get_codec(name) for name in self.residual_codecs]
 
 
 @dataclass
@@ -107,6 +113,31 @@ class PreparedStudy:
     """Provider, diffusion settings and input description for the header."""
     sha256: str = ""
     """SHA-256 of the original voxels, when already known (else the encoder computes it)."""
+
+
+def coded_size(payload: bytes, params: dict) -> int:
+    """Bytes a chunk's payload and decode parameters take on the wire (msgpack)."""
+    return len(payload) + len(msgpack.packb(params, use_bin_type=True))
+
+
+def smallest(codecs: list, block: np.ndarray) -> tuple[object, bytes, dict]:
+    """``(codec, payload, params)`` of the codec that codes ``block`` in the fewest bytes.
+
+    A codec that cannot code the block (a library refusing it) is skipped; if none can, the
+    last error is raised.
+    """
+    best, failure = None, None
+    for codec in codecs:
+        try:
+            payload, params = codec.encode(block)
+        except CodecError as error:
+            failure = error
+            continue
+        if best is None or coded_size(payload, params) < coded_size(best[1], best[2]):
+            best = (codec, payload, params)
+    if best is None:
+        raise failure
+    return best
 
 
 class StudyEncoder:
@@ -130,7 +161,7 @@ class StudyEncoder:
         self.value_range = (int(original.min()), int(original.max()))
         self.plan: list[PlannedChunk] = plan_chunks(study.roi, settings.group_slices,
                                                     settings.layers)
-        self._codecs = {layer: settings.codec_of_layer(layer) for layer in settings.layers}
+        self._codecs = {layer: settings.codecs_of_layer(layer) for layer in settings.layers}
         self._base = np.zeros_like(original)
         self._base_ready: set[tuple[int, int]] = set()
         source_dtype, rescale = self._output_representation()
@@ -139,9 +170,10 @@ class StudyEncoder:
             spacing=study.volume.spacing, source_dtype=source_dtype, rescale=rescale,
             value_range=self.value_range, sha256=study.sha256 or voxel_sha256(original), roi=study.roi,
             roi_digests=self._roi_digests(),
-            layers={layer: {"codec": codec.name, "lossless": codec.lossless,
+            layers={layer: {"codec": codecs[0].name, "codecs": [c.name for c in codecs],
+                            "lossless": all(c.lossless for c in codecs),
                             "region": REGION_OF_LAYER[layer]}
-                    for layer, codec in self._codecs.items()},
+                    for layer, codecs in self._codecs.items()},
             plan=[chunk.as_entry() for chunk in self.plan],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             provenance={**study.provenance, "mode": settings.codec, "exact": settings.exact,
@@ -187,19 +219,20 @@ class StudyEncoder:
     def encode_chunk(self, planned: PlannedChunk) -> DataChunk:
         """Encode one planned chunk (its block's base is encoded first if needed)."""
         z0, z1 = planned.z0, planned.z1
-        codec = self._codecs[planned.layer]
         if planned.layer == 0:
+            codec = self._codecs[0][0]
             payload, params = self._encode_base(z0, z1)
         else:
             base = self._decoded_base(z0, z1)
             region = self.study.roi[z0:z1] if planned.layer == 1 else ~self.study.roi[z0:z1]
-            payload, params = codec.encode(residual(self.study.volume.data[z0:z1], base, region))
+            codec, payload, params = smallest(self._codecs[planned.layer],
+                                              residual(self.study.volume.data[z0:z1], base, region))
             params["base_digest"] = block_digest(base)
         return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=planned.layer,
                          z0=z0, z1=z1, codec=codec.name, params=params, payload=payload)
 
     def _encode_base(self, z0: int, z1: int) -> tuple[bytes, dict]:
-        codec = self._codecs[0]
+        codec = self._codecs[0][0]
         block = self.study.diffused[z0:z1]
         if codec.lossless:
             payload, params = codec.encode(block)

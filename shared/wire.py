@@ -47,8 +47,14 @@ Header body (kind 1):
                    before it): without it no ROI is ever reported exact
 ``roi``            ``{"encoding": "packbits-zstd", "data": bytes, "voxels": int}``: the ROI mask
                    (bit-packed, zstd), and its voxel count as a check
-``layers``         map ``"0"|"1"|"2"`` -> ``{"codec", "lossless", "region"}``, region being
-                   ``"all"``, ``"roi"`` or ``"outside-roi"``
+``layers``         map ``"0"|"1"|"2"`` -> ``{"codec", "codecs", "lossless", "region"}``:
+                   ``codecs`` the registry names of every codec the layer's chunks may use
+                   (1 to :data:`MAX_LAYER_CODECS`; the sender picks one per chunk, the smallest
+                   it measured), ``codec`` the first of them (streams before 2026-12 carry only
+                   ``codec``, which then is the layer's one codec); ``lossless`` true exactly
+                   when every one of them is lossless (checked against the codec registry: a
+                   header that calls a lossy codec lossless is rejected); ``region`` ``"all"``
+                   (layer 0), ``"roi"`` (1) or ``"outside-roi"`` (2)
 ``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry, in
                    sending order (``z1`` exclusive)
 ``provenance``     free map: ROI provider, diffusion settings, input description;
@@ -64,7 +70,8 @@ Header body (kind 1):
 
 Data chunk body (kind 2): ``study_id``; ``seq`` (index into the plan); ``layer`` (0 base,
 1 ROI residual, 2 outside-ROI residual); ``z0``, ``z1`` (slice range, ``z1`` exclusive);
-``codec`` (registry name); ``params`` (the codec's decode parameters; a residual's also hold
+``codec`` (registry name, one of the header's ``layers[layer].codecs``; the receiver refuses any
+other); ``params`` (the codec's decode parameters; a residual's also hold
 ``base_digest``, BLAKE2b-128 of the decoded base block it was computed against); ``payload``
 (bytes). A checksum proves a frame arrived as sent, not that its voxels are right: what the
 receiver reports exact is proven by the header's ``roi_digests`` and ``sha256``.
@@ -108,6 +115,8 @@ LAYERS = (0, 1, 2)
 REGION_OF_LAYER = {0: "all", 1: "roi", 2: "outside-roi"}
 #: Bytes of a ROI digest (SHA-256).
 ROI_DIGEST_BYTES = 32
+#: Codecs one layer may list: a sender tries a few per chunk, never dozens.
+MAX_LAYER_CODECS = 8
 #: Bounds of the header's ``dicom`` map: a series' identifying and descriptive attributes fit in a
 #: few dozen entries; a DICOM long text (LT) is at most 10,240 characters.
 MAX_DICOM_ATTRIBUTES = 128
@@ -190,6 +199,46 @@ def check_dicom_attributes(value) -> dict:
     return value
 
 
+def layer_codecs(layer: dict) -> list[str]:
+    """The codec names a (validated) layer entry allows; streams before 2026-12 name one."""
+    return list(layer.get("codecs") or [layer["codec"]])
+
+
+def check_layers(value: dict) -> dict[int, dict]:
+    """Validate the header's ``layers`` map; return it keyed by int, or raise WireError.
+
+    Every layer names registered codecs, its region is the one of its number, and its
+    ``lossless`` flag is what the codec registry says of its codecs (all lossless or not), so
+    the receiver never takes a lossy layer for an exact one.
+    """
+    from shared.codecs import CodecError, get_codec  # codecs never import the wire format
+
+    layers = {}
+    for key, layer in value.items():
+        if key not in ("0", "1", "2") or not isinstance(layer, dict):
+            raise WireError(f"header: unknown layer {key!r}")
+        number = int(key)
+        codec, codecs = layer.get("codec"), layer.get("codecs", [layer.get("codec")])
+        if (not isinstance(codec, str) or not isinstance(codecs, list)
+                or not 1 <= len(codecs) <= MAX_LAYER_CODECS or codecs[0] != codec
+                or len(set(codecs)) != len(codecs)
+                or not all(isinstance(name, str) and len(name) <= 32 for name in codecs)):
+            raise WireError(f"header: layer {number} must name 1..{MAX_LAYER_CODECS} codecs, "
+                            "'codec' being the first")
+        try:
+            lossless = all(get_codec(name).lossless for name in codecs)
+        except CodecError as error:
+            raise WireError(f"header: layer {number}: {error}") from None
+        if layer.get("lossless") is not lossless:
+            raise WireError(f"header: layer {number} says lossless={layer.get('lossless')!r} "
+                            f"but its codecs are {'' if lossless else 'not '}lossless")
+        if layer.get("region") != REGION_OF_LAYER[number]:
+            raise WireError(f"header: layer {number} must have region "
+                            f"{REGION_OF_LAYER[number]!r}")
+        layers[number] = layer
+    return layers
+
+
 def _study_id(body: dict, what: str) -> str:
     study_id = _require(body, "study_id", str, what)
     if not 0 < len(study_id) <= MAX_STUDY_ID:
@@ -226,7 +275,8 @@ class StreamHeader:
     """The ROI mask (voxels sent bit-exact by layers 0+1) as ``np.packbits`` of the slice-major
     bool mask: uint8, padding bits of the last byte zero."""
     layers: dict
-    """``{layer: {"codec", "lossless", "region"}}`` for the layers this stream carries."""
+    """``{layer: {"codec", "codecs", "lossless", "region"}}`` for the layers this stream
+    carries (:func:`check_layers`)."""
     plan: list
     """``[(seq, layer, z0, z1), ...]`` in sending order."""
     created: str = ""
@@ -345,12 +395,7 @@ class StreamHeader:
         roi_digests = _roi_digests(body.get("roi_digests", []), shape[0])
         roi_field = _require(body, "roi", dict, what)
         roi_bits = _decode_roi(roi_field, tuple(shape))
-        layers_field = _require(body, "layers", dict, what)
-        layers = {}
-        for key, value in layers_field.items():
-            if key not in ("0", "1", "2") or not isinstance(value, dict):
-                raise WireError(f"header: unknown layer {key!r}")
-            layers[int(key)] = value
+        layers = check_layers(_require(body, "layers", dict, what))
         plan = []
         seen = set()
         for entry in _require(body, "plan", list, what):

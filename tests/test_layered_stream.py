@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -203,3 +204,29 @@ def test_progress_counts_slices_and_roi_voxels(rng):
     # Without an exact layer, exact_slices is None and nothing counts as exact.
     layered = Reassembler(parse_frame(next(iter(StudyEncoder(study, EncodeSettings()).frames()))))
     assert layered.progress().exact_slices is None and layered.progress().exact_fraction == 0.0
+
+
+def test_each_residual_chunk_uses_the_smallest_of_the_layers_codecs(rng):
+    study = prepared_study(rng, shape=(8, 24, 20))
+    settings = EncodeSettings(exact=True, group_slices=2, residual_codecs=("zstd", "jpegxl", "jpegls"))
+    encoder = StudyEncoder(study, settings)
+    frames = list(encoder.frames())
+    header = parse_frame(frames[0])
+    assert header.layers[1]["codecs"] == ["zstd", "jpegxl", "jpegls"] and header.layers[1]["lossless"]
+    chunks = [parse_frame(frame) for frame in frames[1:-1]]
+    used = set()
+    for chunk in (c for c in chunks if c.layer > 0):
+        used.add(chunk.codec)
+        sizes = {}
+        for name in settings.residual_codecs:  # re-code the chunk's residual with every codec
+            block = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2,
+                                                       residual_codecs=(name,)))
+            same = block.encode_chunk(next(p for p in block.plan if p.seq == chunk.seq))
+            sizes[name] = len(same.payload) + len(msgpack.packb(same.params))
+        assert sizes[chunk.codec] == min(sizes.values())
+    assert used  # and the stream decodes exactly whatever mix was chosen
+    stream = decode(frames)
+    assert stream.reassembler.verified is True and not stream.problems
+    rejected = DataChunk(**{**vars(chunks[1]), "codec": "htj2k"})
+    with pytest.raises(ChunkRejected, match="not one the header names"):
+        Reassembler(header).apply(rejected)

@@ -179,3 +179,35 @@ def test_header_roi_digests_round_trip_and_refuse_malformed_ones():
         body["roi_digests"] = bad
         with pytest.raises(WireError, match="roi_digests"):
             parse_frame(wire.frame(wire.KIND_HEADER, body))
+
+
+def _with_layers(layers: dict) -> bytes:
+    body = msgpack.unpackb(make_header().to_frame()[wire.PREFIX_BYTES:])
+    body["layers"] = layers
+    return wire.frame(wire.KIND_HEADER, body)
+
+
+def test_layers_name_registered_codecs_and_tell_the_truth_about_losslessness():
+    good = {"0": {"codec": "hevc", "codecs": ["hevc"], "lossless": False, "region": "all"},
+            "1": {"codec": "jpegxl", "codecs": ["jpegxl", "jpegls"], "lossless": True,
+                  "region": "roi"}}
+    parsed = parse_frame(_with_layers(good))
+    assert wire.layer_codecs(parsed.layers[1]) == ["jpegxl", "jpegls"]
+    # A stream of an earlier build names one codec per layer.
+    old = parse_frame(_with_layers({"0": {"codec": "zstd", "lossless": True, "region": "all"}}))
+    assert wire.layer_codecs(old.layers[0]) == ["zstd"]
+    bad = [
+        {"0": {"codec": "png", "lossless": True, "region": "all"}},  # unknown codec
+        {"0": {"codec": "hevc", "lossless": True, "region": "all"}},  # lossy called lossless
+        {"0": {"codec": "zstd", "codecs": ["zstd", "hevc"], "lossless": True, "region": "all"}},
+        {"0": {"codec": "zstd", "lossless": False, "region": "all"}},
+        {"0": {"codec": "zstd", "codecs": ["jpegls"], "lossless": True, "region": "all"}},
+        {"0": {"codec": "zstd", "codecs": ["zstd", "zstd"], "lossless": True, "region": "all"}},
+        {"0": {"codec": "zstd", "codecs": ["zstd"] + ["jpegls"] * 8, "lossless": True,
+               "region": "all"}},
+        {"1": {"codec": "zstd", "lossless": True, "region": "all"}},  # layer 1 is the ROI
+        {"3": {"codec": "zstd", "lossless": True, "region": "all"}},
+    ]
+    for layers in bad:
+        with pytest.raises(WireError):
+            parse_frame(_with_layers(layers))

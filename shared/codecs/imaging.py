@@ -1,0 +1,220 @@
+"""Lossless image codecs of the field, through imagecodecs: JPEG XL, HTJ2K and JPEG-LS (CharLS).
+
+Measured on the shared CTs (docs/BENCHMARKS.md, "Lossless codecs"): lossless JPEG XL (libjxl)
+gives the best ratio of any coder available to dlad, HTJ2K (OpenJPH) the fastest decoding, and
+CharLS the ratio of FFmpeg's JPEG-LS 1.3-1.5 x faster.
+
+* ``jpegxl`` and ``htj2k`` code a block of slices as **one image**: the slices laid out as a
+  mosaic of ``columns`` slices per row (``params["columns"]``; a near-square mosaic lets
+  libjxl learn one context model from all of a block's voxels: 1-5 % smaller than slice by
+  slice), after subtracting the block's minimum (``params["offset"]``), so that the image has
+  only the bits the block needs (``bitspersample``). Unused mosaic cells are zero.
+* ``jpegls`` codes each slice as one JPEG-LS frame (T.87) of the int16 voxels plus 32768, the
+  frames back to back (``params["sizes"]``): the same payload the earlier FFmpeg-based coder
+  wrote, so streams of either build decode with the other. CharLS's SPIFF header (44 bytes a
+  slice) is not sent.
+
+Every decoder checks the codestream's header against the announced block before the library
+sees it (:mod:`shared.codecs.headers`) and decodes into a buffer of the announced size, so a
+payload cannot make the receiver allocate beyond its slice range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import imagecodecs
+import numpy as np
+
+from shared.codecs.base import Codec, CodecError, check_block, from_unsigned, register, to_unsigned
+from shared.codecs.headers import check_j2k, check_jpegls, check_jpegxl
+
+#: Largest mosaic side in pixels: JPEG XL level 5 (the level every decoder supports) allows
+#: 2^18; blocks that would exceed it are laid out with more rows (never more than that side).
+MAX_MOSAIC_SIDE = 1 << 18
+
+
+def mosaic_columns(count: int, height: int, width: int) -> int:
+    """Slices per mosaic row for a block of ``count`` slices: the most square layout.
+
+    >>> mosaic_columns(4, 512, 512), mosaic_columns(30, 101, 122), mosaic_columns(3, 8, 512)
+    (2, 5, 1)
+    """
+    columns = max(1, min(count, round(math.sqrt(count * height / width))))
+    while columns > 1 and columns * width > MAX_MOSAIC_SIDE:
+        columns -= 1
+    return columns
+
+
+def to_mosaic(block: np.ndarray, columns: int) -> np.ndarray:
+    """Lay out ``block`` ``(n, ny, nx)`` as ``ceil(n / columns)`` rows of ``columns`` slices."""
+    count, height, width = block.shape
+    rows = -(-count // columns)
+    image = np.zeros((rows * height, columns * width), block.dtype)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        image[row * height:(row + 1) * height, column * width:(column + 1) * width] = block[index]
+    return image
+
+
+def _offset_image(block: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``block - min`` as uint16 (every int16 span fits), the offset and the bits it needs."""
+    low, high = int(block.min()), int(block.max())
+    shifted = block.view(np.uint16) - np.uint16(low & 0xFFFF)
+    return shifted, low, max(1, (high - low).bit_length())
+
+
+def _mosaic_params(params: dict, out: np.ndarray, name: str) -> tuple[int, int]:
+    """Validated ``(columns, offset)`` of a mosaic codec's chunk."""
+    columns, offset = params.get("columns"), params.get("offset")
+    if not isinstance(columns, int) or isinstance(columns, bool) or not 1 <= columns <= out.shape[0]:
+        raise CodecError(f"{name}: invalid mosaic columns")
+    if not isinstance(offset, int) or isinstance(offset, bool) or not -32768 <= offset <= 32767:
+        raise CodecError(f"{name}: invalid offset")
+    return columns, offset
+
+
+class _MosaicCodec(Codec):
+    """A block as one offset, mosaic image of an imagecodecs coder."""
+
+    def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
+        block = check_block(block)
+        shifted, offset, bits = _offset_image(block)
+        columns = mosaic_columns(*block.shape)
+        image = shifted.reshape(-1, block.shape[2]) if columns == 1 else to_mosaic(shifted, columns)
+        return self.compress(image, bits), {"offset": offset, "columns": columns}
+
+    def decode_into(self, payload: bytes, params: dict, out: np.ndarray) -> np.ndarray:
+        columns, offset = _mosaic_params(params, out, self.name)
+        count, height, width = out.shape
+        rows = -(-count // columns)
+        payload = bytes(payload)
+        self.check(payload, rows * height, columns * width)
+        if columns == 1:  # the image is the block's memory: decode in place
+            image = out.view(np.uint16).reshape(count * height, width)
+            self.decompress(payload, image)
+        else:
+            image = np.empty((rows * height, columns * width), np.uint16)
+            self.decompress(payload, image)
+            target = out.view(np.uint16)
+            for index in range(count):
+                row, column = divmod(index, columns)
+                target[index] = image[row * height:(row + 1) * height,
+                                      column * width:(column + 1) * width]
+        view = out.view(np.uint16)
+        np.add(view, np.uint16(offset & 0xFFFF), out=view)  # wraps modulo 2^16: back to int16
+        return out
+
+    def compress(self, image: np.ndarray, bits: int) -> bytes:
+        raise NotImplementedError
+
+    def check(self, payload: bytes, height: int, width: int) -> None:
+        raise NotImplementedError
+
+    def decompress(self, payload: bytes, image: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _call(self, function, payload: bytes, image: np.ndarray, **options) -> None:
+        try:
+            decoded = function(payload, out=image, **options)
+        except Exception as error:  # imagecodecs' JpegxlError, Htj2kError..., and ValueError
+            raise CodecError(f"{self.name}: corrupt payload ({error})") from None
+        if decoded is not image:
+            raise CodecError(f"{self.name}: payload does not decode into the announced block")
+
+
+@register
+class JpegXlCodec(_MosaicCodec):
+    """Lossless JPEG XL (ISO/IEC 18181, libjxl modular mode).
+
+    Args:
+        effort: libjxl effort 1-9 (7, its default, is 10 x slower to encode than 3 and 1-3 %
+            smaller on CT; decoding speed hardly depends on it).
+    """
+
+    name = "jpegxl"
+
+    def __init__(self, effort: int = 7):
+        if not 1 <= effort <= 9:
+            raise ValueError(f"JPEG XL effort must be in [1, 9], got {effort}")
+        self.effort = effort
+
+    def compress(self, image: np.ndarray, bits: int) -> bytes:
+        # One thread: the sender runs several encoders side by side; lossless output does not
+        # depend on it.
+        # libjxl refuses 16-bit input declared with 8 or fewer bits (JXL_ENC_ERR_GENERIC); the
+        # declared depth does not change the lossless coding, so at least 9 are declared.
+        return bytes(imagecodecs.jpegxl_encode(image, lossless=True, effort=self.effort,
+                                               bitspersample=max(9, bits), usecontainer=False,
+                                               numthreads=1))
+
+    def check(self, payload: bytes, height: int, width: int) -> None:
+        check_jpegxl(payload, height, width)
+
+    def decompress(self, payload: bytes, image: np.ndarray) -> None:
+        self._call(imagecodecs.jpegxl_decode, payload, image, numthreads=1)
+
+
+@register
+class Htj2kCodec(_MosaicCodec):
+    """Lossless High-Throughput JPEG 2000 (ISO/IEC 15444-15, OpenJPH), reversible 5/3 wavelet:
+    the fastest decoding of the lossless coders (4-20 x JPEG XL), at 8-13 % more bytes."""
+
+    name = "htj2k"
+
+    def compress(self, image: np.ndarray, bits: int) -> bytes:
+        return bytes(imagecodecs.htj2k_encode(image, reversible=True))
+
+    def check(self, payload: bytes, height: int, width: int) -> None:
+        check_j2k(payload, height, width, self.name)
+
+    def decompress(self, payload: bytes, image: np.ndarray) -> None:
+        self._call(imagecodecs.htj2k_decode, payload, image)
+
+
+_SPIFF_END = b"\xff\xe8\x00\x08\x00\x00\x00\x01"
+
+
+def _strip_spiff(frame: bytes) -> bytes:
+    """CharLS's frame without its SPIFF header (APP8 header, directory, end-of-directory entry
+    that carries the frame's own SOI): the plain JPEG-LS frame FFmpeg writes too."""
+    if frame[2:4] == b"\xff\xe8" and frame[6:12] == b"SPIFF\x00":
+        end = frame.find(_SPIFF_END)
+        if end > 0:
+            return frame[end + len(_SPIFF_END):]
+    return frame
+
+
+@register
+class JpegLsCodec(Codec):
+    """JPEG-LS (ITU-T T.87, LOCO-I; CharLS), lossless, 16-bit grey after a +32768 shift."""
+
+    name = "jpegls"
+
+    def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
+        frames = [_strip_spiff(bytes(imagecodecs.jpegls_encode(np.ascontiguousarray(plane))))
+                  for plane in to_unsigned(check_block(block))]
+        return b"".join(frames), {"sizes": [len(frame) for frame in frames]}
+
+    def decode_into(self, payload: bytes, params: dict, out: np.ndarray) -> np.ndarray:
+        count, height, width = out.shape
+        sizes = params.get("sizes")
+        if (not isinstance(sizes, list) or len(sizes) != count
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)
+                or sum(sizes) != len(payload)):
+            raise CodecError("jpegls: frame sizes do not match the payload")
+        planes, position = out.view(np.uint16), 0
+        payload = bytes(payload)
+        for index, size in enumerate(sizes):
+            frame = payload[position:position + size]
+            position += size
+            check_jpegls(frame, height, width)
+            try:
+                decoded = imagecodecs.jpegls_decode(frame, out=planes[index])
+            except Exception as error:  # imagecodecs.JpeglsError and ValueError
+                raise CodecError(f"jpegls: corrupt payload ({error})") from None
+            if decoded is not planes[index] and not np.shares_memory(decoded, planes[index]):
+                raise CodecError("jpegls: frame does not decode into the announced slice")
+        from_unsigned(planes)
+        return out
+
