@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shared.codecs import CodecError, get_codec, imaging
 from shared.codecs.headers import check_j2k, check_jpegls, check_jpegxl
-from shared.codecs.imaging import mosaic_columns, to_mosaic
+from shared.codecs.imaging import from_mosaic_in_place, mosaic_columns, to_mosaic
 from shared.codecs.video import decode_frames, encode_frames
 
 IMAGE_CODECS = ("jpegxl", "htj2k", "jpegls")
@@ -30,18 +30,22 @@ def test_odd_shapes_round_trip(name, shape, rng):
         np.testing.assert_array_equal(codec.decode(payload, shape, params), block)
 
 
-def test_mosaic_layout_is_near_square_and_lossless(rng):
+def test_mosaic_layout_is_near_square_without_empty_cells_and_decodes_in_place(rng):
     assert mosaic_columns(4, 512, 512) == 2 and mosaic_columns(1, 512, 512) == 1
     assert mosaic_columns(30, 101, 122) == 5 and mosaic_columns(4, 8, 4096) == 1
-    block = rng.integers(0, 100, (5, 3, 4)).astype(np.int16)
+    assert mosaic_columns(7, 512, 512) in (1, 7) and mosaic_columns(12, 100, 100) in (3, 4)
+    block = rng.integers(0, 100, (6, 3, 4)).astype(np.int16)
     image = to_mosaic(block, 2)
     assert image.shape == (9, 8)
     np.testing.assert_array_equal(image[3:6, 4:8], block[3])
-    assert (image[6:, 4:] == 0).all()  # the unused cell
+    decoded = image.copy().reshape(block.shape)  # the block's memory holding the mosaic
+    from_mosaic_in_place(decoded.reshape(9, 8), 6, 2)
+    np.testing.assert_array_equal(decoded, block)
     payload, params = get_codec("jpegxl").encode(block)
-    assert params["columns"] == mosaic_columns(5, 3, 4)
-    with pytest.raises(CodecError, match="columns"):
-        get_codec("jpegxl").decode(payload, block.shape, {**params, "columns": 9})
+    assert params["columns"] == mosaic_columns(6, 3, 4)
+    for columns in (4, 9):  # not a divisor, more than the slices
+        with pytest.raises(CodecError, match="columns"):
+            get_codec("jpegxl").decode(payload, block.shape, {**params, "columns": columns})
 
 
 def test_jpegxl_beats_slice_by_slice_coding_on_a_noisy_block(rng):

@@ -5,10 +5,10 @@ gives the best ratio of any coder available to dlad, HTJ2K (OpenJPH) the fastest
 CharLS the ratio of FFmpeg's JPEG-LS 1.3-1.5 x faster.
 
 * ``jpegxl`` and ``htj2k`` code a block of slices as **one image**: the slices laid out as a
-  mosaic of ``columns`` slices per row (``params["columns"]``; a near-square mosaic lets
-  libjxl learn one context model from all of a block's voxels: 1-5 % smaller than slice by
-  slice), after subtracting the block's minimum (``params["offset"]``), so that the image has
-  only the bits the block needs (``bitspersample``). Unused mosaic cells are zero.
+  mosaic of ``columns`` slices per row (``params["columns"]``, a divisor of the slice count;
+  a near-square mosaic lets libjxl learn one context model from all of a block's voxels: 1-5 %
+  smaller than slice by slice), after subtracting the block's minimum (``params["offset"]``),
+  so that the image has only the bits the block needs (``bitspersample``).
 * ``jpegls`` codes each slice as one JPEG-LS frame (T.87) of the int16 voxels plus 32768, the
   frames back to back (``params["sizes"]``): the same payload the earlier FFmpeg-based coder
   wrote, so streams of either build decode with the other. CharLS's SPIFF header (44 bytes a
@@ -35,26 +35,55 @@ MAX_MOSAIC_SIDE = 1 << 18
 
 
 def mosaic_columns(count: int, height: int, width: int) -> int:
-    """Slices per mosaic row for a block of ``count`` slices: the most square layout.
+    """Slices per mosaic row for a block of ``count`` slices: the divisor of ``count`` that
+    makes the most square image (a divisor: no empty cells, so the image has exactly the
+    block's voxels and decodes in the block's own memory).
 
     >>> mosaic_columns(4, 512, 512), mosaic_columns(30, 101, 122), mosaic_columns(3, 8, 512)
     (2, 5, 1)
     """
-    columns = max(1, min(count, round(math.sqrt(count * height / width))))
-    while columns > 1 and columns * width > MAX_MOSAIC_SIDE:
-        columns -= 1
-    return columns
+    target = math.sqrt(count * height / width)
+    divisors = [c for c in range(1, count + 1) if count % c == 0 and c * width <= MAX_MOSAIC_SIDE]
+    return min(divisors or [1], key=lambda c: (abs(math.log(c / target)), c))
 
 
 def to_mosaic(block: np.ndarray, columns: int) -> np.ndarray:
-    """Lay out ``block`` ``(n, ny, nx)`` as ``ceil(n / columns)`` rows of ``columns`` slices."""
+    """Lay out ``block`` ``(n, ny, nx)`` as ``n / columns`` rows of ``columns`` slices."""
     count, height, width = block.shape
-    rows = -(-count // columns)
-    image = np.zeros((rows * height, columns * width), block.dtype)
-    for index in range(count):
-        row, column = divmod(index, columns)
-        image[row * height:(row + 1) * height, column * width:(column + 1) * width] = block[index]
-    return image
+    rows = count // columns
+    return block.reshape(rows, columns, height, width).transpose(0, 2, 1, 3).reshape(
+        rows * height, columns * width)
+
+
+def from_mosaic_in_place(image: np.ndarray, count: int, columns: int) -> None:
+    """Reorder a decoded mosaic, in its own memory, into ``count`` consecutive slices.
+
+    Mosaic row ``r`` occupies exactly the memory of slices ``r * columns`` to
+    ``(r + 1) * columns - 1``: as image rows of ``columns`` slice rows each, ``(height,
+    columns)`` slice rows to be transposed to ``(columns, height)``. The transposition follows
+    the permutation's cycles, moving one slice row at a time, so it needs no buffer beyond one
+    slice row (a receiver decodes a residual block with no second block beside it).
+    """
+    rows = count // columns
+    height, width = image.shape[0] // rows, image.shape[1] // columns
+    if columns == 1:
+        return
+    lines = height * columns
+    for span in image.reshape(rows, lines, width):
+        done = np.zeros(lines, bool)
+        for start in range(lines):
+            if done[start]:
+                continue
+            saved, target = span[start].copy(), start
+            while True:
+                done[target] = True
+                # slice j, row y sits at y * columns + j and belongs at j * height + y
+                source = (target % height) * columns + target // height
+                if source == start:
+                    span[target] = saved
+                    break
+                span[target] = span[source]
+                target = source
 
 
 def _offset_image(block: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -67,7 +96,8 @@ def _offset_image(block: np.ndarray) -> tuple[np.ndarray, int, int]:
 def _mosaic_params(params: dict, out: np.ndarray, name: str) -> tuple[int, int]:
     """Validated ``(columns, offset)`` of a mosaic codec's chunk."""
     columns, offset = params.get("columns"), params.get("offset")
-    if not isinstance(columns, int) or isinstance(columns, bool) or not 1 <= columns <= out.shape[0]:
+    if (not isinstance(columns, int) or isinstance(columns, bool) or not 1 <= columns <= out.shape[0]
+            or out.shape[0] % columns):
         raise CodecError(f"{name}: invalid mosaic columns")
     if not isinstance(offset, int) or isinstance(offset, bool) or not -32768 <= offset <= 32767:
         raise CodecError(f"{name}: invalid offset")
@@ -81,28 +111,21 @@ class _MosaicCodec(Codec):
         block = check_block(block)
         shifted, offset, bits = _offset_image(block)
         columns = mosaic_columns(*block.shape)
-        image = shifted.reshape(-1, block.shape[2]) if columns == 1 else to_mosaic(shifted, columns)
+        image = to_mosaic(shifted, columns)
         return self.compress(image, bits), {"offset": offset, "columns": columns}
 
     def decode_into(self, payload: bytes, params: dict, out: np.ndarray) -> np.ndarray:
         columns, offset = _mosaic_params(params, out, self.name)
         count, height, width = out.shape
-        rows = -(-count // columns)
+        rows = count // columns
         payload = bytes(payload)
         self.check(payload, rows * height, columns * width)
-        if columns == 1:  # the image is the block's memory: decode in place
-            image = out.view(np.uint16).reshape(count * height, width)
-            self.decompress(payload, image)
-        else:
-            image = np.empty((rows * height, columns * width), np.uint16)
-            self.decompress(payload, image)
-            target = out.view(np.uint16)
-            for index in range(count):
-                row, column = divmod(index, columns)
-                target[index] = image[row * height:(row + 1) * height,
-                                      column * width:(column + 1) * width]
-        view = out.view(np.uint16)
-        np.add(view, np.uint16(offset & 0xFFFF), out=view)  # wraps modulo 2^16: back to int16
+        # The mosaic has the block's voxels: decoded in the block's memory, then reordered.
+        image = out.view(np.uint16).reshape(rows * height, columns * width)
+        self.decompress(payload, image)
+        if columns > 1:
+            from_mosaic_in_place(image, count, columns)
+        np.add(image, np.uint16(offset & 0xFFFF), out=image)  # wraps modulo 2^16: int16 again
         return out
 
     def compress(self, image: np.ndarray, bits: int) -> bytes:
