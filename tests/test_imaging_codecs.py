@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shared.codecs import CodecError, get_codec, imaging
 from shared.codecs.headers import check_j2k, check_jpegls, check_jpegxl
-from shared.codecs.imaging import from_mosaic_in_place, mosaic_columns, to_mosaic
+from shared.codecs.imaging import from_mosaic_in_place, image_slices, mosaic_columns, to_mosaic
 from shared.codecs.video import decode_frames, encode_frames
 
 IMAGE_CODECS = ("jpegxl", "htj2k", "jpegls")
@@ -42,10 +42,24 @@ def test_mosaic_layout_is_near_square_without_empty_cells_and_decodes_in_place(r
     from_mosaic_in_place(decoded.reshape(9, 8), 6, 2)
     np.testing.assert_array_equal(decoded, block)
     payload, params = get_codec("jpegxl").encode(block)
-    assert params["columns"] == mosaic_columns(6, 3, 4)
-    for columns in (4, 9):  # not a divisor, more than the slices
-        with pytest.raises(CodecError, match="columns"):
-            get_codec("jpegxl").decode(payload, block.shape, {**params, "columns": columns})
+    assert params["images"] == [[6, mosaic_columns(6, 3, 4), len(payload)]]
+    for images in ([[6, 4, len(payload)]], [[6, 9, len(payload)]], [[5, 1, len(payload)]],
+                   [[6, 1, len(payload) - 1]], "6"):
+        with pytest.raises(CodecError, match="layout"):
+            get_codec("jpegxl").decode(payload, block.shape, {**params, "images": images})
+    for images in ([[3, 1, 5], [3, 1, len(payload) - 5]], [[6, 3, len(payload)]]):
+        with pytest.raises(CodecError):  # a layout that fits, but not the codestream's header
+            get_codec("jpegxl").decode(payload, block.shape, {**params, "images": images})
+
+
+def test_large_blocks_are_coded_as_several_images(rng):
+    assert image_slices(4, 512, 512) == [4] and image_slices(10, 512, 512) == [4, 3, 3]
+    assert image_slices(3, 1024, 2048) == [1, 1, 1] and image_slices(30, 101, 122) == [30]
+    block = rng.integers(-2000, 2000, (5, 300, 1000)).astype(np.int16)
+    for name in ("jpegxl", "htj2k"):
+        payload, params = get_codec(name).encode(block)
+        assert [entry[0] for entry in params["images"]] == [3, 2]
+        np.testing.assert_array_equal(get_codec(name).decode(payload, block.shape, params), block)
 
 
 def test_jpegxl_beats_slice_by_slice_coding_on_a_noisy_block(rng):
@@ -109,7 +123,8 @@ def test_jpegxl_header_check_refuses_everything_but_the_announced_grey_image(rng
         with pytest.raises(CodecError):
             check_jpegxl(payload, 24, 16)
         with pytest.raises(CodecError):  # the codec refuses it before the library sees it
-            codec.decode(payload, (1, 24, 16), {"offset": 0, "columns": 1})
+            codec.decode(payload, (1, 24, 16),
+                         {"offset": 0, "images": [[1, 1, max(1, len(payload))]]})
         assert what
 
 
@@ -126,7 +141,8 @@ def test_j2k_header_check_refuses_other_images_tiles_and_truncation(rng, monkeyp
     _refuse_library_calls(monkeypatch)
     for payload in hostile:
         with pytest.raises(CodecError):
-            get_codec("htj2k").decode(payload, (1, 40, 48), {"offset": 0, "columns": 1})
+            get_codec("htj2k").decode(payload, (1, 40, 48),
+                                      {"offset": 0, "images": [[1, 1, max(1, len(payload))]]})
 
 
 def test_jpegls_header_check_refuses_other_frames_and_oversize_segments(rng, monkeypatch):

@@ -4,11 +4,12 @@ Measured on the shared CTs (docs/BENCHMARKS.md, "Lossless codecs"): lossless JPE
 gives the best ratio of any coder available to dlad, HTJ2K (OpenJPH) the fastest decoding, and
 CharLS the ratio of FFmpeg's JPEG-LS 1.3-1.5 x faster.
 
-* ``jpegxl`` and ``htj2k`` code a block of slices as **one image**: the slices laid out as a
-  mosaic of ``columns`` slices per row (``params["columns"]``, a divisor of the slice count;
-  a near-square mosaic lets libjxl learn one context model from all of a block's voxels: 1-5 %
-  smaller than slice by slice), after subtracting the block's minimum (``params["offset"]``),
-  so that the image has only the bits the block needs (``bitspersample``).
+* ``jpegxl`` and ``htj2k`` code a block of slices as **few images**: consecutive slices laid
+  out as a mosaic of ``columns`` slices per row (a divisor of the image's slices; a near-square
+  mosaic lets libjxl learn one context model from many slices: 1-5 % smaller than slice by
+  slice), each image at most :data:`MAX_IMAGE_PIXELS`, ``params["images"]`` = ``[[slices,
+  columns, bytes], ...]``; after subtracting the block's minimum (``params["offset"]``), so
+  that the images have only the bits the block needs (``bitspersample``).
 * ``jpegls`` codes each slice as one JPEG-LS frame (T.87) of the int16 voxels plus 32768, the
   frames back to back (``params["sizes"]``): the same payload the earlier FFmpeg-based coder
   wrote, so streams of either build decode with the other. CharLS's SPIFF header (44 bytes a
@@ -32,6 +33,10 @@ from shared.codecs.headers import check_j2k, check_jpegls, check_jpegxl
 #: Largest mosaic side in pixels: JPEG XL level 5 (the level every decoder supports) allows
 #: 2^18; blocks that would exceed it are laid out with more rows (never more than that side).
 MAX_MOSAIC_SIDE = 1 << 18
+#: Pixels of one coded image at most (4 slices of 512 x 512). libjxl (effort 7) learns its
+#: context model from a bounded sample of pixels: on the abdomen CT's residual layers, images of
+#: 5 and 10 slices of 512 x 512 coded 3 % larger than images of 2 to 4 (docs/BENCHMARKS.md).
+MAX_IMAGE_PIXELS = 1 << 20
 
 
 def mosaic_columns(count: int, height: int, width: int) -> int:
@@ -93,39 +98,70 @@ def _offset_image(block: np.ndarray) -> tuple[np.ndarray, int, int]:
     return shifted, low, max(1, (high - low).bit_length())
 
 
-def _mosaic_params(params: dict, out: np.ndarray, name: str) -> tuple[int, int]:
-    """Validated ``(columns, offset)`` of a mosaic codec's chunk."""
-    columns, offset = params.get("columns"), params.get("offset")
-    if (not isinstance(columns, int) or isinstance(columns, bool) or not 1 <= columns <= out.shape[0]
-            or out.shape[0] % columns):
-        raise CodecError(f"{name}: invalid mosaic columns")
-    if not isinstance(offset, int) or isinstance(offset, bool) or not -32768 <= offset <= 32767:
+def _mosaic_params(params: dict, out: np.ndarray, payload_bytes: int, name: str
+                   ) -> tuple[list[tuple[int, int, int]], int]:
+    """Validated ``(images, offset)`` of a mosaic codec's chunk: the images cover the block's
+    slices exactly, each with a column count that divides its slices, and the payload exactly."""
+    images, offset = params.get("images"), params.get("offset")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if (not isinstance(images, list) or not 1 <= len(images) <= out.shape[0]
+            or not all(isinstance(entry, list) and len(entry) == 3 and all(map(whole, entry))
+                       and entry[0] > 0 and entry[1] > 0 and entry[0] % entry[1] == 0
+                       and entry[2] > 0 for entry in images)
+            or sum(entry[0] for entry in images) != out.shape[0]
+            or sum(entry[2] for entry in images) != payload_bytes):
+        raise CodecError(f"{name}: image layout does not match the block and payload")
+    if not whole(offset) or not -32768 <= offset <= 32767:
         raise CodecError(f"{name}: invalid offset")
-    return columns, offset
+    return [tuple(entry) for entry in images], offset
+
+
+def image_slices(count: int, height: int, width: int) -> list[int]:
+    """Slices of each image a block of ``count`` slices is coded as: as few images as keep each
+    within :data:`MAX_IMAGE_PIXELS`, of nearly equal slice counts.
+
+    >>> image_slices(4, 512, 512), image_slices(10, 512, 512), image_slices(30, 101, 122)
+    ([4], [4, 3, 3], [30])
+    """
+    per_image = max(1, MAX_IMAGE_PIXELS // (height * width))
+    images = -(-count // per_image)
+    return [count // images + (index < count % images) for index in range(images)]
 
 
 class _MosaicCodec(Codec):
-    """A block as one offset, mosaic image of an imagecodecs coder."""
+    """A block as offset mosaic images of an imagecodecs coder (``params["images"]``: ``[slices,
+    columns, bytes]`` of each image, in slice order)."""
 
     def encode(self, block: np.ndarray) -> tuple[bytes, dict]:
         block = check_block(block)
         shifted, offset, bits = _offset_image(block)
-        columns = mosaic_columns(*block.shape)
-        image = to_mosaic(shifted, columns)
-        return self.compress(image, bits), {"offset": offset, "columns": columns}
+        payloads, images, start = [], [], 0
+        for count in image_slices(*block.shape):
+            columns = mosaic_columns(count, *block.shape[1:])
+            payloads.append(self.compress(to_mosaic(shifted[start:start + count], columns), bits))
+            images.append([count, columns, len(payloads[-1])])
+            start += count
+        return b"".join(payloads), {"offset": offset, "images": images}
 
     def decode_into(self, payload: bytes, params: dict, out: np.ndarray) -> np.ndarray:
-        columns, offset = _mosaic_params(params, out, self.name)
-        count, height, width = out.shape
-        rows = count // columns
+        images, offset = _mosaic_params(params, out, len(payload), self.name)
+        _, height, width = out.shape
         payload = bytes(payload)
-        self.check(payload, rows * height, columns * width)
-        # The mosaic has the block's voxels: decoded in the block's memory, then reordered.
-        image = out.view(np.uint16).reshape(rows * height, columns * width)
-        self.decompress(payload, image)
-        if columns > 1:
+        start = position = 0
+        for count, columns, size in images:
+            data = payload[position:position + size]
+            rows = count // columns
+            self.check(data, rows * height, columns * width)
+            # The mosaic has its slices' voxels: decoded in their memory, then reordered.
+            image = out[start:start + count].view(np.uint16).reshape(rows * height, columns * width)
+            self.decompress(data, image)
             from_mosaic_in_place(image, count, columns)
-        np.add(image, np.uint16(offset & 0xFFFF), out=image)  # wraps modulo 2^16: int16 again
+            start, position = start + count, position + size
+        planes = out.view(np.uint16)
+        np.add(planes, np.uint16(offset & 0xFFFF), out=planes)  # wraps modulo 2^16: int16 again
         return out
 
     def compress(self, image: np.ndarray, bits: int) -> bytes:
