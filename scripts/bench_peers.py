@@ -311,7 +311,9 @@ def jxl_lossy_with_roi_residual(values: StoredValues, original: np.ndarray, roi:
         offset = int(residual.min())
         shifted = (residual - offset).astype(np.uint16)
         bits = max(1, int(shifted.max()).bit_length())
-        coded = ic.jpegxl_encode(shifted, lossless=True, effort=7, bitspersample=max(8, bits),
+        # libjxl refuses uint16 input declared with 8 or fewer bits (JXL_ENC_ERR_GENERIC, a
+        # residual of a few HU); the declared depth does not change the lossless coding.
+        coded = ic.jpegxl_encode(shifted, lossless=True, effort=7, bitspersample=max(9, bits),
                                  numthreads=1)
         check = np.asarray(ic.jpegxl_decode(coded, numthreads=1)).reshape(shifted.shape)
         assert np.array_equal(check, shifted), "JPEG XL residual is not lossless"
