@@ -50,7 +50,7 @@ class Progress:
     ended: bool
     new_chunks: int = 0
     """Chunks this batch applied (a residual waiting for its base included)."""
-    problems: int = 0
+    bad_frames: int = 0
     """Bad frames and rejected chunks found in this batch."""
     junk_bytes: int = 0
     """Bytes of this batch that were no part of a good frame."""
@@ -156,14 +156,14 @@ class StudyRuntime:
 
     # --- worker thread -----------------------------------------------------------------------
 
-    def _process(self, data: bytes, max_problems: int | None) -> Progress:
+    def _process(self, data: bytes, max_bad_frames: int | None) -> Progress:
         record = self.record
         stream = record.stream
-        problems, junk = stream.problem_count, stream.bad_bytes
-        applied = stream.feed(data, max_problems=max_problems)
+        bad, junk = stream.bad_frames, stream.bad_bytes
+        applied = stream.feed(data, max_bad_frames=max_bad_frames)
         record.counters["network_bytes"] += len(data)
         r = record.reassembler
-        found = dict(problems=stream.problem_count - problems, junk_bytes=stream.bad_bytes - junk)
+        found = dict(bad_frames=stream.bad_frames - bad, junk_bytes=stream.bad_bytes - junk)
         try:
             record.append(applied)
         except StoreWriteError as error:
@@ -230,7 +230,7 @@ class StudyRuntime:
         session.consumed += progress.consumed
         if progress.new_chunks or progress.ended:
             session.last_progress = now
-        if session.count_problems(progress.problems, progress.junk_bytes):
+        if session.count_problems(progress.bad_frames, progress.junk_bytes):
             return  # over its error budget: closed
         session.send_control("ack", consumed=session.consumed, applied=progress.applied,
                              planned=progress.planned, roi_complete=r.roi_complete,

@@ -320,7 +320,12 @@ class ReceiverService:
         self.notify(runtime, StudyUpdate(unloaded=True))
         await runtime.unload()
         self.memory.release(runtime.cost.memory)
-        log.info("study %s: out of memory (kept in %s)", runtime.name, runtime.record.folder)
+        if runtime.record.remove_if_empty():
+            log.info("study %s: out of memory, its folder removed (no chunk ever arrived)",
+                     runtime.name)
+        else:
+            log.info("study %s: out of memory (kept in %s)", runtime.name,
+                     runtime.record.folder)
 
     def drop_study(self, runtime: StudyRuntime) -> None:
         """Take a study whose data could not be stored out of memory (from its own task)."""

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from receiver.limits import DiskFull, DiskGuard
+from receiver.limits import DiskFull, DiskGuard, disk_usage
 from receiver.stream import StudyStream
 from shared.atomic import write_json_atomic
 from shared.nifti import write_nifti
@@ -286,6 +286,28 @@ class StudyRecord:
         if self._log is not None:
             os.close(self._log)
             self._log = None
+
+    def remove_if_empty(self) -> bool:
+        """Delete the folder if its chunk log holds nothing (call after :meth:`close`).
+
+        A study that never got a chunk (a header sent alone, a session closed for garbage)
+        leaves no folder behind: a peer cannot fill the out-dir with empty studies. Returns
+        whether the folder was removed.
+        """
+        try:
+            if self._log_bytes or (self.folder / LOG_FILE).stat().st_size:
+                return False
+        except OSError:
+            return False
+        size = disk_usage(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.disk is not None:
+            self.disk.charge(-size)
+        try:
+            _fsync_dir(self.folder.parent)
+        except OSError:
+            pass
+        return not self.folder.exists()
 
     # --- progress ----------------------------------------------------------------------------
 

@@ -42,7 +42,11 @@ class StudyStream:
         self.bytes_received = 0
         self.duplicates = 0
         self.problem_count = 0
-        """Problems so far: bad regions of the byte stream plus rejected chunks."""
+        """Problems reported so far: runs of bad data (one each, however long) and rejected
+        chunks."""
+        self.bad_frames = 0
+        """Bad frames so far: every bad region inside a run counted, and rejected chunks (what a
+        network session's error budget counts)."""
         self.bad_bytes = 0
         """Bytes skipped as not part of any good frame."""
         self._first_problems: list[str] = []
@@ -55,17 +59,17 @@ class StudyStream:
         note = [f"... {left_out} more problems not kept ..."] if left_out > 0 else []
         return self._first_problems + note + list(self._latest_problems)
 
-    def feed(self, data: bytes, max_problems: int | None = None) -> list[DataChunk]:
+    def feed(self, data: bytes, max_bad_frames: int | None = None) -> list[DataChunk]:
         """Consume bytes; return the data chunks applied by this call.
 
         A residual that arrives before its base is held (not applied, not returned, not counted
         in :meth:`status`) and returned by the call that brings its base. With
-        ``max_problems``, stop applying (and drop the rest of ``data``) once this call has
-        found more problems than that: the caller is about to close a session that sends
+        ``max_bad_frames``, stop applying (and drop the rest of ``data``) once this call has
+        found more bad frames than that: the caller is about to close a session that sends
         garbage, and decoding it would only cost time.
         """
         self.bytes_received += len(data)
-        return self._handle(self._reader.feed(data), max_problems)
+        return self._handle(self._reader.feed(data), max_bad_frames)
 
     def finish(self) -> list[DataChunk]:
         """End of input: report an incomplete trailing frame, recover frames behind it."""
@@ -82,12 +86,12 @@ class StudyStream:
         self.reassembler = Reassembler(header, clock=self._clock, started=self.started)
         self._reader.max_body_bytes = max_data_frame_bytes(header)
 
-    def _handle(self, events: list[FrameEvent], max_problems: int | None = None
+    def _handle(self, events: list[FrameEvent], max_bad_frames: int | None = None
                 ) -> list[DataChunk]:
         applied = []
-        budget_end = None if max_problems is None else self.problem_count + max_problems
+        budget_end = None if max_bad_frames is None else self.bad_frames + max_bad_frames
         for event in events:
-            if budget_end is not None and self.problem_count > budget_end:
+            if budget_end is not None and self.bad_frames > budget_end:
                 break
             if event.error is not None:
                 self.bad_bytes += event.size
@@ -112,7 +116,9 @@ class StudyStream:
         return applied
 
     def _problem(self, message: str, count: int = 1) -> None:
-        self.problem_count += count
+        """Record one problem (``count``: the bad frames it stands for)."""
+        self.problem_count += 1
+        self.bad_frames += count
         if len(self._first_problems) < KEPT_PROBLEMS // 2:
             self._first_problems.append(message)
         else:
@@ -136,6 +142,7 @@ class StudyStream:
             "duplicates": self.duplicates,
             "problems": self.problems,
             "problem_count": self.problem_count,
+            "bad_frames": self.bad_frames,
             "stream_ended": self.end is not None,
         }
         if self.reassembler is None:

@@ -3,15 +3,17 @@
 
 Every scenario starts a fresh receiver process on loopback (default limits unless said) and
 replays pre-encoded phantom studies with ``dlad-send study.dlad --to URL`` (separate processes).
-Attackers run as child processes of this script (``--attack KIND``) and report what happened to
-them as JSON lines:
+Attackers run as child processes of this script (``--attack KIND``, at ``nice 19``: on one
+2-core machine their own CPU would otherwise be taken from the legitimate sender, which a
+remote attacker's is not) and report what happened to them as JSON lines:
 
 * ``flood``: a session with the valid token sends a header, then garbage (random bytes with a
   frame magic every 64 bytes) as fast as the channel takes it; when closed, it reconnects and
   starts again. Reports the seconds from its first garbage to the receiver's ``error``.
 * ``slowloris``: 200 connections without a token that send a request head a byte at a time
   (half send nothing at all), reopened when closed. Reports how long each stayed open.
-* ``hog``: sessions that send the header of a large study (42 Mi voxels) and nothing else, to
+* ``hog``: two sessions that each send the header of a large study (42 Mi voxels, 84 MB of
+  int16) and its first chunk (so the receiver really allocates the volume), then nothing, to
   take memory; refused ones retry.
 * ``spam``: offers without a token, 50 at a time, in a loop (401s, log lines).
 
@@ -143,17 +145,25 @@ async def slowloris(url: str, token: str) -> None:
 
 async def hog(url: str, token: str) -> None:
     import aiohttp
+    import numpy as np
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from attack_helpers import blank_header
 
+    from shared.codecs import get_codec
     from shared.webrtc.ice import ice_hosts
     from shared.webrtc.protocol import CHANNEL_LABEL, encode_control, split_message
+    from shared.wire import DataChunk
 
     async def one(index: int) -> None:
         number = 0
         while True:
             number += 1
-            header = blank_header(f"hog-{index}-{number}", HOG_SHAPE).to_frame()
+            study = blank_header(f"hog-{index}-{number}", HOG_SHAPE)
+            header = study.to_frame()
+            _, layer, z0, z1 = study.plan[0]
+            block = np.zeros((z1 - z0, *HOG_SHAPE[1:]), np.int16)
+            payload, params = get_codec("zstd").encode(block)
+            first = DataChunk(study.study_id, 0, layer, z0, z1, "zstd", params, payload).to_frame()
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
             channel = pc.createDataChannel(CHANNEL_LABEL)
             opened, messages = asyncio.Event(), asyncio.Queue()
@@ -177,6 +187,9 @@ async def hog(url: str, token: str) -> None:
                     channel.send(piece)
                 message = await asyncio.wait_for(messages.get(), 60)
                 report(attack="hog", answer=message["type"], reason=message.get("reason"))
+                if message["type"] == "inventory":
+                    for piece in split_message(first):  # the volume gets allocated
+                        channel.send(piece)
                 # Hold the memory until the receiver closes the session.
                 while channel.readyState == "open":
                     await asyncio.sleep(0.5)
@@ -213,9 +226,11 @@ class Attacker:
         self.kind = kind
         self.output = work / f"attack-{kind}-{secrets.token_hex(3)}.jsonl"
         self.handle = open(self.output, "w")
+        # At the lowest priority: on this 2-core machine the attacker's own CPU would otherwise
+        # be taken from the legitimate sender; a real attacker spends its own machine's.
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--attack", kind, url, token], cwd=ROOT,
-            stdout=self.handle, stderr=subprocess.DEVNULL)
+            ["nice", "-n", "19", sys.executable, __file__, "--attack", kind, url, token],
+            cwd=ROOT, stdout=self.handle, stderr=subprocess.DEVNULL)
 
     def events(self) -> list[dict]:
         events = []
@@ -320,6 +335,13 @@ def run_scenario(name: str, studies: list[dict], token_file: Path, work: Path,
         log_before = receiver.log_path.stat().st_size
         attack_started = time.monotonic()
         outcomes = send(receiver, studies, token_file)
+        wall = time.monotonic() - attack_started
+        for attacker in attackers:  # how long the slow connections are held (up to 40 s)
+            if attacker.kind == "slowloris":
+                deadline = time.monotonic() + 40
+                while (time.monotonic() < deadline and sum(
+                        1 for e in attacker.events() if e.get("open_s") is not None) < 200):
+                    time.sleep(0.2)
         attack_seconds = time.monotonic() - attack_started
         log_growth = receiver.log_path.stat().st_size - log_before
         cpu = proc_cpu(receiver.pid) - cpu0
@@ -334,6 +356,7 @@ def run_scenario(name: str, studies: list[dict], token_file: Path, work: Path,
         "all_bit_exact": all(o["verified"] and o["independent"] and o["exit"] == 0
                              for o in outcomes),
         "seconds": [o["seconds"] for o in outcomes],
+        "wall_s": round(wall, 3),
         "receiver_idle_rss_mb": round(idle["VmRSS"] / 2**20, 1),
         "receiver_peak_above_idle_mb": round((memory["VmHWM"] - idle["VmRSS"]) / 2**20, 1),
         "receiver_cpu_s": round(cpu, 2),
@@ -473,18 +496,24 @@ def summarise(results: list[dict], count: int) -> str:
     def of(name):
         return [r for r in results if r["scenario"] == name]
 
-    lines = ["| scenario | runs | transfer s (median) | slowdown | bit-exact | peak RSS above "
-             "idle MB (max) | receiver CPU s (median) | log B/s (max) | attack figures |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | runs | transfer s (median) | all done s (median) | slowdown | "
+             "bit-exact | peak RSS above idle MB (max) | receiver CPU s (median) | "
+             "log B/s (max) | attack figures |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     solo = median([s for r in of("solo") for s in r["seconds"]])
-    quiet = median([s for r in of("quiet") for s in r["seconds"]])
-    for name, base in (("solo", None), ("flood", solo), ("slowloris", solo), ("quiet", None),
-                       ("crowd", quiet)):
+    quiet = median([r["wall_s"] for r in of("quiet")])
+    # One study: its transfer (inventory to done) against the same alone; several at once: the
+    # time until all are done (senders turned away for memory wait, not transfer).
+    for name, base, key in (("solo", None, "seconds"), ("flood", solo, "seconds"),
+                            ("slowloris", solo, "seconds"), ("quiet", None, "wall_s"),
+                            ("crowd", quiet, "wall_s")):
         rows = of(name)
         if not rows:
             continue
         seconds = median([s for r in rows for s in r["seconds"]])
-        slowdown = f"{seconds / base:.2f}x" if base and seconds else "-"
+        wall = median([r["wall_s"] for r in rows])
+        measured = seconds if key == "seconds" else wall
+        slowdown = f"{measured / base:.2f}x" if base and measured else "-"
         figures = []
         if name in ("flood", "crowd"):
             figures.append(f"flood sessions closed after <= "
@@ -495,7 +524,7 @@ def summarise(results: list[dict], count: int) -> str:
                            f"{max((r['slow_open_max_s'] or 0) for r in rows):.1f} s, "
                            f"{sum(r['slow_left_open'] for r in rows)} left open")
         lines.append(
-            f"| {name} | {len(rows)} | {seconds} | {slowdown} | "
+            f"| {name} | {len(rows)} | {seconds} | {wall} | {slowdown} | "
             f"{all(r['all_bit_exact'] for r in rows)} ({sum(len(r['outcomes']) for r in rows)}"
             f" studies) | {max(r['receiver_peak_above_idle_mb'] for r in rows)} | "
             f"{median([r['receiver_cpu_s'] for r in rows])} | "

@@ -601,7 +601,7 @@ def _finish_errors(events: list[FrameEvent]) -> list[FrameEvent]:
         if event.bad_frames > 1:
             more = event.bad_frames - len(event.reasons)
             event.error = "; ".join(event.reasons) + (
-                f" (and {more} more bad regions, {event.size} bytes in all)" if more else "")
+                f" (and {more} more bad regions after it)" if more else "")
     return events
 
 
