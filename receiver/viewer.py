@@ -11,14 +11,14 @@ Served by the receiver itself (same address, same TLS when it has one), under ``
 ``POST /viewer/logout``                          ends the session
 ``GET  /viewer/study?study=FOLDER``              the viewer page of one study
 ``GET  /viewer/api/studies``                     JSON list of the studies (folder, state)
-``GET  /viewer/api/study?study=FOLDER``          JSON geometry, the 352-byte NIfTI header of
-                                                 the volume (int16 HU), the milestones
-``GET  /viewer/api/roi?study=FOLDER``            the ROI mask, bit-packed (1 bit per voxel)
+``GET  /viewer/api/study?study=FOLDER``          JSON: shape, spacing, RAS+ affine, value
+                                                 range, which slices hold ROI
+``GET  /viewer/api/roi?study=FOLDER``            the ROI's surface voxels, bit-packed
 ``GET  /viewer/api/events?study=FOLDER``         server-sent events: ``state`` (progress,
                                                  milestones, per-slice state and version)
 ``GET  /viewer/api/slices?study=FOLDER&z=0-3,9`` the voxels of those slices, int16 HU
                                                  little-endian, slice after slice
-``GET  /viewer/static/<file>``                   page scripts, styles, NiiVue (vendored)
+``GET  /viewer/static/<file>``                   the page's script and styles
 ===============================================  ============================================
 
 Every ``/viewer/api`` request and the study page need the session cookie; the login takes the
@@ -36,11 +36,9 @@ binary, and redraws. The per-slice state is :func:`receiver.slices.slice_states`
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
 import hashlib
 import hmac
-import io
 import json
 import logging
 import re
@@ -56,8 +54,6 @@ from receiver.limits import study_cost
 from receiver.session import Refusal
 from receiver.slices import STATE_NAMES, roi_voxels_per_slice, slice_states
 from receiver.store import HEADER_FILE, StoreError, read_header_file
-from shared.nifti import nifti_header
-from shared.volume import Volume
 
 log = logging.getLogger("dlad.receiver")
 
@@ -66,7 +62,6 @@ STATIC_DIR = Path(__file__).with_name("viewer_static")
 STATIC_FILES = {
     "index.html": "text/html", "study.html": "text/html", "viewer.js": "text/javascript",
     "index.js": "text/javascript", "viewer.css": "text/css",
-    "niivue.umd.js": "text/javascript", "NIIVUE-LICENSE.txt": "text/plain",
 }
 COOKIE = "dlad_viewer"
 #: Seconds between two state events of one study at most (a batch applies every few ms).
@@ -81,8 +76,8 @@ MAX_LOGIN_FAILURES = 10
 LOGIN_WINDOW_S = 60.0
 _SLICE_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 SECURITY_HEADERS = {
-    # Scripts and styles only from the receiver (NiiVue compiles shaders, no eval needed);
-    # blob: for NiiVue's worker-free texture uploads; no framing, no referrer.
+    # Scripts and styles only from the receiver (no inline script, no eval), no framing, no
+    # referrer.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
                                "style-src 'self'; script-src 'self'; connect-src 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
@@ -308,12 +303,6 @@ class LiveViewer:
         folder = self._folder(request)
         runtime, _ = await self._runtime(folder)
         header = runtime.record.header
-        volume = Volume(data=np.zeros((1, 1, 1), np.int16), affine=header.affine,
-                        spacing=header.spacing)
-        nifti = nifti_header(volume)
-        nifti.set_data_shape(header.shape[::-1])
-        buffer = io.BytesIO()
-        nifti.write_to(buffer)
         info = {
             "study": str(folder.relative_to(self.service.store.out_dir)),
             "study_id": header.study_id,
@@ -321,7 +310,7 @@ class LiveViewer:
             "spacing": list(header.spacing),
             "value_range": list(header.value_range),
             "fill": int(header.value_range[0]),
-            "nifti_header": base64.b64encode(buffer.getvalue().ljust(352, b"\0")).decode(),
+            "affine": np.asarray(header.affine, dtype=float).tolist(),
             "roi_voxels": header.roi_voxels,
             "roi_slices": (roi_voxels_per_slice(runtime.record.reassembler) > 0).tolist(),
             "exact_expected": 2 in header.layers,

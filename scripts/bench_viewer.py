@@ -9,7 +9,8 @@ page records, on the browser's wall clock (same machine as the receiver):
 * ``first_image_s``: first frame showing received data - the receiver's ``first_chunk`` time;
 * ``liver_exact_s``: first frame showing every ROI slice "liver exact" - ``roi_complete``;
 * ``update_median_s`` / ``update_max_s``: server state (taken after a batch) -> frame on screen;
-* ``page_load_s``: navigation -> NiiVue warmed up; the static assets' size raw and gzip'd.
+* ``page_load_s``: navigation -> the page waiting for the study; the static assets' size raw and
+  gzip'd.
 
     python scripts/bench_viewer.py --runs 3 --profile wifi-2m
 
@@ -74,7 +75,7 @@ async def one_run(work: Path, stream: Path, study_id: str, profile: str) -> dict
                 ".then(r => r.status)")
             started = time.monotonic()
             await page.goto(f"{receiver.url}/viewer/study?study={study_id}")
-            await page.wait_for("window.dladViewer.metrics.warmedUpMs > 0", 120)
+            await page.wait_for("document.getElementById('title').textContent.startsWith('waiting')", 120)
             page_load_s = time.monotonic() - started
             url, proxy = await run_behind_link(receiver.url, profile, seed=1)
             try:

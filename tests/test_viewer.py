@@ -230,7 +230,8 @@ def test_slices_api_returns_the_received_voxels(study, tmp_path):
 
     info, encoding, slices, versions, data, roi, state = run(scenario())
     nz, ny, nx = header.shape
-    assert info["shape"] == [nz, ny, nx] and len(info["nifti_header"]) > 400
+    assert info["shape"] == [nz, ny, nx]
+    np.testing.assert_allclose(info["affine"], header.affine)
     assert encoding == "gzip" and slices == "0,1,2,5"
     assert all(int(v) >= 1 for v in versions.split(","))
     received = np.frombuffer(data, "<i2").reshape(4, ny, nx)
@@ -255,7 +256,6 @@ def test_static_assets_fit_the_budget():
     """Page + viewer assets <= 5 MB as files (gzip'd on the wire: about a third)."""
     total = sum(p.stat().st_size for p in STATIC_DIR.iterdir())
     assert total <= 5_000_000, total
-    assert (STATIC_DIR / "NIIVUE-LICENSE.txt").read_text().count("BSD 2-Clause") == 1
 
 
 def test_cli_checks_viewer_and_dicom_options(tmp_path):

@@ -1,12 +1,16 @@
 "use strict";
-// The live viewer of one study (docs/VIEWER.md). NiiVue draws the volume (axial, coronal,
-// sagittal) and an overlay of labels: the per-slice state as a frame around each slice (and a
-// hatch over slices not received yet), the ROI outline. The server pushes a "state" event (per-slice
-// state and version) whenever data arrives; the page fetches only the slices whose version moved.
+// The live viewer of one study (docs/VIEWER.md). Three planes (axial, coronal, sagittal) drawn
+// with the Canvas 2D API from the voxels received so far, a label layer over them (the
+// per-slice state as a frame around each slice and a hatch over slices not received yet; the
+// ROI outline), a slice ruler, window/level presets. The server pushes a "state" event
+// (per-slice state and version) whenever data arrives; the page fetches only the slices whose
+// version moved and redraws the three visible planes (a few milliseconds, GPU or not).
 
 const STATE_COLORS = [[90, 90, 120], [240, 160, 40], [60, 200, 90], [70, 140, 255]];
 const ROI_COLOR = [255, 40, 40];
-const ROI_LABEL = 5;           // overlay label of the ROI outline; 1..4 are the states + 1
+const ROI_LABEL = 5;           // label of the ROI outline; 1..4 are the states + 1
+const LABEL_COLORS = [null, ...STATE_COLORS, ROI_COLOR];
+const LABEL_ALPHA = 0.85;
 const WINDOWS = {liver: [150, 90], abdomen: [400, 40], bone: [2000, 500]};  // [width, level] HU
 const FETCH_BATCH = 32;        // slices per request (the server takes at most 64)
 
@@ -18,19 +22,6 @@ const $ = (id) => document.getElementById(id);
 const study = new URLSearchParams(location.search).get("study");
 const api = (path, extra = "") =>
   `/viewer/api/${path}?study=${encodeURIComponent(study)}${extra}`;
-
-function niftiBuffer(header, voxels, datatype, bitpix, fill) {
-  // The server's 352-byte NIfTI-1 header (int16, the study's affine) and blank voxels; the
-  // overlay patches datatype/bitpix (offsets 70 and 72) to uint8.
-  const bytes = bitpix / 8;
-  const buffer = new ArrayBuffer(352 + voxels * bytes);
-  new Uint8Array(buffer, 0, 352).set(header);
-  const view = new DataView(buffer);
-  view.setInt16(70, datatype, true);
-  view.setInt16(72, bitpix, true);
-  if (bitpix === 16) new Int16Array(buffer, 352).fill(fill);
-  return buffer;
-}
 
 function rangesOf(list) {
   // [0,1,2,3,7] -> "0-3,7"
@@ -48,85 +39,43 @@ function nextFrame() {
   return new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
 }
 
-function blankHeader(n) {
-  // A NIfTI-1 header of an n x n x n volume, 1 mm, identity sform: only to warm NiiVue up.
-  const header = new Uint8Array(352);
-  const view = new DataView(header.buffer);
-  view.setInt32(0, 348, true);
-  [3, n, n, n, 1, 1, 1, 1].forEach((d, i) => view.setInt16(40 + 2 * i, d, true));
-  [1, 1, 1, 1].forEach((p, i) => view.setFloat32(76 + 4 * i, p, true));
-  view.setFloat32(108, 352, true);
-  view.setFloat32(112, 1, true);
-  view.setInt16(254, 1, true);
-  [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]].forEach((row, r) =>
-    row.forEach((v, c) => view.setFloat32(280 + 16 * r + 4 * c, v, true)));
-  header.set([110, 43, 49, 0], 344);
-  return header;
-}
-
-async function warmUp(nv) {
-  // The first volume and label overlay cost NiiVue its shader compilations and texture set-up
-  // (seconds with a software GPU): pay them while the study has not arrived yet.
-  const header = blankHeader(8);
-  const ct = await niivue.NVImage.new(niftiBuffer(header, 512, 4, 16, 0), "warm.nii", "gray",
-                                      1, null, 0, 1, true);
-  const overlay = await niivue.NVImage.new(niftiBuffer(header, 512, 2, 8, 0), "warm-state.nii",
-                                           "gray", 0.85, null, 0, ROI_LABEL, true);
-  overlay.setColormapLabel(labelColormap(STATE_NAMES_FALLBACK));
-  nv.addVolume(ct);
-  nv.addVolume(overlay);
-  nv.setSliceType(nv.sliceTypeMultiplanar);
-  nv.drawScene();
-  await nextFrame();
-  nv.removeVolume(overlay);
-  nv.removeVolume(ct);
-}
-
-async function studyInfo(nv) {
+async function studyInfo() {
   // The page may be opened before the study's header has arrived: wait for it.
-  let warm = false;
   for (;;) {
     const response = await fetch(api("study"), {cache: "no-store"});
     if (response.status === 401) { location.href = "/viewer/"; return null; }
     if (response.ok) return response.json();
     $("title").textContent = "waiting for the study to arrive...";
-    if (!warm) {
-      await warmUp(nv);
-      warm = true;
-      metrics.warmedUpMs = performance.now();
-    }
     await new Promise((resolve) => setTimeout(resolve, 250));
   }
 }
 
-const STATE_NAMES_FALLBACK = ["not yet", "preview", "liver exact", "exact"];
-
-function labelColormap(stateNames) {
-  return {
-    R: [0, ...STATE_COLORS.map((c) => c[0]), ROI_COLOR[0]],
-    G: [0, ...STATE_COLORS.map((c) => c[1]), ROI_COLOR[1]],
-    B: [0, ...STATE_COLORS.map((c) => c[2]), ROI_COLOR[2]],
-    A: [0, 255, 255, 255, 255, 255],
-    I: [0, 1, 2, 3, 4, ROI_LABEL],
-    labels: ["", ...stateNames, "ROI"],
-  };
+function orientation(affine, dims) {
+  // Which voxel axis runs along each patient axis (R, A, S) and in which direction, from the
+  // RAS+ affine's columns (the dominant component of each). A tilted or oblique acquisition is
+  // shown in its own grid, named after its nearest patient axes.
+  const axisOf = [null, null, null];
+  const sign = [1, 1, 1];
+  const used = new Set();
+  const columns = [0, 1, 2].map((c) => [0, 1, 2].map((r) => affine[r][c]));
+  const order = [0, 1, 2].sort((a, b) => Math.max(...columns[b].map(Math.abs)) -
+                                         Math.max(...columns[a].map(Math.abs)));
+  for (const c of order) {
+    const ranked = [0, 1, 2].filter((r) => !used.has(r))
+      .sort((a, b) => Math.abs(columns[c][b]) - Math.abs(columns[c][a]));
+    const r = ranked[0];
+    used.add(r);
+    axisOf[r] = c;
+    sign[r] = columns[c][r] >= 0 ? 1 : -1;
+  }
+  const spacing = columns.map((col) => Math.hypot(...col));
+  return {axisOf, sign, spacing, dims};
 }
 
 async function main() {
-  // NiiVue first (WebGL set-up is the slow part of opening the page), then the study.
-  const nv = new niivue.Niivue({
-    backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false,
-    crosshairColor: [1, 1, 0, 0.45], crosshairWidth: 1, isRadiologicalConvention: true,
-    multiplanarShowRender: niivue.SHOW_RENDER ? niivue.SHOW_RENDER.NEVER : 0,
-    multiplanarLayout: niivue.MULTIPLANAR_TYPE ? niivue.MULTIPLANAR_TYPE.GRID : 2,
-    isNearestInterpolation: false, logLevel: "error",
-  });
-  await nv.attachTo("gl");
-  metrics.niivueReadyMs = performance.now();
-  const info = await studyInfo(nv);
+  const info = await studyInfo();
   if (info === null) return;
   metrics.infoMs = performance.now();
-  // Events start now; they are applied once the volumes exist (sync() waits for `ready`).
   let latest = null;
   let ready = false;
   const events = new EventSource(api("events"));
@@ -141,23 +90,158 @@ async function main() {
   });
   const [nz, ny, nx] = info.shape;
   const plane = nx * ny;
+  const dims = [nx, ny, nz];
+  const stride = [1, nx, plane];
   $("title").textContent = `${info.study_id}${info.description ? " - " + info.description : ""}` +
     ` (${nx} x ${ny} x ${nz})`;
-  const header = Uint8Array.from(atob(info.nifti_header), (c) => c.charCodeAt(0));
+  const img = new Int16Array(nz * plane).fill(info.fill);
+  const labels = new Uint8Array(nz * plane);
+  const geo = orientation(info.affine, dims);
+  const [axR, axA, axS] = geo.axisOf;
+  const [sR, sA, sS] = geo.sign;
 
-  const [width, level] = WINDOWS.liver;
-  const ct = await niivue.NVImage.new(niftiBuffer(header, nz * plane, 4, 16, info.fill),
-                                     "study.nii", "gray", 1, null, level - width / 2,
-                                     level + width / 2, true);
-  nv.addVolume(ct);
-  const overlay = await niivue.NVImage.new(niftiBuffer(header, nz * plane, 2, 8, 0), "state.nii",
-                                          "gray", 0.85, null, 0, ROI_LABEL, true);
-  overlay.setColormapLabel(labelColormap(info.state_names));
-  nv.addVolume(overlay);
-  metrics.volumesMs = performance.now();
-  nv.setSliceType(nv.sliceTypeMultiplanar);
-  const img = ct.img;
-  const labels = overlay.img;
+  // Views: fixed axis, horizontal and vertical voxel axes, and whether the screen runs against
+  // the voxel index. Radiological convention: the patient's right on the screen's left in the
+  // axial and coronal views; anterior up (axial) and on the left (sagittal); superior up.
+  const views = [
+    {name: "axial", fixed: axS, h: axR, v: axA, flipH: sR > 0, flipV: sA > 0,
+     labels: ["R", "L", "A", "P"]},
+    {name: "coronal", fixed: axA, h: axR, v: axS, flipH: sR > 0, flipV: sS > 0,
+     labels: ["R", "L", "S", "I"]},
+    {name: "sagittal", fixed: axR, h: axA, v: axS, flipH: sA > 0, flipV: sS > 0,
+     labels: ["A", "P", "S", "I"]},
+  ];
+  const pos = [Math.floor(nx / 2), Math.floor(ny / 2), Math.floor(nz / 2)];
+  for (const view of views) {
+    view.canvas = $(`view-${view.name}`);
+    view.w = dims[view.h];
+    view.h2 = dims[view.v];
+    view.image = new ImageData(view.w, view.h2);
+    view.buffer = document.createElement("canvas");
+    view.buffer.width = view.w;
+    view.buffer.height = view.h2;
+  }
+
+  // Window/level as a lookup table from HU (int16 + 32768) to grey.
+  const lut = new Uint8ClampedArray(65536);
+  let windowWidth = WINDOWS.liver[0];
+  let windowLevel = WINDOWS.liver[1];
+  function buildLut() {
+    const low = windowLevel - windowWidth / 2;
+    for (let i = 0; i < 65536; i++) lut[i] = ((i - 32768 - low) / windowWidth) * 255;
+  }
+
+  function renderView(view) {
+    const {w, h2, image, fixed, h, v, flipH, flipV} = view;
+    const data = image.data;
+    const base = pos[fixed] * stride[fixed];
+    const sh = stride[h];
+    const sv = stride[v];
+    let p = 0;
+    for (let y = 0; y < h2; y++) {
+      const iv = flipV ? h2 - 1 - y : y;
+      const row = base + iv * sv;
+      for (let x = 0; x < w; x++) {
+        const ih = flipH ? w - 1 - x : x;
+        const voxel = row + ih * sh;
+        let grey = lut[img[voxel] + 32768];
+        const label = labels[voxel];
+        if (label) {
+          const c = LABEL_COLORS[label];
+          data[p] = grey + (c[0] - grey) * LABEL_ALPHA;
+          data[p + 1] = grey + (c[1] - grey) * LABEL_ALPHA;
+          data[p + 2] = grey + (c[2] - grey) * LABEL_ALPHA;
+        } else {
+          data[p] = data[p + 1] = data[p + 2] = grey;
+        }
+        data[p + 3] = 255;
+        p += 4;
+      }
+    }
+    view.buffer.getContext("2d").putImageData(image, 0, 0);
+    const canvas = view.canvas;
+    const rect = canvas.getBoundingClientRect();
+    const ratio = window.devicePixelRatio || 1;
+    canvas.width = Math.max(1, Math.round(rect.width * ratio));
+    canvas.height = Math.max(1, Math.round(rect.height * ratio));
+    const g = canvas.getContext("2d");
+    g.fillStyle = "#000";
+    g.fillRect(0, 0, canvas.width, canvas.height);
+    // Keep millimetres square: the voxel grid scaled by its spacing, fitted to the canvas.
+    const mmW = w * geo.spacing[h];
+    const mmH = h2 * geo.spacing[v];
+    const scale = Math.min(canvas.width / mmW, canvas.height / mmH);
+    const dw = mmW * scale;
+    const dh = mmH * scale;
+    const dx = (canvas.width - dw) / 2;
+    const dy = (canvas.height - dh) / 2;
+    view.place = {dx, dy, dw, dh};
+    g.imageSmoothingEnabled = true;
+    g.drawImage(view.buffer, dx, dy, dw, dh);
+    // Crosshair at the other two views' positions.
+    const cx = dx + ((flipH ? w - 1 - pos[h] : pos[h]) + 0.5) * dw / w;
+    const cy = dy + ((flipV ? h2 - 1 - pos[v] : pos[v]) + 0.5) * dh / h2;
+    g.strokeStyle = "rgba(255, 255, 0, 0.45)";
+    g.lineWidth = ratio;
+    g.beginPath();
+    g.moveTo(cx, dy); g.lineTo(cx, dy + dh);
+    g.moveTo(dx, cy); g.lineTo(dx + dw, cy);
+    g.stroke();
+    g.fillStyle = "#ccc";
+    g.font = `${12 * ratio}px sans-serif`;
+    g.fillText(view.labels[0], dx + 4 * ratio, dy + dh / 2);
+    g.fillText(view.labels[1], dx + dw - 12 * ratio, dy + dh / 2);
+    g.fillText(view.labels[2], dx + dw / 2, dy + 14 * ratio);
+    g.fillText(view.labels[3], dx + dw / 2, dy + dh - 4 * ratio);
+    g.fillText(`${view.name} ${pos[view.fixed] + 1}/${dims[view.fixed]}`, 6 * ratio,
+               14 * ratio);
+  }
+  function render() {
+    for (const view of views) renderView(view);
+  }
+
+  // Navigation: click sets the crosshair, the wheel moves through a view's slices,
+  // right-drag changes the window (horizontal: width, vertical: level).
+  for (const view of views) {
+    const canvas = view.canvas;
+    const toVoxel = (event) => {
+      const rect = canvas.getBoundingClientRect();
+      const ratio = canvas.width / rect.width;
+      const {dx, dy, dw, dh} = view.place;
+      const x = Math.floor(((event.clientX - rect.left) * ratio - dx) / dw * view.w);
+      const y = Math.floor(((event.clientY - rect.top) * ratio - dy) / dh * view.h2);
+      if (x < 0 || y < 0 || x >= view.w || y >= view.h2) return null;
+      return [view.flipH ? view.w - 1 - x : x, view.flipV ? view.h2 - 1 - y : y];
+    };
+    let drag = null;
+    canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+    canvas.addEventListener("mousedown", (event) => {
+      if (event.button === 2) {
+        drag = {x: event.clientX, y: event.clientY, w: windowWidth, l: windowLevel};
+        return;
+      }
+      const voxel = toVoxel(event);
+      if (voxel) {
+        pos[view.h] = voxel[0];
+        pos[view.v] = voxel[1];
+        render();
+        showSlice();
+      }
+    });
+    window.addEventListener("mousemove", (event) => {
+      if (!drag) return;
+      setWindow(Math.max(1, drag.w + (event.clientX - drag.x) * 4),
+                drag.l - (event.clientY - drag.y) * 2, true);
+    });
+    window.addEventListener("mouseup", () => { drag = null; });
+    canvas.addEventListener("wheel", (event) => {
+      event.preventDefault();
+      const axis = view.fixed;
+      pos[axis] = Math.min(dims[axis] - 1, Math.max(0, pos[axis] + (event.deltaY > 0 ? -1 : 1)));
+      render();
+      showSlice();
+    }, {passive: false});
+  }
 
   // ROI outline: the server sends the ROI's surface voxels (6-neighbourhood), bit-packed;
   // cut by any view's plane they draw the outline. Kept as voxel indices per slice.
@@ -201,14 +285,13 @@ async function main() {
     painted = states;
   }
 
-  // Slice ruler: one cell per slice in its state's colour, the current axial slice marked.
+  // Slice ruler: one cell per stream slice in its state's colour, the current one boxed.
   const ruler = $("ruler");
-  // Start in the middle of the liver (the ROI's slices), where the expert looks first.
   const roiSlices = info.roi_slices.flatMap((hasRoi, z) => (hasRoi ? [z] : []));
-  let currentSlice = roiSlices.length ? roiSlices[Math.floor(roiSlices.length / 2)] :
-    Math.floor(nz / 2);
+  if (roiSlices.length) pos[2] = roiSlices[Math.floor(roiSlices.length / 2)];
   let lastStates = "0".repeat(nz);
-  const superiorUp = true;  // slice k drawn from the bottom (k = 0) up
+  // Slice k drawn from the bottom up when k runs towards the head.
+  const superiorUp = !(axS === 2 && sS < 0);
   function drawRuler() {
     const rect = ruler.getBoundingClientRect();
     ruler.width = Math.max(20, Math.round(rect.width));
@@ -217,35 +300,32 @@ async function main() {
     g.fillStyle = "#111";
     g.fillRect(0, 0, ruler.width, ruler.height);
     const cell = ruler.height / nz;
+    const top = (z) => (superiorUp ? ruler.height - (z + 1) * cell : z * cell);
     for (let z = 0; z < nz; z++) {
       const [r, gr, b] = STATE_COLORS[+lastStates[z]];
       g.fillStyle = `rgb(${r},${gr},${b})`;
-      const top = superiorUp ? ruler.height - (z + 1) * cell : z * cell;
-      g.fillRect(8, top + (cell > 4 ? 1 : 0), ruler.width - 16, Math.max(1, cell - (cell > 4 ? 1 : 0)));
+      const gap = cell > 4 ? 1 : 0;
+      g.fillRect(8, top(z) + gap, ruler.width - 16, Math.max(1, cell - gap));
       if (info.roi_slices[z]) {
         g.fillStyle = `rgb(${ROI_COLOR.join(",")})`;
-        g.fillRect(ruler.width - 6, top, 4, Math.max(1, cell));
+        g.fillRect(ruler.width - 6, top(z), 4, Math.max(1, cell));
       }
     }
-    const top = superiorUp ? ruler.height - (currentSlice + 1) * cell : currentSlice * cell;
     g.strokeStyle = "#ff0";
     g.lineWidth = 2;
-    g.strokeRect(3, top, ruler.width - 6, Math.max(2, cell));
+    g.strokeRect(3, top(pos[2]), ruler.width - 6, Math.max(2, cell));
   }
   function goToSlice(z) {
-    currentSlice = Math.min(nz - 1, Math.max(0, z));
-    const frac = nv.vox2frac([Math.floor(nx / 2), Math.floor(ny / 2), currentSlice]);
-    const pos = nv.scene.crosshairPos;
-    nv.scene.crosshairPos = [pos[0], pos[1], frac[2]];
-    nv.drawScene();
+    pos[2] = Math.min(nz - 1, Math.max(0, z));
+    render();
     showSlice();
   }
   function showSlice() {
-    $("slice").value = currentSlice;
-    $("slice-text").textContent = `${currentSlice + 1} / ${nz}`;
-    $("slice-state").textContent =
-      `Slice ${currentSlice + 1}: ${info.state_names[+lastStates[currentSlice]]}` +
-      (info.roi_slices[currentSlice] ? " (has ROI)" : "");
+    const z = pos[2];
+    $("slice").value = z;
+    $("slice-text").textContent = `${z + 1} / ${nz}`;
+    $("slice-state").textContent = `Slice ${z + 1}: ${info.state_names[+lastStates[z]]}` +
+      (info.roi_slices[z] ? " (has ROI)" : "");
     drawRuler();
   }
   ruler.addEventListener("click", (event) => {
@@ -255,21 +335,19 @@ async function main() {
   });
   $("slice").max = nz - 1;
   $("slice").addEventListener("input", () => goToSlice(+$("slice").value));
-  nv.onLocationChange = (data) => {
-    if (data && data.vox && data.vox[2] !== currentSlice) {
-      currentSlice = data.vox[2];
-      showSlice();
-    }
-  };
-  window.addEventListener("resize", drawRuler);
+  window.addEventListener("resize", () => { render(); drawRuler(); });
 
   // Window/level: presets and a free window.
-  function setWindow(w, l) {
-    ct.cal_min = l - w / 2;
-    ct.cal_max = l + w / 2;
+  function setWindow(w, l, free = false) {
+    windowWidth = w;
+    windowLevel = l;
     $("ww").value = Math.round(w);
     $("wl").value = Math.round(l);
-    nv.updateGLVolume();
+    if (free) {
+      document.querySelectorAll("[data-window]").forEach((b) => b.classList.remove("selected"));
+    }
+    buildLut();
+    render();
   }
   for (const button of document.querySelectorAll("[data-window]")) {
     button.addEventListener("click", () => {
@@ -279,12 +357,9 @@ async function main() {
     });
   }
   for (const id of ["ww", "wl"]) {
-    $(id).addEventListener("change", () => {
-      document.querySelectorAll("[data-window]").forEach((b) => b.classList.remove("selected"));
-      setWindow(Math.max(1, +$("ww").value), +$("wl").value);
-    });
+    $(id).addEventListener("change", () => setWindow(Math.max(1, +$("ww").value),
+                                                     +$("wl").value, true));
   }
-  setWindow(width, level);
 
   // Live updates.
   const have = new Uint32Array(nz);     // version of each slice on screen
@@ -345,12 +420,12 @@ async function main() {
         const fetched = performance.now();
         lastStates = s.states;
         paintStates(s.states);
-        nv.updateGLVolume();
+        render();
         showProgress(s);
         showSlice();
         const drawn = performance.now();
         const shownAt = await nextFrame();
-        // Where an update's time goes: fetching slices, painting + NiiVue's upload, the frame.
+        // Where an update's time goes: fetching slices, painting and drawing, the frame.
         metrics.breakdown = (metrics.breakdown || []).slice(-49);
         metrics.breakdown.push({slices: changed.length, fetchMs: Math.round(fetched - started),
                                 drawMs: Math.round(drawn - fetched),
@@ -386,8 +461,10 @@ async function main() {
     }
   }
 
-  goToSlice(currentSlice);
+  setWindow(...WINDOWS.liver);
+  showSlice();
   ready = true;
+  metrics.readyMs = performance.now();
   sync();
 }
 
