@@ -2,7 +2,7 @@
 shows it (docs/VIEWER.md; results in docs/BENCHMARKS.md, "Live viewer (issue 16)").
 
 Per run: a fresh receiver process (``dlad-receive --listen --viewer``), Chromium opens the
-study's page *before* the study arrives (the page waits and warms NiiVue up), then the
+study's page *before* the study arrives (the page waits for it), then the
 pre-encoded stream (``--exact``, liver mask) is sent through ``dlad-link`` (``--profile``). The
 page records, on the browser's wall clock (same machine as the receiver):
 

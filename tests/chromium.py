@@ -1,7 +1,7 @@
 """A headless Chromium driven over the DevTools protocol (aiohttp's WebSocket client), for tests.
 
 Started with a fresh profile, no network beyond what the page asks for, no sandbox (CI runs as
-root), software WebGL (SwiftShader); stopped and its profile removed on exit.
+root), no GPU; stopped and its profile removed on exit.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import aiohttp
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--mute-audio",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--mute-audio",
          "--disable-dev-shm-usage", "--hide-scrollbars")
 
 
