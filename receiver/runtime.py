@@ -81,7 +81,7 @@ class StudyRuntime:
         self.bytes_since_log = 0
         self._seen_end = record.stream.end
         self._stopping = False
-        self.worker = asyncio.create_task(self._work(), name=f"study {record.folder.name}")
+        self.worker = asyncio.create_task(self._work(), name=f"study {record.name}")
 
     @property
     def name(self) -> str:
@@ -225,9 +225,12 @@ class StudyRuntime:
                          progress.applied, progress.planned,
                          self.record.counters["network_bytes"] / 1e6, rate)
             self.last_progress_log, self.bytes_since_log = now, 0
-        if session is not self.session:
-            return  # a session taken over: its remaining data was applied, nobody to tell
+        # Credit goes to the session that sent the bytes, even if it has moved on to its next
+        # study meanwhile (several studies per connection): its window must not shrink by the
+        # bytes of the previous one.
         session.consumed += progress.consumed
+        if session is not self.session:
+            return  # a session taken over or moved on: its data was applied, nobody to tell
         if progress.new_chunks or progress.ended:
             session.last_progress = now
         if session.count_problems(progress.bad_frames, progress.junk_bytes):
@@ -262,7 +265,7 @@ class StudyRuntime:
                              duplicates=self.record.stream.duplicates,
                              problems=self.record.stream.problem_count,
                              roi_mismatches=r.roi_mismatches,
-                             folder=self.record.folder.name)
+                             folder=self.record.name)
 
     def _store_failed(self, session, reason: str) -> None:
         """The batch's chunks are not on disk: close the session, reload the study later."""

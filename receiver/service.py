@@ -293,8 +293,13 @@ class ReceiverService:
         now = time.monotonic()
         limits = self.config.limits
         for session in list(self.sessions.values()):
-            if session.state in ("new", "header") and now - session.created > \
-                    self.config.open_timeout:
+            if (session.state == "header" and now - session.header_since >
+                    self.config.open_timeout) or (session.state == "new" and now -
+                                                  session.last_activity >
+                                                  self.config.open_timeout):
+                # "new" counts from the last message: a warm sender waiting for its next
+                # series keeps an opened connection with keepalives (bounded by max_sessions
+                # and the token, like any session).
                 session.fail("no stream header in time", retry=True)
             elif now - session.last_activity > self.config.idle_timeout:
                 session.fail(f"idle for {self.config.idle_timeout:g} s", retry=True)

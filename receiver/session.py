@@ -62,7 +62,8 @@ class Refusal(Exception):
 
 
 class Session:
-    """One peer connection (one sender, one study at a time)."""
+    """One peer connection (one sender, one study at a time; a warm sender sends several, one
+    after the other, see :mod:`shared.webrtc.protocol`)."""
 
     def __init__(self, service, pc: RTCPeerConnection, remote: str):
         self.service = service
@@ -71,6 +72,8 @@ class Session:
         self.remote = remote
         self.id = secrets.token_urlsafe(12)
         self.created = self.last_activity = self.last_progress = time.monotonic()
+        self.header_since = self.created
+        """When the current study's hello came (its header is due within the open timeout)."""
         self.channel = None
         self.state = "new"  # new -> header -> opening -> data -> closed
         self.study = None
@@ -79,7 +82,10 @@ class Session:
         self.header_bytes = bytearray()
         self._header_reserved = 0
         self.consumed = 0
+        """Bytes of this session (all its studies) processed: the credit window's measure."""
         self.received = 0
+        self.study_received = 0
+        """Bytes received for the current study (bounded by its stream's size)."""
         self.bad_frames = 0
         self.junk_bytes = 0
         self.data_started = 0.0
@@ -124,28 +130,41 @@ class Session:
 
     def _on_control(self, text: str) -> None:
         message = parse_control(text)
+        if message["type"] == "keepalive":
+            # A sender idle between two series: answer, so that it knows the link is alive.
+            self.send_control("keepalive")
+            return
         if message["type"] != "hello":
             raise ProtocolError(f"unexpected {message['type']!r} message from a sender")
-        if self.state != "new":
+        if self.state == "data":
+            # The next study on the same connection (a warm sender between series, see the
+            # inventory's multi_study): the current one is finished like a closed session.
+            if self.study is not None:
+                self.study.detach(self)
+            self.study, self.cost, self.study_received = None, None, 0
+            self.state = "new"
+        elif self.state != "new":
             raise ProtocolError("a second hello")
         if message.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolError(f"unsupported protocol version {message.get('protocol')!r} "
                                 f"(this receiver speaks {PROTOCOL_VERSION})")
         self.state = "header"
+        self.header_since = time.monotonic()
 
     def _on_binary(self, data: bytes) -> None:
         if self.state == "new":
             raise ProtocolError("binary data before the hello")
         if self.state == "data":
             self.received += len(data)
+            self.study_received += len(data)
             backlog = self.received - self.consumed
             window = self.service.config.window
             if backlog > 2 * window + MAX_MESSAGE_BYTES * WINDOW_SLACK_MESSAGES:
                 raise ProtocolError(f"sender ignores the flow-control window ({backlog} bytes "
                                     "unprocessed)")
-            if self.received > self.max_session_bytes():
-                raise ProtocolError(f"the session sent {self.received} bytes, more than its "
-                                    f"study's stream can hold ({self.max_session_bytes()})")
+            if self.study_received > self.max_session_bytes():
+                raise ProtocolError(f"the session sent {self.study_received} bytes, more than "
+                                    f"its study's stream can hold ({self.max_session_bytes()})")
             self.study.feed(self, data)
             return
         if self.state == "opening":
@@ -233,14 +252,15 @@ class Session:
         if self.state == "closed":
             return
         log.info("session %s: study %s (%s): %d/%d chunks already here%s; ICE %s", self.id,
-                 header.study_id, runtime.record.folder.name, len(inventory["have"]),
+                 header.study_id, runtime.record.name, len(inventory["have"]),
                  len(header.plan), ", complete" if inventory["complete"] else "",
                  selected_pair(self.pc) or "pair unknown")
         self.state = "data"
         self.data_started = self.last_progress = time.monotonic()
         self.send_control("inventory", study_id=header.study_id,
-                          folder=runtime.record.folder.name, have=inventory["have"],
-                          complete=inventory["complete"], window=self.service.config.window)
+                          folder=runtime.record.name, have=inventory["have"],
+                          complete=inventory["complete"], window=self.service.config.window,
+                          multi_study=True)
 
     # --- budget ------------------------------------------------------------------------------
 

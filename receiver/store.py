@@ -4,7 +4,11 @@ Layout of ``OUT_DIR`` (one folder per study stream)::
 
     OUT_DIR/
       .dlad-receiver.lock          held (flock) by the receiver process that serves OUT_DIR
-      <folder>/                    named from the sanitised study id (see folder_name)
+      <folder>/                    named from the sanitised study id (see folder_name), or
+      <study>/<series>/            for a stream from a DICOM series: the sanitised
+                                   StudyInstanceUID and SeriesInstanceUID of the header's
+                                   ``dicom`` map (see stream_location), so that the series of
+                                   one study sit side by side
         header.dlad                the stream's header frame, written once (atomically)
         chunks.dlad                append-only log of the data-chunk frames applied, in order;
                                    written and fsync'd after every batch, before anything
@@ -50,6 +54,7 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -95,6 +100,33 @@ def folder_name(study_id: str) -> str:
     if safe != study_id:
         safe = f"{safe}-{hashlib.blake2b(study_id.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"
     return safe
+
+
+def stream_location(header: StreamHeader) -> tuple[str, ...]:
+    """Path of a stream's folder below ``OUT_DIR``, as sanitised parts.
+
+    ``(study, series)`` from the header's ``dicom`` StudyInstanceUID and SeriesInstanceUID when
+    it carries both (a series of a DICOM study: the control scans of an ablation land beside its
+    planning scan), else ``(folder_name(study_id),)``.
+
+    >>> import numpy as np
+    >>> stream_location(StreamHeader("s", (1, 1, 1), np.eye(4), (1, 1, 1), "int16", (1, 0),
+    ...                 (0, 0), "0" * 64, roi=np.zeros((1, 1, 1), bool),
+    ...                 dicom={"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4"}))
+    ('1.2.3', '1.2.3.4')
+    """
+    study = header.dicom.get("StudyInstanceUID")
+    series = header.dicom.get("SeriesInstanceUID")
+    if isinstance(study, str) and isinstance(series, str) and study and series:
+        return folder_name(study), folder_name(series)
+    return (folder_name(header.study_id),)
+
+
+def series_identity(header: StreamHeader) -> dict:
+    """The DICOM identity of a stream for status files and listings (empty if not DICOM)."""
+    keys = ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
+            "StudyDescription", "Modality", "AcquisitionDate", "AcquisitionTime")
+    return {key: header.dicom[key] for key in keys if key in header.dicom}
 
 
 def release_memory() -> None:
@@ -162,6 +194,8 @@ class StudyRecord:
             raise ValueError(f"snapshot format must be one of {SNAPSHOT_FORMATS}")
         self.snapshot_file = f"volume.{snapshot_format}"
         self.folder = folder
+        self.name = "/".join(folder.parts[-len(stream_location(header)):])
+        """The folder's path below ``OUT_DIR`` (``study/series`` for a DICOM series)."""
         self.header = header
         self.key = key
         self.disk = disk
@@ -332,7 +366,8 @@ class StudyRecord:
         status = self.stream.status()
         r = self.reassembler
         status.update({
-            "folder": self.folder.name,
+            "folder": self.name,
+            **({"dicom": series_identity(self.header)} if self.header.dicom else {}),
             "stream_key": self.key,
             "sha256": self.header.sha256,
             "layers_planned": sorted(self.header.layers),
@@ -430,11 +465,13 @@ class StudyStore:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
             self._lock.close()
 
-    def candidates(self, study_id: str):
-        base = folder_name(study_id)
-        yield base
+    def candidates(self, header: StreamHeader) -> Iterator[Path]:
+        """Folders the stream may use, in order: its location, then ``.2``, ``.3``... of it."""
+        *parents, base = stream_location(header)
+        parent = self.out_dir.joinpath(*parents)
+        yield parent / base
         for n in range(2, MAX_VARIANTS + 1):
-            yield f"{base}.{n}"
+            yield parent / f"{base}.{n}"
 
     def open(self, header: StreamHeader, header_frame: bytes, disk_need: int = 0
              ) -> tuple[StudyRecord, bool]:
@@ -445,8 +482,8 @@ class StudyStore:
         be made.
         """
         key = stream_key(header)
-        for name in self.candidates(header.study_id):
-            folder = self.out_dir / name
+        for folder in self.candidates(header):
+            name = folder.relative_to(self.out_dir)
             if not folder.exists():
                 try:
                     if self.disk is not None:
@@ -485,6 +522,10 @@ class StudyStore:
         into place; then the out-dir is fsync'd so that the rename survives a crash.
         """
         temporary = self.out_dir / f"{TEMP_PREFIX}{folder.name}-{os.getpid()}-{time.monotonic_ns()}"
+        if folder.parent != self.out_dir and not folder.parent.is_dir():
+            # A study's folder (of DICOM series): made once, durably, before its first series.
+            folder.parent.mkdir(exist_ok=True)
+            _fsync_dir(self.out_dir)
         temporary.mkdir()
         try:
             with open(temporary / HEADER_FILE, "wb") as out:
@@ -498,21 +539,37 @@ class StudyStore:
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
-        _fsync_dir(self.out_dir)
+        _fsync_dir(folder.parent)
         if self.disk is not None:
             self.disk.charge(len(header_frame))
 
-    def list(self) -> list[dict]:
-        """Every study folder with its last status (for ``GET /studies``)."""
-        studies = []
+    def stream_folders(self) -> Iterator[Path]:
+        """Every stream folder: ``OUT_DIR/<folder>`` and ``OUT_DIR/<study>/<series>``."""
         for folder in sorted(self.out_dir.iterdir()):
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
+            if (folder / HEADER_FILE).exists():
+                yield folder
+                continue
+            for series in sorted(folder.iterdir()):
+                if series.is_dir() and not series.name.startswith(".") and \
+                        (series / HEADER_FILE).exists():
+                    yield series
+
+    def list(self) -> list[dict]:
+        """Every stream folder with its last status (for ``GET /studies``)."""
+        studies = []
+        for folder in self.stream_folders():
             try:
                 status = json.loads((folder / STATUS_FILE).read_text())
             except (OSError, ValueError):
                 status = {}
-            studies.append({"folder": folder.name, "study_id": status.get("study_id"),
+            if not isinstance(status, dict):
+                status = {}
+            studies.append({"folder": str(folder.relative_to(self.out_dir)),
+                            "study_id": status.get("study_id"),
+                            **({"dicom": status["dicom"]} if isinstance(status.get("dicom"), dict)
+                               else {}),
                             "state": status.get("state", "unknown"),
                             "chunks_applied": status.get("chunks_applied"),
                             "chunks_planned": status.get("chunks_planned"),

@@ -10,7 +10,7 @@ Exchange (``S`` sender, ``R`` receiver)::
     S  text   {"type": "hello", "protocol": 1, "client": "dlad-send/0.1"}
     S  binary the header frame
     R  text   {"type": "inventory", "study_id", "folder", "have": [seq...], "complete",
-               "window"}                     (or {"type": "error", "reason", "retry"[, "retry_after"]})
+               "window", "multi_study"}      (or {"type": "error", "reason", "retry"[, "retry_after"]})
     S  binary the data frames of the planned chunks not in "have", then an end frame
     R  text   {"type": "ack", "consumed", "applied", "planned", "roi_complete",
                "base_complete", "exact_complete", "verified"}   (after each batch it applied)
@@ -24,8 +24,16 @@ An ``error`` says why the receiver closes the session; ``retry`` whether trying 
 help, and ``retry_after`` (seconds, only when the receiver is busy: no memory for the study
 now) when to ask again: a sender waits that long without counting a failed attempt.
 
-``consumed`` counts the bytes of this session the receiver has processed; the sender keeps at
-most ``window`` bytes beyond it in flight, so the receiver's memory stays bounded whatever the
+Several studies on one connection (a warm sender streaming the series of a live session): a
+receiver whose inventory says ``"multi_study": true`` accepts, after its ``done``, another
+``hello`` followed by the next study's header frame on the same channel, and the exchange above
+starts again (the previous study is finished as if its session had closed). While idle between
+studies the sender sends ``{"type": "keepalive"}`` every few seconds and the receiver answers
+with the same message, so that each side knows the other is there and the receiver's idle timeout
+does not close a connection that waits for the next series.
+
+``consumed`` counts the bytes of this session (all its studies) the receiver has processed; the
+sender keeps at most ``window`` bytes beyond it in flight, so the receiver's memory stays bounded whatever the
 speed of its decoder. The receiver only answers ``done`` once every applied chunk is on disk.
 This module is shared by both sides and imports nothing heavy.
 """
@@ -48,7 +56,7 @@ MAX_MESSAGE_BYTES = 16 * 1024
 MAX_CONTROL_BYTES = 64 * 1024
 #: Default credit window: bytes the sender may have in flight beyond what the receiver processed.
 DEFAULT_WINDOW = 1024 * 1024
-CONTROL_TYPES = ("hello", "inventory", "ack", "done", "error")
+CONTROL_TYPES = ("hello", "inventory", "ack", "done", "error", "keepalive")
 #: The milestones a receiver reports (``reached`` of an ack, ``times`` of status.json), in words.
 MILESTONE_TEXT = {
     "first_chunk": "first chunk applied",
