@@ -51,6 +51,7 @@ bit-exact on both.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -292,3 +293,70 @@ def _load(target: torch.Tensor, values: np.ndarray) -> None:
     if not (values.dtype.isnative and values.flags.writeable):  # what torch.from_numpy needs
         values = values.astype(values.dtype.newbyteorder("="))
     target.copy_(torch.from_numpy(values).view(-1))
+
+
+class LazyDiffusion:
+    """The diffused volume, computed block by block when a block is first asked for.
+
+    The sender needs the diffused voxels of a block only when it encodes that block's base, so
+    diffusion runs chunk by chunk in the encoding thread while earlier chunks are on the wire
+    (2D mode: slices are independent, and :func:`diffuse` gives the same bits for every block
+    layout). In 3D mode slices exchange flux, so the first access diffuses the whole volume.
+    Voxels with ``probability == 1`` (the ROI) are copied from the input, whatever the float
+    arithmetic did.
+
+    Indexing takes a slice range along the first axis only: ``lazy[z0:z1]``.
+    """
+
+    def __init__(self, volume: np.ndarray, probability: np.ndarray, roi: np.ndarray,
+                 settings: DiffusionSettings = DiffusionSettings(), device=None):
+        volume = np.asarray(volume)
+        if probability.shape != volume.shape or roi.shape != volume.shape:
+            raise ValueError(f"probability {probability.shape} and ROI {roi.shape} must have the "
+                             f"volume's shape {volume.shape}")
+        self.volume, self.probability, self.roi = volume, probability, roi
+        self.settings, self.device = settings, device
+        self.shape = volume.shape
+        self.dtype = np.dtype(np.int16)
+        self._out = np.empty(volume.shape, dtype=np.int16)
+        self._done = np.zeros(volume.shape[0], dtype=bool)
+        self._lock = threading.Lock()
+        self._locks: dict[tuple[int, int], threading.Lock] = {}
+        self.seconds = 0.0
+        """Wall seconds spent diffusing so far."""
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("LazyDiffusion takes a slice range along the first axis (z0:z1)")
+        z0, z1, _ = index.indices(self.shape[0])
+        self.compute(z0, z1)
+        return self._out[z0:z1]
+
+    def compute(self, z0: int, z1: int) -> None:
+        """Diffuse the slices of ``[z0, z1)`` not diffused yet."""
+        if self.settings.mode == "3d":
+            z0, z1 = 0, self.shape[0]
+        # One lock per slice range asked for (the encoder asks whole blocks): blocks are
+        # diffused in parallel when several threads encode, each block once.
+        with self._lock:
+            lock = self._locks.setdefault((z0, z1), threading.Lock())
+        with lock:
+            if self._done[z0:z1].all():
+                return
+            started = time.perf_counter()
+            todo = np.flatnonzero(~self._done[z0:z1]) + z0
+            # Consecutive runs of slices still to do (usually the whole block).
+            for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1):
+                a, b = int(run[0]), int(run[-1]) + 1
+                block = diffuse(self.volume[a:b], self.probability[a:b], self.settings,
+                                self.device)
+                np.copyto(block, self.volume[a:b], where=self.roi[a:b])
+                self._out[a:b] = block
+                self._done[a:b] = True
+            with self._lock:
+                self.seconds += time.perf_counter() - started
+
+    def full(self) -> np.ndarray:
+        """The whole diffused volume (computing what is left)."""
+        self.compute(0, self.shape[0])
+        return self._out

@@ -16,6 +16,7 @@ leave before the rest of the volume is encoded.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -106,13 +107,16 @@ class PreparedStudy:
     roi: np.ndarray
     """bool, voxels that must arrive bit-exact after layers 0+1."""
     diffused: np.ndarray
-    """int16, the diffused volume (equal to the original inside the ROI)."""
+    """int16, the diffused volume (equal to the original inside the ROI); or a
+    :class:`~sender.diffusion.LazyDiffusion` that computes each block when it is encoded."""
     study_id: str
     """Id written into every chunk."""
     provenance: dict = field(default_factory=dict)
     """Provider, diffusion settings and input description for the header."""
     sha256: str = ""
     """SHA-256 of the original voxels, when already known (else the encoder computes it)."""
+    dicom: dict = field(default_factory=dict)
+    """DICOM attributes of the source series for the header (:mod:`sender.dicom_attributes`)."""
 
 
 def coded_size(payload: bytes, params: dict) -> int:
@@ -154,8 +158,12 @@ class StudyEncoder:
         if study.diffused.shape != study.volume.shape or study.roi.shape != study.volume.shape:
             raise ValueError("diffused volume and ROI must have the volume's shape")
         original = study.volume.data
-        if not np.array_equal(study.diffused[study.roi], original[study.roi]):
+        # A diffused volume given whole is checked now; a lazy one (LazyDiffusion) block by
+        # block, as its blocks are computed (_diffused).
+        if isinstance(study.diffused, np.ndarray) and not np.array_equal(
+                study.diffused[study.roi], original[study.roi]):
             raise ValueError("the diffused volume differs from the original inside the ROI")
+        self._checked: set[tuple[int, int]] = set()
         self.study = study
         self.settings = settings
         self.value_range = (int(original.min()), int(original.max()))
@@ -163,7 +171,13 @@ class StudyEncoder:
                                                     settings.layers)
         self._codecs = {layer: settings.codecs_of_layer(layer) for layer in settings.layers}
         self._base = np.zeros_like(original)
-        self._base_ready: set[tuple[int, int]] = set()
+        self._base_ready: dict[tuple[int, int], tuple[bytes, dict]] = {}
+        """Blocks whose base is encoded: their payload and parameters (the decoded base is in
+        ``_base``)."""
+        # Chunks of different blocks may be encoded at once in several threads (the sender
+        # encodes bases ahead, see sender.transport.EncoderSource); a block's own steps (its
+        # base, then residuals against it) take its lock.
+        self._block_locks = {(chunk.z0, chunk.z1): threading.Lock() for chunk in self.plan}
         source_dtype, rescale = self._output_representation()
         self.header = StreamHeader(
             study_id=study.study_id, shape=study.volume.shape, affine=study.volume.affine,
@@ -179,7 +193,8 @@ class StudyEncoder:
             provenance={**study.provenance, "mode": settings.codec, "exact": settings.exact,
                         "group_slices": settings.group_slices,
                         **({"base_crf": settings.crf, "base_qp": settings.qp,
-                            "preset": settings.preset} if settings.codec == LAYERED else {})})
+                            "preset": settings.preset} if settings.codec == LAYERED else {})},
+            dicom=study.dicom)
 
     def _output_representation(self) -> tuple[str, tuple[float, float]]:
         """The stored dtype and rescale for the header: the source's when they hold every HU of
@@ -232,15 +247,21 @@ class StudyEncoder:
                          z0=z0, z1=z1, codec=codec.name, params=params, payload=payload)
 
     def _encode_base(self, z0: int, z1: int) -> tuple[bytes, dict]:
+        with self._block_locks[(z0, z1)]:
+            ready = self._base_ready.get((z0, z1))
+            if ready is None:
+                ready = self._base_ready[(z0, z1)] = self._encode_base_now(z0, z1)
+            return ready[0], dict(ready[1])
+
+    def _encode_base_now(self, z0: int, z1: int) -> tuple[bytes, dict]:
         codec = self._codecs[0][0]
-        block = self.study.diffused[z0:z1]
+        block = self._diffused(z0, z1)
         if codec.lossless:
             payload, params = codec.encode(block)
             decoded = block
         else:
             payload, params, decoded = self._encode_guarded_base(z0, z1)
         self._base[z0:z1] = decoded
-        self._base_ready.add((z0, z1))
         return payload, params
 
     def _encode_guarded_base(self, z0: int, z1: int) -> tuple[bytes, dict, np.ndarray]:
@@ -255,7 +276,7 @@ class StudyEncoder:
         settings = self.settings
         original = self.study.volume.data[z0:z1]
         roi = self.study.roi[z0:z1]
-        source, diffused = self.study.diffused[z0:z1], True
+        source, diffused = self._diffused(z0, z1), True
         rate = settings.crf if settings.qp is None else settings.qp
         while True:
             codec = settings.base_codec(rate)
@@ -277,7 +298,19 @@ class StudyEncoder:
         params["quality"] = {"rate": rate, "diffused": diffused, "ssim": round(float(score), 5)}
         return payload, params, decoded
 
+    def _diffused(self, z0: int, z1: int) -> np.ndarray:
+        """The diffused block (computed now if the volume is lazy), equal to the original in
+        the ROI."""
+        block = self.study.diffused[z0:z1]
+        if (z0, z1) not in self._checked:
+            roi = self.study.roi[z0:z1]
+            if not np.array_equal(block[roi], self.study.volume.data[z0:z1][roi]):
+                raise ValueError("the diffused volume differs from the original inside the ROI")
+            self._checked.add((z0, z1))
+        return block
+
     def _decoded_base(self, z0: int, z1: int) -> np.ndarray:
-        if (z0, z1) not in self._base_ready:
-            self._encode_base(z0, z1)  # a resumed stream may skip the base of this block
+        # Encoded now if a resumed stream skips the base of this block; waited for if another
+        # thread is encoding it.
+        self._encode_base(z0, z1)
         return self._base[z0:z1]

@@ -16,6 +16,9 @@ receiver that is busy (503: all its sessions taken, or its memory budget) is ask
 its ``Retry-After``, for up to ``busy_timeout`` seconds, without using up the retries. See
 :mod:`shared.webrtc.protocol` for the messages and docs/STREAMING.md for the whole picture.
 
+A :class:`Link` keeps its connection from one study to the next when the receiver takes several
+per connection (a warm live sender, docs/LIVE.md).
+
 Signaling over ``https://`` checks the receiver's certificate against the system's store or
 ``StreamOptions.ca_file``; plain ``http://`` to an address other than loopback is refused
 unless ``allow_plain_http`` (the bearer token would travel in clear).
@@ -113,6 +116,8 @@ class StreamOptions:
     """No progress bar or milestone lines."""
     drop_after_chunks: int | None = None
     """Testing: cut the first connection abruptly after this many data chunks were sent."""
+    keepalive_interval: float = 5.0
+    """Seconds between keepalives on an idle connection kept warm (:class:`Link`)."""
     busy_timeout: float = 300.0
     """Seconds to keep asking a busy receiver (503) before giving up."""
     ca_file: str | None = None
@@ -173,17 +178,58 @@ class FrameSource:
 
 
 class EncoderSource(FrameSource):
-    """Frames encoded on demand by a :class:`~sender.encoder.StudyEncoder` (pipelined)."""
+    """Frames encoded on demand by a :class:`~sender.encoder.StudyEncoder` (pipelined).
 
-    def __init__(self, encoder):
+    ``workers`` threads encode bases ahead of the sending order (:meth:`encode_ahead`): with two,
+    two blocks are diffused and coded at once on a 2-core machine while the event loop sends.
+    """
+
+    def __init__(self, encoder, workers: int = 2):
         self.encoder = encoder
         self.header = encoder.header
         self.header_frame = encoder.header.to_frame()
         self.order = [planned.seq for planned in encoder.plan]
         self._planned = {planned.seq: planned for planned in encoder.plan}
+        self.workers = workers
+        self._ahead: dict = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def frame(self, seq: int) -> bytes:
+        future = self._ahead.pop(seq, None)
+        if future is not None:
+            return future.result()
         return self.encoder.encode_chunk(self._planned[seq]).to_frame()
+
+    def encode_ahead(self, skip: set[int] = frozenset()) -> None:
+        """Start encoding the bases (layer 0) of every block, in plan order, in ``workers``
+        threads, ahead of the chunk being sent: a base (diffusion, lossy coding, the quality
+        guard's decode) is the expensive part of a block; residuals, a fraction of it, are
+        encoded in sending order against the bases. Started during the handshake, so the first
+        chunk is ready (or nearly) when the inventory comes; chunks in ``skip`` are left out."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers,
+                                            thread_name_prefix="dlad-encode-ahead")
+        for planned in self.encoder.plan:
+            if planned.layer == 0 and planned.seq not in skip and planned.seq not in self._ahead:
+                self._ahead[planned.seq] = self._pool.submit(self._encode, planned)
+
+    def _encode(self, planned) -> bytes:
+        return self.encoder.encode_chunk(planned).to_frame()
+
+    def drop_ahead(self, seqs) -> None:
+        """The receiver has these: do not encode them ahead (those already started finish)."""
+        for seq in seqs:
+            future = self._ahead.pop(seq, None)
+            if future is not None:
+                future.cancel()
+
+    def close(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 class FileSource(FrameSource):
@@ -359,54 +405,104 @@ class _Channel:
                 self.sent_data += len(piece)
 
 
-class _Attempt:
-    """One connection to the receiver (signaling, channel, passes)."""
+class _Connection:
+    """One peer connection to the receiver; it carries one study after another."""
 
-    def __init__(self, streamer: Streamer):
-        self.s = streamer
+    def __init__(self, link: Link):
+        self.link = link
         self.pc = RTCPeerConnection(RTCConfiguration(
-            iceServers=list(streamer.options.ice_servers)))
-        self.ch = _Channel(self.pc, streamer.options)
+            iceServers=list(link.options.ice_servers)))
+        self.ch = _Channel(self.pc, link.options)
         log.debug("SCTP tuning (shared/webrtc/sctp.py): %s", sctp.status())
         self.location: str | None = None
+        self.multi_study = False
+        """The receiver takes several studies on this connection (its inventory said so)."""
+        self.studies = 0
+        self.delivering = False
 
-    async def run(self) -> None:
-        s = self.s
+    @property
+    def alive(self) -> bool:
+        return not self.ch.closed.is_set()
+
+    async def open(self) -> None:
+        link = self.link
         try:
-            await asyncio.wait_for(self._connect(), s.options.connect_timeout)
+            await asyncio.wait_for(self._connect(), link.options.connect_timeout)
         except asyncio.TimeoutError:
-            raise Disconnected(f"could not connect within {s.options.connect_timeout:g} s") \
+            raise Disconnected(f"could not connect within {link.options.connect_timeout:g} s") \
                 from None
+
+    async def _connect(self) -> None:
+        link = self.link
+        with ice_hosts(link.ice_addresses):
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+        enlarge_socket_buffers(self.pc)
+        answer = await link.post_offer(self.pc.localDescription.sdp, self)
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await self.ch._until(self.ch.opened, link.options.connect_timeout, "the data channel")
+
+    def keepalive(self) -> None:
+        if self.alive and self.multi_study and not self.delivering:
+            self.ch.channel.send(encode_control("keepalive"))
+
+    async def probe(self) -> None:
+        """Ask a connection opened while idle whether the receiver keeps it between studies:
+        one that does answers a keepalive (an older one refuses it: :class:`Refused`)."""
+        self.ch.channel.send(encode_control("keepalive"))
+        await self.ch.expect("keepalive", self.link.options.connect_timeout)
+        self.multi_study = True
+
+    async def deliver(self, s: _Delivery) -> None:
+        """Send one study: hello, header, inventory, passes until the receiver has it all."""
+        self.delivering = True
+        try:
+            await self._deliver(s)
+        finally:
+            self.delivering = False
+            self.ch.on_ack = None
+
+    async def _deliver(self, s: _Delivery) -> None:
+        options = self.link.options
+        while not self.ch.messages.empty():  # keepalive answers, the previous study's leftovers
+            self.ch.messages.get_nowait()
+        if hasattr(s.source, "encode_ahead"):
+            # The first chunks are diffused and encoded while the header and inventory cross.
+            s.source.encode_ahead()
+        self.studies += 1
         self.ch.channel.send(encode_control("hello", protocol=PROTOCOL_VERSION,
                                             client="dlad-send/0.1"))
         await self.ch.send_bytes(s.source.header_frame, counted=False)
         s.result.bytes_sent += len(s.source.header_frame)
-        inventory = await self.ch.expect("inventory", s.options.connect_timeout)
+        inventory = await self.ch.expect("inventory", options.connect_timeout)
+        self.multi_study = inventory.get("multi_study") is True
         planned = set(s.source.order)
         have = set(int_list(inventory.get("have"), 1 << 31)) & planned
         window = inventory.get("window")
         if isinstance(window, int) and not isinstance(window, bool) and window > 0:
-            self.ch.window = max(window, s.options.message_bytes)
+            self.ch.window = max(window, options.message_bytes)
         folder = inventory.get("folder")
         s.result.folder = printable(folder) if isinstance(folder, str) else None
-        s._say(f"connected to {s.url}: inventory after {time.monotonic() - s.started:.2f} s "
-               f"since start ({len(have)} chunks there)")
+        if have and hasattr(s.source, "drop_ahead"):
+            s.source.drop_ahead(have)
+        s.say(f"{'connected to' if self.studies == 1 else 'on the open connection to'} "
+              f"{self.link.url}: inventory after {time.monotonic() - s.started:.2f} s "
+              f"since start ({len(have)} chunks there)")
         if s.result.attempts == 1:
             s.result.chunks_skipped = len(have)
         else:
             s.result.chunks_resumed = len(have)
         s.report_inventory(have, inventory)
         self.ch.on_ack = s.on_ack
-        for number in range(s.options.max_passes):
+        for number in range(options.max_passes):
             todo = [seq for seq in s.source.order if seq not in have]
-            done = await self._pass(todo)
+            done = await self._pass(s, todo)
             s.on_done(done)
             if done.get("complete"):
                 return
             missing = set(int_list(done.get("missing", []), 1 << 31)) & planned
             if not missing:
                 break
-            if number + 1 < s.options.max_passes:
+            if number + 1 < options.max_passes:
                 # Rejected chunks (damaged, or dropped after a failed ROI digest check): the
                 # receiver counts them as missing, so they go again, at most max_passes times.
                 log.warning("the receiver lacks %d chunks after pass %d; sending them again",
@@ -414,29 +510,21 @@ class _Attempt:
             have = planned - missing
         mismatches = done.get("roi_mismatches")
         raise TransportError(
-            f"the receiver still lacks chunks after {s.options.max_passes} passes (it rejected "
+            f"the receiver still lacks chunks after {options.max_passes} passes (it rejected "
             f"them: {done.get('problems', '?')} problems"
             + (f", {mismatches} ROI digest mismatches" if isinstance(mismatches, int)
                and mismatches else "") + ")")
 
-    async def _connect(self) -> None:
-        s = self.s
-        with ice_hosts(s.ice_addresses):
-            await self.pc.setLocalDescription(await self.pc.createOffer())
-        enlarge_socket_buffers(self.pc)
-        answer = await s.post_offer(self.pc.localDescription.sdp, self)
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        await self.ch._until(self.ch.opened, s.options.connect_timeout, "the data channel")
-
-    async def _pass(self, todo: list[int]) -> dict:
-        s = self.s
+    async def _pass(self, s: _Delivery, todo: list[int]) -> dict:
+        options = self.link.options
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, s.options.prefetch))
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, options.prefetch))
 
         async def produce():
             try:
                 for seq in todo:
-                    frame = await loop.run_in_executor(s.encode_pool, s.source.frame, seq)
+                    frame = await loop.run_in_executor(self.link.encode_pool, s.source.frame,
+                                                       seq)
                     await queue.put((seq, frame))
                 await queue.put(None)
             except Exception as error:  # an encoder failure ends the pass with it
@@ -455,15 +543,15 @@ class _Attempt:
                 seq, frame = item
                 if s.first_data_at is None:
                     s.first_data_at = time.monotonic()
-                    s._say(f"first chunk (#{seq}, {len(frame)} bytes) left at "
-                           f"{s.first_data_at - s.started:.2f} s since start")
+                    s.say(f"first chunk (#{seq}, {len(frame)} bytes) left at "
+                          f"{s.first_data_at - s.started:.2f} s since start")
                 await self.ch.send_bytes(frame, counted=True)
                 sent += 1
                 total += len(frame)
                 s.result.chunks_sent += 1
                 s.result.bytes_sent += len(frame)
                 s.on_sent(seq, len(frame))
-                drop = s.options.drop_after_chunks
+                drop = options.drop_after_chunks
                 if drop is not None and s.result.attempts == 1 and s.result.chunks_sent >= drop:
                     log.warning("testing: cutting the connection after %d chunks", sent)
                     await self.pc.close()
@@ -477,7 +565,7 @@ class _Attempt:
                 await producer
             except (asyncio.CancelledError, Exception):
                 pass
-        return await self.ch.expect("done", s.options.stall_timeout)
+        return await self.ch.expect("done", options.stall_timeout)
 
     async def close(self) -> None:
         try:
@@ -485,14 +573,95 @@ class _Attempt:
         except Exception as error:  # closing a half-open connection
             log.debug("closing the peer connection: %s", error)
         if self.location:
-            await self.s.delete_session(self.location)
+            await self.link.delete_session(self.location)
 
 
-class Streamer:
-    """Delivers one study to one receiver, across as many connections as it takes."""
+class _Delivery:
+    """One study on its way: what was sent and confirmed, progress shown to the user."""
 
-    def __init__(self, source: FrameSource, url: str, token: str,
-                 options: StreamOptions = StreamOptions(), started: float | None = None):
+    def __init__(self, link: Link, source: FrameSource, started: float | None):
+        self.link = link
+        self.source = source
+        self.options = link.options
+        self.started = time.monotonic() if started is None else started
+        self.result = StreamResult(chunks_planned=len(source.order))
+        self.first_data_at: float | None = None
+        self.bar = None
+        self._applied = 0
+
+    def say(self, text: str) -> None:
+        if self.options.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(f"dlad-send: {text}", file=sys.stderr)
+        else:
+            print(f"dlad-send: {text}", file=sys.stderr)
+
+    def report_inventory(self, have: set, inventory: dict) -> None:
+        planned = len(self.source.order)
+        if have:
+            self.say(f"receiver already has {len(have)}/{planned} chunks "
+                     f"(folder {self.result.folder}); sending the other {planned - len(have)}")
+        if self.bar is None and not self.options.quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=planned, initial=len(have), unit="chunk",
+                            desc="applied at receiver", file=sys.stderr, dynamic_ncols=True)
+        self._applied = len(have)
+
+    def on_sent(self, seq: int, size: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"sent {self.result.bytes_sent / 1e6:.1f} MB", refresh=False)
+
+    def on_ack(self, ack: dict) -> None:
+        now = round(time.monotonic() - self.started, 3)
+        for name in ack.get("reached") or []:
+            if name in MILESTONE_TEXT and name not in self.result.milestones:
+                self.result.milestones[name] = now
+                self.say(f"receiver: {MILESTONE_TEXT[name]} at {now:.2f} s")
+        applied = ack.get("applied")
+        if isinstance(applied, int) and self.bar is not None and applied > self._applied:
+            self.bar.update(applied - self._applied)
+            self._applied = applied
+
+    def on_done(self, done: dict) -> None:
+        self.result.complete = bool(done.get("complete"))
+        verified = done.get("verified")
+        self.result.verified = verified if isinstance(verified, bool) else None
+        missing = done.get("missing")
+        self.result.missing = missing if isinstance(missing, list) else []
+        for name in ("problems", "duplicates"):
+            value = done.get(name)
+            if isinstance(value, int):
+                setattr(self.result, name, value)
+        if self.first_data_at is not None:
+            self.result.transfer_s = time.monotonic() - self.first_data_at
+        if self.result.complete:
+            self.result.milestones.setdefault("complete", round(
+                time.monotonic() - self.started, 3))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Link:
+    """The way to one receiver: a connection kept open from one study to the next.
+
+    :meth:`deliver` sends a study, connecting first if there is no live connection, and
+    reconnecting (``retries`` times, with backoff) when it drops; each new connection resumes
+    from the receiver's inventory. A receiver that takes several studies per connection keeps
+    the connection between them; with ``keep_warm`` the link also sends keepalives while idle
+    and reconnects by itself when the connection is lost, so that the next study finds it open.
+
+    Example:
+        >>> async with Link("http://127.0.0.1:8700", token, keep_warm=True) as link:  # doctest: +SKIP
+        ...     for source in sources:
+        ...         result = await link.deliver(source)
+    """
+
+    def __init__(self, url: str, token: str, options: StreamOptions = StreamOptions(),
+                 keep_warm: bool = False):
         parts = check_url(url, options.allow_plain_http)
         self.ssl: ssl.SSLContext | bool = True
         if parts.scheme == "https":
@@ -503,20 +672,167 @@ class Streamer:
         path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
         self.url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
         self.token = token
-        self.source = source
         self.options = options
-        self.started = time.monotonic() if started is None else started
+        self.keep_warm = keep_warm
         self.ice_addresses = loopback_hosts_for(parts.hostname)
-        self.result = StreamResult(chunks_planned=len(source.order))
-        self.first_data_at: float | None = None
         self.encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlad-encode")
         self.http: aiohttp.ClientSession | None = None
-        self.bar = None
-        self._applied = 0
+        self.connection: _Connection | None = None
+        self.connections = 0
+        """Connections opened so far."""
+        self._lock = asyncio.Lock()
+        self._warm_task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Link:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self.http is None:
+            # One connection per request: signaling is a few requests per study, and a pooled
+            # connection could be reused just as the receiver closes it (its idle timeout).
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                              connector=aiohttp.TCPConnector(force_close=True))
+        if self.keep_warm and self._warm_task is None:
+            self._warm_task = asyncio.create_task(self._keep_warm())
+
+    async def close(self) -> None:
+        if self._warm_task is not None:
+            self._warm_task.cancel()
+            try:
+                await self._warm_task
+            except asyncio.CancelledError:
+                pass
+            self._warm_task = None
+        await self._drop()
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        self.encode_pool.shutdown(wait=True, cancel_futures=True)
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def _connected(self) -> _Connection:
+        async with self._lock:
+            if self.connection is not None and self.connection.alive:
+                return self.connection
+            await self._drop()
+            connection = _Connection(self)
+            self.connections += 1
+            try:
+                await connection.open()
+            except BaseException:
+                await connection.close()
+                raise
+            self.connection = connection
+            return connection
+
+    async def _drop(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            await connection.close()
+
+    async def connect(self) -> None:
+        """Open the connection now (else the first :meth:`deliver` does)."""
+        await self.start()
+        await self._connected()
+
+    async def _keep_warm(self) -> None:
+        """While idle: keepalives on the open connection; a new one when it is lost."""
+        interval = self.options.keepalive_interval
+        delay = self.options.backoff
+        while self.keep_warm:
+            await asyncio.sleep(interval)
+            connection = self.connection
+            if connection is not None and connection.delivering:
+                continue
+            if connection is not None and connection.alive:
+                if not connection.multi_study:
+                    continue  # a receiver without keepalives: the next study reconnects
+                if time.monotonic() - connection.ch.last_ack > self.options.stall_timeout:
+                    log.warning("no answer from the receiver for %.0f s while idle; "
+                                "reconnecting", self.options.stall_timeout)
+                    async with self._lock:
+                        if self.connection is connection:
+                            await self._drop()
+                    continue
+                connection.keepalive()
+                continue
+            try:
+                connection = await self._connected()
+                if not connection.multi_study:
+                    await connection.probe()
+                delay = self.options.backoff
+            except Refused as error:
+                log.warning("the receiver does not keep idle connections (%s); connecting "
+                            "for each series instead", error)
+                self.keep_warm = False
+                await self._drop()
+            except (TransportError, OSError) as error:
+                log.info("receiver %s not reachable while idle (%s); trying again in %g s",
+                         self.url, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # --- delivering --------------------------------------------------------------------------
+
+    async def deliver(self, source: FrameSource, started: float | None = None) -> StreamResult:
+        """Deliver ``source``; raise :class:`TransportError` if it cannot (:class:`Refused` for
+        good)."""
+        await self.start()
+        delivery = _Delivery(self, source, started)
+        options = self.options
+        delay = options.backoff
+        busy_until = None
+        try:
+            while True:
+                delivery.result.attempts += 1
+                wait = None
+                try:
+                    connection = await self._connected()
+                    await connection.deliver(delivery)
+                    if not connection.multi_study:
+                        await self._drop()
+                    return delivery.result
+                except Busy as error:
+                    # Not a failed attempt: the receiver is there, with no room right now.
+                    await self._drop()
+                    delivery.result.attempts -= 1
+                    now = time.monotonic()
+                    busy_until = busy_until or now + options.busy_timeout
+                    if now >= busy_until:
+                        raise TransportError(f"{error} (still busy after "
+                                             f"{options.busy_timeout:g} s)") from None
+                    wait = min(error.retry_after, busy_until - now)
+                    delivery.say(f"the receiver is busy ({error}); asking again in {wait:g} s")
+                except Disconnected as error:
+                    await self._drop()
+                    if delivery.result.attempts > options.retries:
+                        raise TransportError(f"{error} (gave up after "
+                                             f"{delivery.result.attempts} attempts)") from None
+                    delivery.say(f"connection lost ({error}); reconnecting in {delay:g} s "
+                                 f"(attempt {delivery.result.attempts + 1} of "
+                                 f"{options.retries + 1})")
+                except BaseException:
+                    await self._drop()
+                    raise
+                if wait is not None:
+                    await asyncio.sleep(wait)
+                    continue
+                busy_until = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        finally:
+            delivery.close()
+            if hasattr(source, "close"):
+                source.close()
 
     # --- HTTP signaling ----------------------------------------------------------------------
 
-    async def post_offer(self, sdp: str, attempt: _Attempt) -> str:
+    async def post_offer(self, sdp: str, connection: _Connection) -> str:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": SDP_CONTENT_TYPE}
         try:
             async with self.http.post(self.url, data=sdp.encode(), headers=headers,
@@ -524,7 +840,7 @@ class Streamer:
                 text = await response.text()
                 if response.status == 201 or response.status == 200:
                     if "Location" in response.headers:
-                        attempt.location = urljoin(self.url, response.headers["Location"])
+                        connection.location = urljoin(self.url, response.headers["Location"])
                     return text
                 message = (f"signaling: HTTP {response.status} from {self.url}: "
                            f"{printable(text.strip())}")
@@ -549,106 +865,6 @@ class Streamer:
                 await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass
-
-    # --- progress ----------------------------------------------------------------------------
-
-    def _say(self, text: str) -> None:
-        if self.options.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(f"dlad-send: {text}", file=sys.stderr)
-        else:
-            print(f"dlad-send: {text}", file=sys.stderr)
-
-    def report_inventory(self, have: set, inventory: dict) -> None:
-        planned = len(self.source.order)
-        if have:
-            self._say(f"receiver already has {len(have)}/{planned} chunks "
-                      f"(folder {self.result.folder}); sending the other {planned - len(have)}")
-        if self.bar is None and not self.options.quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=planned, initial=len(have), unit="chunk",
-                            desc="applied at receiver", file=sys.stderr, dynamic_ncols=True)
-        self._applied = len(have)
-
-    def on_sent(self, seq: int, size: int) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"sent {self.result.bytes_sent / 1e6:.1f} MB", refresh=False)
-
-    def on_ack(self, ack: dict) -> None:
-        now = round(time.monotonic() - self.started, 3)
-        for name in ack.get("reached") or []:
-            if name in MILESTONE_TEXT and name not in self.result.milestones:
-                self.result.milestones[name] = now
-                self._say(f"receiver: {MILESTONE_TEXT[name]} at {now:.2f} s")
-        applied = ack.get("applied")
-        if isinstance(applied, int) and self.bar is not None and applied > self._applied:
-            self.bar.update(applied - self._applied)
-            self._applied = applied
-
-    def on_done(self, done: dict) -> None:
-        self.result.complete = bool(done.get("complete"))
-        verified = done.get("verified")
-        self.result.verified = verified if isinstance(verified, bool) else None
-        missing = done.get("missing")
-        self.result.missing = missing if isinstance(missing, list) else []
-        for name in ("problems", "duplicates"):
-            value = done.get(name)
-            if isinstance(value, int):
-                setattr(self.result, name, value)
-        if self.first_data_at is not None:
-            self.result.transfer_s = time.monotonic() - self.first_data_at
-        if self.result.complete:
-            self.result.milestones.setdefault("complete", round(
-                time.monotonic() - self.started, 3))
-
-    # --- the whole delivery ------------------------------------------------------------------
-
-    async def run(self) -> StreamResult:
-        options = self.options
-        # One connection per request: signaling is a few requests per study, and a pooled
-        # connection could be reused just as the receiver closes it (its idle timeout).
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
-                                          connector=aiohttp.TCPConnector(force_close=True))
-        try:
-            delay = options.backoff
-            busy_until = None
-            while True:
-                self.result.attempts += 1
-                attempt = _Attempt(self)
-                wait = None
-                try:
-                    await attempt.run()
-                    return self.result
-                except Busy as error:
-                    # Not a failed attempt: the receiver is there, with no room right now.
-                    self.result.attempts -= 1
-                    now = time.monotonic()
-                    busy_until = busy_until or now + options.busy_timeout
-                    if now >= busy_until:
-                        raise TransportError(f"{error} (still busy after "
-                                             f"{options.busy_timeout:g} s)") from None
-                    wait = min(error.retry_after, busy_until - now)
-                    self._say(f"the receiver is busy ({error}); asking again in {wait:g} s")
-                except Disconnected as error:
-                    if self.result.attempts > options.retries:
-                        raise TransportError(f"{error} (gave up after "
-                                             f"{self.result.attempts} attempts)") from None
-                    self._say(f"connection lost ({error}); reconnecting in {delay:g} s "
-                              f"(attempt {self.result.attempts + 1} of {options.retries + 1})")
-                finally:
-                    await attempt.close()
-                if wait is not None:
-                    await asyncio.sleep(wait)
-                    continue
-                busy_until = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        finally:
-            await self.http.close()
-            self.encode_pool.shutdown(wait=True, cancel_futures=True)
-            if self.bar is not None:
-                self.bar.close()
 
 
 def check_url(url: str, allow_plain_http: bool = False):
@@ -684,8 +900,8 @@ async def stream_study(source: FrameSource, url: str, token: str,
                        options: StreamOptions = StreamOptions(),
                        started: float | None = None) -> StreamResult:
     """Deliver ``source`` to the receiver at ``url``; raise TransportError if it cannot."""
-    return await Streamer(source, url, token, options, started).run()
-
+    async with Link(url, token, options) as link:
+        return await link.deliver(source, started)
 
 def process_started() -> float:
     """``time.monotonic()`` of this process's start (Linux), else now."""

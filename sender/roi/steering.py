@@ -117,12 +117,7 @@ def disc_dilate(values: np.ndarray, radius_x: float, radius_y: float) -> np.ndar
     for dy in range(-ry, ry + 1):
         ratio = 1.0 - (dy / radius_y) ** 2 if radius_y > 0 else 1.0
         half_widths[dy] = int(np.floor(radius_x * np.sqrt(max(ratio, 0.0)) + 1e-9))
-    # scipy is imported where it is used: the sender's command line imports this module for its
-    # option defaults, and a sender replaying a .dlad should not pay 0.3 s of scipy start-up.
-    from scipy.ndimage import maximum_filter1d
-
-    row_max = {w: maximum_filter1d(values, size=2 * w + 1, axis=2, mode="constant", cval=-np.inf)
-               if w > 0 else values for w in set(half_widths.values())}
+    row_max = {w: _row_max(values, w) if w > 0 else values for w in set(half_widths.values())}
     out = np.array(values, copy=True)
     ny = values.shape[1]
     for dy, w in half_widths.items():
@@ -135,6 +130,35 @@ def disc_dilate(values: np.ndarray, radius_x: float, radius_y: float) -> np.ndar
         else:
             np.maximum(out[:, -dy:], shifted[:, : ny + dy], out=out[:, -dy:])
     return out
+
+
+def _row_max(values: np.ndarray, half_width: int) -> np.ndarray:
+    """``out[..., x] = max(values[..., x-w .. x+w])`` along the last axis (outside: ignored).
+
+    torch's max pooling (one thread, vectorised) gives the same values as scipy's
+    ``maximum_filter1d`` (van Herk) about 3x faster on 512-pixel rows; scipy where torch is not
+    installed. torch and scipy are imported here, where they are used: the sender's command
+    line imports this module for its option defaults, and a sender replaying a .dlad should not
+    pay for them.
+    """
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        from scipy.ndimage import maximum_filter1d
+
+        return maximum_filter1d(values, size=2 * half_width + 1, axis=-1, mode="constant",
+                                cval=-np.inf)
+    rows = torch.from_numpy(values).reshape(-1, 1, values.shape[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per calling thread: see LazyDiffusion.compute
+    try:
+        with torch.no_grad():
+            pooled = F.max_pool1d(rows, 2 * half_width + 1, stride=1, padding=half_width)
+    finally:
+        torch.set_num_threads(threads)
+    return pooled.reshape(values.shape).numpy()
 
 
 def slice_margin(values: np.ndarray, half_width: int) -> np.ndarray:
@@ -150,10 +174,30 @@ def slice_margin(values: np.ndarray, half_width: int) -> np.ndarray:
 
 
 def fill_slice_holes(roi: np.ndarray) -> np.ndarray:
-    """Per slice, the ROI plus every background region that does not reach the slice border."""
+    """Per slice, the ROI plus every background region that does not reach the slice border.
+
+    Each slice is filled within the bounding box of its ROI grown by one background pixel: a
+    background region that reaches the box's edge reaches the slice's border through the
+    background around the box, so the holes found there are exactly those of the whole slice
+    (and the liver's box is a fraction of the slice).
+    """
     from scipy.ndimage import binary_fill_holes
 
-    return np.stack([binary_fill_holes(section) for section in roi]) if roi.any() else roi
+    if not roi.any():
+        return roi
+    filled = roi.copy()
+    ny, nx = roi.shape[1:]
+    for k, section in enumerate(roi):
+        rows = np.flatnonzero(section.any(axis=1))
+        if rows.size == 0:
+            continue
+        columns = np.flatnonzero(section.any(axis=0))
+        y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, ny)
+        x0, x1 = max(columns[0] - 1, 0), min(columns[-1] + 2, nx)
+        box = np.zeros((y1 - y0 + 2, x1 - x0 + 2), dtype=bool)
+        box[1:-1, 1:-1] = section[y0:y1, x0:x1]
+        filled[k, y0:y1, x0:x1] = binary_fill_holes(box)[1:-1, 1:-1]
+    return filled
 
 
 def steer(probability: np.ndarray, spacing, settings: SteeringSettings = SteeringSettings()
