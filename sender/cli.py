@@ -42,6 +42,12 @@ EXAMPLES = """examples:
   dlad-send ct.nii.gz --exact --to https://expert.example.org:8700 --token-file token.txt \\
       --ca-file hospital-ca.pem --ice-server turn:turn.example.org:3478 \\
       --ice-credentials turn.txt
+  # live session: a DICOM node (AE title DLAD, port 11112) the scanner pushes each series to;
+  # every complete series is streamed over one warm connection (docs/LIVE.md)
+  dlad-send --dicom-listen 0.0.0.0:11112 --ae-title DLAD --to http://expert.example:8700 \\
+      --token-file token.txt --deidentify
+  # live session from a folder the scanner exports into (files taken once finished)
+  dlad-send --watch /srv/ct-export --to http://127.0.0.1:8700 --token-file token.txt
 
 exit status: 0 ok, 1 failed (bad input, nothing written; refused by the receiver),
 2 bad arguments, 3 (--to) not delivered completely: run it again to resume
@@ -69,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress a CT volume for teleintervention: the liver ROI arrives "
                     "bit-exact first, the rest follows (lossy base, optional exact layer).",
         epilog=EXAMPLES)
-    parser.add_argument("input", help="NIfTI file, DICOM series folder, NRRD/MHA file, or "
-                                      f"'{PHANTOM}' for the built-in synthetic phantom")
+    parser.add_argument("input", nargs="?",
+                        help="NIfTI file, DICOM series folder, NRRD/MHA file, or "
+                             f"'{PHANTOM}' for the built-in synthetic phantom (none with "
+                             "--dicom-listen or --watch)")
     where = parser.add_argument_group("output")
     target = where.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path,
@@ -110,6 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
     dicom.add_argument("--skip-unreadable", action="store_true",
                        help="leave out files of the folder that are not readable DICOM (named "
                             "in a warning) instead of refusing the series")
+    live = parser.add_argument_group(
+        "live session: series from the scanner, streamed as they complete (with --to)")
+    live.add_argument("--dicom-listen", metavar="HOST:PORT",
+                      help="run a DICOM node (C-STORE SCP for CT images, C-ECHO) on this "
+                           "address; the scanner or PACS pushes series to it")
+    live.add_argument("--ae-title", default="DLAD",
+                      help="AE title of the DICOM node (default %(default)s)")
+    live.add_argument("--watch", type=Path, metavar="DIR",
+                      help="take the DICOM files that appear in this folder (and its "
+                           "sub-folders), once their writer has finished them")
+    live.add_argument("--watch-settle", type=float, default=2.0, metavar="SECONDS",
+                      help="with --watch, where inotify cannot tell that a file is closed: "
+                           "seconds its size must stay unchanged (default %(default)s)")
+    live.add_argument("--series-timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="a series is complete when none of its instances arrived for this "
+                           "long (default %(default)s)")
+    live.add_argument("--series-count", type=int, metavar="N",
+                      help="... or as soon as it holds N instances")
+    live.add_argument("--spool", type=Path, default=Path("dlad-spool"), metavar="DIR",
+                      help="where received instances are kept until the receiver confirmed "
+                           "their series (default ./%(default)s)")
+    live.add_argument("--deidentify", action="store_true",
+                      help="replace identifying DICOM attributes in the stream by stable "
+                           "pseudonyms (keyed hash; docs/LIVE.md says which)")
+    live.add_argument("--deidentify-key", type=Path, metavar="FILE",
+                      help="site secret of --deidentify (default: SPOOL/deidentify.key, made "
+                           "at first use)")
+    live.add_argument("--session-log", type=Path, metavar="FILE",
+                      help="append one JSON line per series (outcome, timings, bytes)")
     roi = parser.add_argument_group("region of interest (sent bit-exact)")
     roi.add_argument("--roi", metavar="unet|body|box:x0,x1,y0,y1,z0,z1",
                      help="automatic ROI when no --roi-mask is given: 'unet' (default: the "
@@ -293,10 +330,117 @@ def main_to(args, parser) -> int:
     return 0 if result.complete else 3
 
 
+def parse_host_port(value: str, option: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{option} must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main_live(args, parser) -> int:
+    """``dlad-send --dicom-listen/--watch --to URL``: the live session."""
+    from sender.dicom_attributes import Deidentifier
+    from sender.live import LiveSender
+    from sender.pipeline import RoiChoice, SeriesPipeline
+    from sender.spool import Spool, SpoolError
+    from sender.transport import StreamOptions, check_url
+    from shared.webrtc.ice import IceConfigError, ice_servers
+    from shared.webrtc.signaling import TokenError, read_token_file
+
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if args.input is not None:
+        parser.error("--dicom-listen and --watch take no INPUT")
+    if args.to is None or args.token_file is None:
+        parser.error("--dicom-listen and --watch need --to URL and --token-file")
+    if args.series_count is not None and args.series_count < 1:
+        parser.error("--series-count must be >= 1")
+    if not args.series_timeout > 0 or not args.watch_settle > 0:
+        parser.error("--series-timeout and --watch-settle must be > 0")
+    if args.deidentify_key is not None and not args.deidentify:
+        parser.error("--deidentify-key belongs to --deidentify")
+    try:
+        check_url(args.to, args.allow_plain_http)
+    except ValueError as error:
+        parser.error(str(error))
+    listen = None
+    if args.dicom_listen is not None:
+        try:
+            listen = parse_host_port(args.dicom_listen, "--dicom-listen")
+        except ValueError as error:
+            parser.error(str(error))
+    try:
+        token = read_token_file(args.token_file, role="sender")
+        servers = ice_servers(args.ice_server, args.ice_credentials)
+        spool = Spool(args.spool)
+        deidentifier = None
+        if args.deidentify:
+            deidentifier = Deidentifier.from_key_file(args.deidentify_key or spool.key_file(),
+                                                      create=args.deidentify_key is None)
+        steering, diffusion, encode = settings_from_args(args)
+        roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
+                        allow_small=args.allow_small_roi)
+        pipeline = SeriesPipeline(roi, steering, diffusion, encode, device=args.device,
+                                  deidentifier=deidentifier, spool=spool)
+    except (TokenError, IceConfigError, SpoolError, VolumeError, ValueError, OSError) as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate must be > 0")
+    options = StreamOptions(retries=args.retries, quiet=True,
+                            max_rate=args.max_rate * 1e6 if args.max_rate else None,
+                            ca_file=str(args.ca_file) if args.ca_file else None,
+                            allow_plain_http=args.allow_plain_http, ice_servers=servers)
+    try:
+        sender = LiveSender(pipeline, spool, args.to, token, options, listen=listen,
+                            ae_title=args.ae_title, watch=args.watch, settle=args.watch_settle,
+                            series_timeout=args.series_timeout, series_count=args.series_count,
+                            session_log=args.session_log)
+    except ValueError as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+
+    async def run() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await sender.start()
+        log.info("live session ready: series go to %s", args.to)
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await sender.stop()
+
+    try:
+        asyncio.run(run())
+    except OSError as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure("dlad-send: ", logging.ERROR if args.quiet else logging.INFO, times=False)
+    if args.dicom_listen is not None or args.watch is not None:
+        return main_live(args, parser)
+    if args.input is None:
+        parser.error("give an INPUT (or --dicom-listen / --watch for a live session)")
+    for option in ("series_count", "deidentify_key", "session_log"):
+        if getattr(args, option) is not None:
+            parser.error(f"--{option.replace('_', '-')} belongs to --dicom-listen / --watch")
+    if args.deidentify:
+        parser.error("--deidentify belongs to --dicom-listen / --watch")
     if args.to is not None:
         return main_to(args, parser)
     if args.token_file is not None or args.drop_after is not None:

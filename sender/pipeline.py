@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sender.dicom import DicomOptions
-from sender.diffusion import DiffusionSettings, diffuse
+from sender.diffusion import DiffusionSettings, LazyDiffusion
 from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import SteeringSettings, steer
@@ -121,12 +121,10 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     steering_map = steer(probability, volume.spacing, steering)
     log.info("ROI (%s): %.1f %% of voxels in %.1f s", provider.name,
              100 * steering_map.roi_fraction, time.perf_counter() - started)
-    started = time.perf_counter()
-    diffused = diffuse(volume.data, steering_map.probability, diffusion, device=device)
-    # Belt and braces: the scheme leaves p == 1 voxels untouched; make the invariant explicit.
-    np.copyto(diffused, volume.data, where=steering_map.roi)
-    log.info("diffusion (K=%g HU, %d iterations, %s): %.2f s", diffusion.kappa,
-             diffusion.iterations, diffusion.mode, time.perf_counter() - started)
+    # Diffusion runs block by block as the encoder reaches each block (pipelined with the
+    # network); p == 1 voxels are copied from the original, whatever the float arithmetic did.
+    diffused = LazyDiffusion(volume.data, steering_map.probability, steering_map.roi, diffusion,
+                             device=device)
     provenance = {
         "input": volume.description,
         **({"inserted_slices": volume.extra["inserted_slices"]}
@@ -169,3 +167,284 @@ def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
                              study_id=study_id,
                              roi_check=safety_check(roi.allow_small) if automatic else None)
     return StudyEncoder(prepared, encode)
+
+
+class SeriesPipeline:
+    """The chain for DICOM series of a live session, kept warm from one series to the next.
+
+    Built once: the ROI provider (the U-Net loaded on its device and run once on a dummy volume,
+    so that the first series does not pay for the framework's set-up) and the settings. Called
+    with a complete series (:class:`sender.live.CompleteSeries`): assembles its instances into a
+    volume (:func:`sender.dicom.series_from_datasets`: their pixel data was decoded as they
+    arrived), skips it if the spool says this very series was delivered already, computes the
+    ROI of the whole series and returns ``(StudyEncoder, DicomSeries, timings)``; diffusion and
+    encoding happen later, block by block, as the stream is sent.
+
+    Args:
+        roi, steering, diffusion, encode, device: as for :func:`build_encoder`.
+        deidentifier: a :class:`sender.dicom_attributes.Deidentifier` for ``--deidentify``.
+        spool: the :class:`sender.spool.Spool` (deliveries already made), or None.
+    """
+
+    def __init__(self, roi: RoiChoice = RoiChoice(),
+                 steering: SteeringSettings = SteeringSettings(),
+                 diffusion: DiffusionSettings = DiffusionSettings(),
+                 encode: EncodeSettings = EncodeSettings(), device: str | None = None,
+                 deidentifier=None, spool=None):
+        started = time.perf_counter()
+        self.roi, self.steering, self.diffusion, self.encode = roi, steering, diffusion, encode
+        self.device = device
+        self.deidentifier = deidentifier
+        self.spool = spool
+        self.provider = make_provider(roi, device)
+        self.automatic = self.provider.name == "unet"
+        self.slices = SliceProbabilities(self.provider) if self.automatic else None
+        self._warm_up()
+        log.info("live pipeline ready (%s ROI) in %.1f s", self.provider.name,
+                 time.perf_counter() - started)
+
+    def _warm_up(self) -> None:
+        """One pass of the provider over a dummy volume: loads kernels, allocates buffers."""
+        if not self.automatic:
+            return
+        affine = np.diag([-0.8, -0.8, 2.5, 1.0])
+        dummy = Volume(np.full((2, 512, 512), -1000, np.int16), affine, (0.8, 0.8, 2.5))
+        self.provider.probability(dummy)
+
+    def observe(self, arrival) -> None:
+        """An instance just arrived: its slice's liver probability can be computed now."""
+        if self.slices is not None:
+            self.slices.submit(arrival)
+
+    def close(self) -> None:
+        if self.slices is not None:
+            self.slices.close()
+
+    def __call__(self, series) -> tuple[StudyEncoder | None, object, dict]:
+        from sender.dicom import series_from_datasets
+        from sender.dicom_attributes import stream_attributes
+
+        timings: dict = {}
+        started = time.perf_counter()
+        datasets = [arrival.dataset if arrival.dataset is not None else _read_instance(arrival.path)
+                    for arrival in series.arrivals]
+        dicom_series = series_from_datasets(datasets, series_uid=series.series_uid,
+                                            names=[a.sop_uid for a in series.arrivals])
+        volume = dicom_series.volume
+        digest = voxel_sha256(volume.data)
+        timings["assemble"] = round(time.perf_counter() - started, 3)
+        instances = {a.sop_uid for a in series.arrivals}
+        delivered = self.spool.delivered_as(series.study_uid, series.series_uid) \
+            if self.spool is not None else None
+        if delivered is not None and delivered.get("sha256") == digest and \
+                instances <= set(delivered.get("instances", [])):
+            if self.slices is not None:
+                self.slices.forget(series.series_uid)
+            timings["reason"] = (f"the same {len(instances)} instances were delivered at "
+                                 f"{delivered.get('at')} (receiver folder "
+                                 f"{delivered.get('receiver_folder')})")
+            log.info("series %s: %s; not sent again", series.series_uid, timings["reason"])
+            return None, dicom_series, timings
+        attributes = stream_attributes(dicom_series, self.deidentifier)
+        number = attributes.get("SeriesNumber")
+        # The description is part of the stream (provenance): identifying nothing, and the
+        # same however the series came (network or folder), so a series resent matches.
+        volume.description = f"DICOM series {number if number is not None else ''}".strip()
+        study_id = f"series{number if number is not None else ''}-{digest[:12]}"
+        started = time.perf_counter()
+        provider = self.provider
+        if self.slices is not None:
+            provider = self.slices.provider_for(series.series_uid, dicom_series)
+            timings["unet_slices_ready"] = provider.ready
+        prepared = prepare_study(volume, provider, self.steering, self.diffusion,
+                                 device=self.device, study_id=study_id,
+                                 roi_check=safety_check(self.roi.allow_small)
+                                 if self.automatic else None)
+        prepared.sha256 = digest
+        prepared.dicom = attributes
+        timings["roi"] = round(time.perf_counter() - started, 3)
+        return StudyEncoder(prepared, self.encode), dicom_series, timings
+
+
+def _read_instance(path):
+    import pydicom
+
+    return pydicom.dcmread(path)
+
+
+class SliceProbabilities:
+    """The U-Net's liver probability of each slice of a live series, computed as it arrives.
+
+    The network is 2D: a slice's map depends on that slice alone (and on the in-plane
+    orientation and pixel size, which every slice of a series shares). So while the scanner is
+    still pushing a series, a worker thread runs the U-Net on the slices already there, in
+    batches, and when the series is complete only the slices not done yet remain: the ROI of a
+    300-slice series is ready seconds after its last image instead of after a whole-volume pass.
+    Only axial stacks are done this way (their slice axis stays the slice axis in the network's
+    orientation, :mod:`models.preprocessing`); other series are done whole at the end.
+
+    The map of a slice does not depend on the slices batched with it (evaluation-mode batch
+    normalisation, per-sample convolutions; checked bit for bit on this CPU: the same slice in
+    batches of 1, 3 and 8 and in the whole-volume pass gives the same float32 map).
+    """
+
+    def __init__(self, provider):
+        import queue
+        import threading
+
+        self.unet = provider
+        self.batch_size = provider.batch_size
+        self._queue: queue.Queue = queue.Queue()
+        self._done: dict[str, dict[str, np.ndarray]] = {}
+        self._geometry: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._working_on: str | None = None
+        self._taken: set[str] = set()
+        """Series already complete: slices of theirs still queued are not worth computing."""
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="dlad-unet-slices", daemon=True)
+        self._thread.start()
+
+    def submit(self, arrival) -> None:
+        if arrival.dataset is not None and not self._closed:
+            self._queue.put(arrival)
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def forget(self, series_uid: str) -> None:
+        with self._lock:
+            self._done.pop(series_uid, None)
+            self._geometry.pop(series_uid, None)
+            self._taken.add(series_uid)
+
+    @staticmethod
+    def _slice(dataset) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]] | None:
+        """HU, the slice's affine and spacing, or None where it cannot be done alone."""
+        from sender.dicom import affine_from_dicom
+
+        try:
+            cosines = np.array([float(v) for v in dataset.ImageOrientationPatient])
+            dy, dx = (float(v) for v in dataset.PixelSpacing)
+            position = np.array([float(v) for v in dataset.ImagePositionPatient])
+            slope = float(dataset.get("RescaleSlope", 1) or 1)
+            intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+            stored = dataset.pixel_array
+        except Exception:  # the series' own checks will say what is wrong
+            return None
+        row, column = cosines[:3], cosines[3:]
+        normal = np.cross(row, column)
+        affine = affine_from_dicom(row, column, (dy, dx), position, normal)
+        hu = np.rint(stored.astype(np.float64) * slope + intercept)
+        if hu.ndim != 2 or hu.min() < -32768 or hu.max() > 32767:
+            return None
+        return hu.astype(np.int16), affine, (dx, dy, 1.0)
+
+    @staticmethod
+    def _axial(affine: np.ndarray) -> bool:
+        import nibabel as nib
+
+        return int(nib.orientations.io_orientation(affine)[2, 0]) == 2
+
+    def _work(self) -> None:
+        import queue
+
+        from models.inference import predict_probability
+
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            groups: dict[str, list] = {}
+            for arrival in batch:
+                groups.setdefault(arrival.series_uid, []).append(arrival)
+            for series_uid, arrivals in groups.items():
+                with self._lock:
+                    if series_uid in self._taken:
+                        continue  # the series is complete: its map is made whole by now
+                    self._working_on = series_uid
+                try:
+                    slices = [(a.sop_uid, self._slice(a.dataset)) for a in arrivals]
+                    slices = [(uid, s) for uid, s in slices if s is not None]
+                    if not slices:
+                        continue
+                    affine, spacing = slices[0][1][1], slices[0][1][2]
+                    if not self._axial(affine):
+                        continue
+                    hu = np.stack([s[0] for _, s in slices])
+                    try:
+                        probability = predict_probability(self.unet.model, hu, affine, spacing,
+                                                          batch_size=self.batch_size)
+                    except Exception:  # computed again, whole, when the series completes
+                        log.debug("U-Net on arriving slices failed", exc_info=True)
+                        continue
+                    with self._lock:
+                        done = self._done.setdefault(series_uid, {})
+                        self._geometry[series_uid] = affine
+                        for (uid, _), p in zip(slices, probability):
+                            done[uid] = p
+                finally:
+                    with self._lock:
+                        self._working_on = None
+                        self._idle.notify_all()
+
+    def provider_for(self, series_uid: str, dicom_series) -> _PrecomputedUNet:
+        """The U-Net's map of a complete series: the slices done as they arrived, the others
+        now (in slice order, whole-volume geometry)."""
+        import nibabel as nib
+
+        from models.inference import predict_probability
+
+        volume = dicom_series.volume
+        with self._lock:
+            while self._working_on == series_uid:
+                self._idle.wait()
+            done = self._done.pop(series_uid, None) or {}
+            affine = self._geometry.pop(series_uid, None)
+            self._taken.add(series_uid)
+        if affine is not None and not np.array_equal(
+                nib.orientations.io_orientation(affine)[:2],
+                nib.orientations.io_orientation(volume.affine)[:2]):
+            done = {}  # another in-plane orientation than the stack's: do it whole
+        probability = np.empty(volume.shape, dtype=np.float32)
+        missing = []
+        for k, name in enumerate(dicom_series.sources):
+            if name in done:
+                probability[k] = done[name]
+            else:
+                missing.append(k)
+        if missing:
+            probability[missing] = predict_probability(
+                self.unet.model, volume.data[missing], volume.affine, volume.spacing,
+                batch_size=self.batch_size)
+        return _PrecomputedUNet(self.unet, probability, ready=len(volume.data) - len(missing))
+
+
+class _PrecomputedUNet(ProbabilityProvider):
+    """The U-Net provider with its map already computed (same name, margin and description)."""
+
+    def __init__(self, unet, probability: np.ndarray, ready: int):
+        self.unet, self._probability, self.ready = unet, probability, ready
+        self.name = unet.name
+        self.z_margin_mm = unet.z_margin_mm
+
+    def probability(self, volume: Volume) -> np.ndarray:
+        if self._probability.shape != volume.shape:
+            raise ValueError("precomputed probability of another shape")
+        return self._probability
+
+    def describe(self) -> dict:
+        return self.unet.describe()
