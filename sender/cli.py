@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "their series (default ./%(default)s)")
     live.add_argument("--deidentify", action="store_true",
                       help="replace identifying DICOM attributes in the stream by stable "
-                           "pseudonyms (keyed hash; docs/LIVE.md says which)")
+                           "pseudonyms (keyed hash; docs/LIVE.md says which); also for a DICOM "
+                           "folder INPUT")
     live.add_argument("--deidentify-key", type=Path, metavar="FILE",
                       help="site secret of --deidentify (default: SPOOL/deidentify.key, made "
                            "at first use)")
@@ -236,7 +237,19 @@ def encoder_from_args(args) -> StudyEncoder:
     dicom = DicomOptions(series_uid=args.series_uid, allow_gaps=args.allow_gaps,
                          skip_unreadable=args.skip_unreadable)
     return build_encoder(args.input, roi, steering, diffusion, encode, device=args.device,
-                         study_id=args.study_id, dicom=dicom)
+                         study_id=args.study_id, dicom=dicom, deidentifier=deidentifier_from_args(args))
+
+
+def deidentifier_from_args(args):
+    """The --deidentify key's Deidentifier (None without --deidentify)."""
+    from sender.dicom_attributes import Deidentifier
+
+    if args.deidentify_key is not None and not args.deidentify:
+        raise ValueError("--deidentify-key belongs to --deidentify")
+    if not args.deidentify:
+        return None
+    return Deidentifier.from_key_file(args.deidentify_key or args.spool / "deidentify.key",
+                                      create=args.deidentify_key is None)
 
 
 def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:
@@ -340,7 +353,6 @@ def parse_host_port(value: str, option: str) -> tuple[str, int]:
 
 def main_live(args, parser) -> int:
     """``dlad-send --dicom-listen/--watch --to URL``: the live session."""
-    from sender.dicom_attributes import Deidentifier
     from sender.live import LiveSender
     from sender.pipeline import RoiChoice, SeriesPipeline
     from sender.spool import Spool, SpoolError
@@ -359,8 +371,6 @@ def main_live(args, parser) -> int:
         parser.error("--series-count must be >= 1")
     if not args.series_timeout > 0 or not args.watch_settle > 0:
         parser.error("--series-timeout and --watch-settle must be > 0")
-    if args.deidentify_key is not None and not args.deidentify:
-        parser.error("--deidentify-key belongs to --deidentify")
     try:
         check_url(args.to, args.allow_plain_http)
     except ValueError as error:
@@ -375,10 +385,7 @@ def main_live(args, parser) -> int:
         token = read_token_file(args.token_file, role="sender")
         servers = ice_servers(args.ice_server, args.ice_credentials)
         spool = Spool(args.spool)
-        deidentifier = None
-        if args.deidentify:
-            deidentifier = Deidentifier.from_key_file(args.deidentify_key or spool.key_file(),
-                                                      create=args.deidentify_key is None)
+        deidentifier = deidentifier_from_args(args)
         steering, diffusion, encode = settings_from_args(args)
         roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
                         allow_small=args.allow_small_roi)
@@ -436,11 +443,9 @@ def main(argv=None) -> int:
         return main_live(args, parser)
     if args.input is None:
         parser.error("give an INPUT (or --dicom-listen / --watch for a live session)")
-    for option in ("series_count", "deidentify_key", "session_log"):
+    for option in ("series_count", "session_log"):
         if getattr(args, option) is not None:
             parser.error(f"--{option.replace('_', '-')} belongs to --dicom-listen / --watch")
-    if args.deidentify:
-        parser.error("--deidentify belongs to --dicom-listen / --watch")
     if args.to is not None:
         return main_to(args, parser)
     if args.token_file is not None or args.drop_after is not None:

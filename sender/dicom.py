@@ -173,6 +173,8 @@ class _Instance:
     """Attributes of this frame from the functional groups, by keyword (multi-frame)."""
     position: np.ndarray | None = None
     z: float = 0.0
+    stored: np.ndarray | None = None
+    """Its pixel data already decoded (stored values), when the caller had it."""
 
     def attr(self, keyword, default=None):
         value = self.overrides.get(keyword)
@@ -319,11 +321,14 @@ def _read_without_preamble(pydicom, path: Path):
 
 def series_from_datasets(datasets: Iterable, series_uid: str | None = None,
                          allow_gaps: bool = False, names: Sequence[str] | None = None,
-                         threads: int | None = None) -> DicomSeries:
+                         threads: int | None = None,
+                         decoded: Sequence[np.ndarray | None] | None = None) -> DicomSeries:
     """The series formed by in-memory pydicom Datasets (e.g. received by a C-STORE SCP).
 
     Same checks and result as :func:`read_series`; ``names`` labels the datasets in messages
-    (default: their SOPInstanceUID, else their index).
+    (default: their SOPInstanceUID, else their index). ``decoded`` gives, per dataset, its pixel
+    data already decoded (the stored values, ``Rows x Columns``; None where not): a live sender
+    decodes each image as it arrives, and the series is then assembled without decoding again.
     """
     datasets = list(datasets)
     if not datasets:
@@ -336,7 +341,11 @@ def series_from_datasets(datasets: Iterable, series_uid: str | None = None,
         if "PixelData" not in dataset:
             skipped.append(name)
             continue
-        instances.extend(_frames_of(name, dataset, owned=False))
+        frames = _frames_of(name, dataset, owned=False)
+        if decoded is not None and decoded[index] is not None and len(frames) == 1 \
+                and frames[0].frame is None:
+            frames[0].stored = decoded[index]
+        instances.extend(frames)
     if skipped:
         log.warning("skipped %d DICOM dataset(s) without an image: %s", len(skipped),
                     _names(skipped))
@@ -640,7 +649,8 @@ def _decode_all(placed: list, data: np.ndarray, label: str, threads: int | None)
             return
         dataset = instance.dataset
         try:
-            stored = pixel_array(dataset, index=instance.frame)
+            stored = instance.stored if instance.stored is not None else \
+                pixel_array(dataset, index=instance.frame)
         except Exception as error:  # decoder missing, corrupt or truncated pixel data
             syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(syntax, "name", str(syntax)) if syntax else "unknown transfer syntax"

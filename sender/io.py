@@ -78,6 +78,11 @@ def _read_with_itk(path: Path) -> Volume:
 
 def _read_dicom_series(folder: Path, options: DicomOptions) -> Volume:
     from sender.dicom import read_series
+    from sender.dicom_attributes import stream_attributes
 
-    return read_series(folder, series_uid=options.series_uid, allow_gaps=options.allow_gaps,
-                       skip_unreadable=options.skip_unreadable).volume
+    series = read_series(folder, series_uid=options.series_uid, allow_gaps=options.allow_gaps,
+                         skip_unreadable=options.skip_unreadable)
+    # The attributes the stream header carries (identity, descriptions, geometry), for the
+    # receiver's viewer and DICOM export.
+    series.volume.extra["dicom"] = stream_attributes(series)
+    return series.volume

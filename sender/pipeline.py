@@ -143,11 +143,13 @@ def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
                   steering: SteeringSettings = SteeringSettings(),
                   diffusion: DiffusionSettings = DiffusionSettings(),
                   encode: EncodeSettings = EncodeSettings(), device: str | None = None,
-                  study_id: str | None = None, dicom: DicomOptions = DicomOptions()
-                  ) -> StudyEncoder:
+                  study_id: str | None = None, dicom: DicomOptions = DicomOptions(),
+                  deidentifier=None) -> StudyEncoder:
     """Load ``source`` (a path, or :data:`PHANTOM`), segment, diffuse: a ready StudyEncoder.
 
-    ``dicom`` holds the choices for a DICOM folder (series, gaps, unreadable files).
+    ``dicom`` holds the choices for a DICOM folder (series, gaps, unreadable files); the
+    series' attributes go into the header (:mod:`sender.dicom_attributes`), through
+    ``deidentifier`` (``--deidentify``) when given.
     """
     from sender.io import load_volume
 
@@ -161,11 +163,18 @@ def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
     log.info("loaded %s: %s voxels, spacing %s mm, %s in %.1f s", volume.description,
              "x".join(map(str, volume.shape)), tuple(round(s, 3) for s in volume.spacing),
              volume.source_dtype, time.perf_counter() - started)
+    attributes = volume.extra.get("dicom", {})
+    if deidentifier is not None and attributes:
+        attributes = deidentifier.attributes(attributes)
+        number = attributes.get("SeriesNumber")
+        # The folder's name may be the patient's: the stream says only what the series is.
+        volume.description = f"DICOM series {number if number is not None else ''}".strip()
     provider = make_provider(roi, device, phantom_mask)
     automatic = provider.name == "unet"
     prepared = prepare_study(volume, provider, steering, diffusion, device=device,
                              study_id=study_id,
                              roi_check=safety_check(roi.allow_small) if automatic else None)
+    prepared.dicom = attributes
     return StudyEncoder(prepared, encode)
 
 
@@ -228,8 +237,13 @@ class SeriesPipeline:
         started = time.perf_counter()
         datasets = [arrival.dataset if arrival.dataset is not None else _read_instance(arrival.path)
                     for arrival in series.arrivals]
+        # Decoded on arrival (the node or the watcher): pydicom keeps the array with the
+        # dataset, handed over here so that nothing is decoded twice.
+        decoded = [arrival.dataset.pixel_array if arrival.dataset is not None else None
+                   for arrival in series.arrivals]
         dicom_series = series_from_datasets(datasets, series_uid=series.series_uid,
-                                            names=[a.sop_uid for a in series.arrivals])
+                                            names=[a.sop_uid for a in series.arrivals],
+                                            decoded=decoded)
         volume = dicom_series.volume
         digest = voxel_sha256(volume.data)
         timings["assemble"] = round(time.perf_counter() - started, 3)

@@ -454,3 +454,25 @@ def test_connection_lost_between_series_is_reopened(phantoms, tmp_path):
     folders = series_folders(tmp_path / "out")
     check_received(folders[series_a], first, 10)
     check_received(folders[series_b], second, 10)
+
+
+def test_a_dicom_folder_input_carries_its_attributes(phantoms, tmp_path):
+    """``dlad-send FOLDER``: the header's dicom map (the viewer's DICOM export reads it), and
+    with --deidentify the pseudonyms a live session would give the same series."""
+    from sender.dicom_attributes import Deidentifier
+    from sender.pipeline import build_encoder
+    from shared.wire import StreamHeader, parse_frame
+
+    folder = tmp_path / "DOE_JANE_CT"
+    study, series, _ = write_series(folder, phantoms[0], transfer_syntax=JLS, series_number=4)
+    plain = build_encoder(folder, RoiChoice(spec="body")).header
+    key = Deidentifier(b"site-secret-0123456789")
+    hidden = build_encoder(folder, RoiChoice(spec="body"), deidentifier=key).header
+    assert plain.dicom["StudyInstanceUID"] == study and plain.dicom["SeriesNumber"] == 4
+    assert plain.dicom["PatientName"] == "DOE^JANE" and plain.dicom["Modality"] == "CT"
+    assert hidden.dicom["SeriesInstanceUID"] == key.uid(series)
+    assert hidden.dicom["PatientID"] != "PAT-0042" and "PatientBirthDate" not in hidden.dicom
+    assert "DOE" in plain.provenance["input"] and "DOE" not in hidden.provenance["input"]
+    assert "DOE" not in hidden.study_id
+    again = parse_frame(hidden.to_frame())
+    assert isinstance(again, StreamHeader) and again.dicom == hidden.dicom
