@@ -30,7 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sender.live import Arrival, SeriesCollector
+from sender.series import Arrival, SeriesCollector
 from sender.spool import Spool, SpoolError, valid_uid
 
 log = logging.getLogger("dlad.sender")

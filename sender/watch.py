@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sender.dicom_node import Refusal, check_ct_image, decode_pixels
-from sender.live import Arrival, SeriesCollector
+from sender.series import Arrival, SeriesCollector
 from sender.spool import Spool, SpoolError
 
 log = logging.getLogger("dlad.sender")
