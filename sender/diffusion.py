@@ -305,7 +305,8 @@ class LazyDiffusion:
     Voxels with ``probability == 1`` (the ROI) are copied from the input, whatever the float
     arithmetic did.
 
-    Indexing takes a slice range along the first axis only: ``lazy[z0:z1]``.
+    Indexing takes a slice range along the first axis only: ``lazy[z0:z1]``; ``np.asarray(lazy)``
+    is the whole volume.
     """
 
     def __init__(self, volume: np.ndarray, probability: np.ndarray, roi: np.ndarray,
@@ -360,3 +361,15 @@ class LazyDiffusion:
         """The whole diffused volume (computing what is left)."""
         self.compute(0, self.shape[0])
         return self._out
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(lazy)``: the whole diffused volume (what callers that want an array,
+        such as the benchmarks' metrics, get)."""
+        out = self.full()
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            return out.astype(dtype)
+        return out.copy() if copy else out
