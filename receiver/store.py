@@ -337,6 +337,11 @@ class StudyRecord:
         shutil.rmtree(self.folder, ignore_errors=True)
         if self.disk is not None:
             self.disk.charge(-size)
+        if len(self.name.split("/")) > 1:
+            try:  # a DICOM study's folder left without any series goes too
+                self.folder.parent.rmdir()
+            except OSError:
+                pass
         try:
             _fsync_dir(self.folder.parent)
         except OSError:
