@@ -31,6 +31,7 @@ from receiver.stream import StudyStream
 from sender.diffusion import DiffusionSettings, diffuse
 from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
 from sender.io import load_volume
+from sender.pipeline import default_diffusion
 from sender.roi.mask_file import MaskFileProvider
 from sender.roi.steering import SteeringSettings, steer
 from shared.codecs import get_codec
@@ -162,13 +163,16 @@ def main(argv=None) -> int:
     entropy_o, entropy_d = entropy_bits(original), entropy_bits(diffused)
     print(f"\nentropy: original {entropy_o:.3f} bits/voxel, diffused {entropy_d:.3f} bits/voxel\n")
 
-    # 4. Layered streams (wire format, headers included), decoded by the receiver.
-    prepared = PreparedStudy(volume, roi, diffused, "bench")
+    # 4. Streams (wire format, headers included), decoded by the receiver; each from the volume
+    # dlad-send gives its mode (sender.pipeline.default_diffusion: the layered modes undiffused).
+    sources = {True: PreparedStudy(volume, roi, diffused, "bench"),
+               False: PreparedStudy(volume, roi, original.copy(), "bench")}
     rows = []
     for name, settings in (("layered (default)", EncodeSettings()),
                            ("layered --exact", EncodeSettings(exact=True)),
                            ("hevc-lossless on diffused", EncodeSettings(codec="hevc-lossless")),
                            ("jpegls on diffused", EncodeSettings(codec="jpegls"))):
+        prepared = sources[default_diffusion(settings).iterations > 0]
         size, encode_s, decode_s, result = stream(prepared, settings)
         rows.append(quality_row(name, original, result.volume, roi, size, encode_s, decode_s))
     print("## Streams (all bytes of the .dlad file), decoded by the receiver\n")

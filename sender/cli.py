@@ -14,7 +14,7 @@ from tqdm import tqdm
 from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings
 from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
-from sender.pipeline import PHANTOM
+from sender.pipeline import PHANTOM, default_diffusion
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
 from shared.atomic import atomic_path
 from shared.codecs import codec_names, get_codec
@@ -33,8 +33,10 @@ EXAMPLES = """examples:
   dlad-send dicom_folder/ --series-uid 1.2.840.113619.2.55.3.1234 --out study.dlad
   # multi-label TotalSegmentator mask (label 5 = liver), plus the exact layer
   dlad-send ct.nii.gz --roi-mask total.nii.gz --roi-label 5 --exact --out study.dlad
-  # paper-style: one lossless codec on the diffused volume (ROI bit-exact)
+  # paper-style: one lossless codec on the diffused volume (ROI bit-exact; diffusion on)
   dlad-send ct.nii.gz --roi-mask liver.nii.gz --codec hevc-lossless --out study.dlad
+  # layered with the paper's diffusion anyway (off by default in the layered modes)
+  dlad-send ct.nii.gz --roi-mask liver.nii.gz --iterations 15 --out study.dlad
   # stream to a receiver (dlad-receive --listen) over WebRTC, resuming after drops
   dlad-send ct.nii.gz --roi-mask liver.nii.gz --exact --to http://127.0.0.1:8700 \\
       --token-file token.txt
@@ -180,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = DiffusionSettings()
     diffusion.add_argument("--kappa", type=float, default=defaults.kappa,
                            help=f"edge threshold K in HU (default {defaults.kappa:g})")
-    diffusion.add_argument("--iterations", type=int, default=defaults.iterations,
-                           help=f"explicit steps (default {defaults.iterations}; 0 = off)")
+    diffusion.add_argument("--iterations", type=int, default=None,
+                           help="explicit steps; 0 = off (default: off in the layered modes, "
+                                f"where it saves no bytes at equal quality; {defaults.iterations} "
+                                "with one lossless --codec, the paper's setting, where it pays; "
+                                "docs/BENCHMARKS.md)")
     diffusion.add_argument("--diffusion", choices=("2d", "3d"), default=defaults.mode,
                            help="per-slice 2D as in the paper, or 3D")
     diffusion.add_argument("--device", choices=("cpu", "cuda"),
@@ -218,12 +223,13 @@ def settings_from_args(args):
     steering = SteeringSettings(dilation_radius_px=args.dilation_px,
                                 dilation_radius_mm=args.dilation_mm, threshold=args.threshold,
                                 z_margin_mm=args.z_margin_mm)
-    diffusion = DiffusionSettings(kappa=args.kappa, iterations=args.iterations,
-                                  mode=args.diffusion)
     encode = EncodeSettings(codec=args.codec, exact=args.exact,
                             crf=None if args.qp is not None else args.crf, qp=args.qp,
                             preset=args.preset, residual_codecs=tuple(args.residual_codec),
                             group_slices=args.group_slices, min_ssim=args.min_ssim or None)
+    iterations = default_diffusion(encode).iterations if args.iterations is None \
+        else args.iterations
+    diffusion = DiffusionSettings(kappa=args.kappa, iterations=iterations, mode=args.diffusion)
     return steering, diffusion, encode
 
 

@@ -20,6 +20,10 @@ that corresponds to roughly ``0.4 * window`` HU. Our default comes from a sweep 
 abdomen CT (``scripts/bench_codecs.py``): the largest layered compression ratio with
 whole-volume SSIM (L = 4095) >= 0.99.
 
+Where it is used: :func:`sender.pipeline.default_diffusion` diffuses by default only when one
+lossless codec codes the volume (the paper's setting, where it pays); in the layered modes it
+saves no bytes at equal quality and is off unless asked for (docs/BENCHMARKS.md).
+
 Stability: with ``C <= 1`` the scheme obeys a maximum principle (every new value is a convex
 combination of old ones) when ``dt <= 1/4`` in 2D and ``dt <= 1/6`` in 3D; those are the defaults.
 

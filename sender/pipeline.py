@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings, LazyDiffusion
-from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
+from sender.encoder import LAYERED, EncodeSettings, PreparedStudy, StudyEncoder
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import SteeringSettings, steer
 from shared.volume import Volume
@@ -103,6 +103,26 @@ def default_study_id(volume: Volume, digest: str) -> str:
     return f"{safe[: MAX_STUDY_ID - 13]}-{digest[:12]}"
 
 
+def default_diffusion(encode: EncodeSettings) -> DiffusionSettings:
+    """The diffusion a coding mode gets unless one is asked for.
+
+    * Layered modes (the default, ``--exact``): **none**. Measured on five studies
+      (``scripts/study_diffusion.py``, docs/BENCHMARKS.md "What diffusion buys"): at equal
+      whole-volume SSIM the diffused base saves no bytes (0.995-1.04 x the undiffused stream),
+      its previews keep fewer edges outside the ROI (GMSD) up to base CRF 24 and about as many
+      at CRF 30-36, and with the quality guard on the stream even grows (up to +10 %, the guard
+      re-coding the blocks diffusion pushed below its SSIM target), while the sender spends
+      time diffusing.
+    * One lossless codec on the diffused volume (``--codec NAME``, the paper's setting): the
+      paper's 15 iterations, which raise that codec's compression ratio by 7-152 % at a
+      whole-volume SSIM of 0.996 or more (the ROI bit-exact) where the noise is of the order
+      of K (not on a 60 HU low-dose phantom).
+    """
+    if encode.codec == LAYERED:
+        return replace(DiffusionSettings(), iterations=0)
+    return DiffusionSettings()
+
+
 def prepare_study(volume: Volume, provider: ProbabilityProvider,
                   steering: SteeringSettings = SteeringSettings(),
                   diffusion: DiffusionSettings = DiffusionSettings(),
@@ -141,16 +161,19 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
 
 def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
                   steering: SteeringSettings = SteeringSettings(),
-                  diffusion: DiffusionSettings = DiffusionSettings(),
+                  diffusion: DiffusionSettings | None = None,
                   encode: EncodeSettings = EncodeSettings(), device: str | None = None,
                   study_id: str | None = None, dicom: DicomOptions = DicomOptions(),
                   deidentifier=None) -> StudyEncoder:
     """Load ``source`` (a path, or :data:`PHANTOM`), segment, diffuse: a ready StudyEncoder.
 
-    ``dicom`` holds the choices for a DICOM folder (series, gaps, unreadable files); the
-    series' attributes go into the header (:mod:`sender.dicom_attributes`), through
-    ``deidentifier`` (``--deidentify``) when given.
+    ``diffusion`` None: :func:`default_diffusion` of the coding mode. ``dicom`` holds the
+    choices for a DICOM folder (series, gaps, unreadable files); the series' attributes go into
+    the header (:mod:`sender.dicom_attributes`), through ``deidentifier`` (``--deidentify``)
+    when given.
     """
+    if diffusion is None:
+        diffusion = default_diffusion(encode)
     from sender.io import load_volume
 
     started = time.perf_counter()

@@ -66,3 +66,16 @@ def test_stored_values_follow_the_dicom_convention():
     values = bench.StoredValues.of(Volume(data=low, affine=np.eye(4), spacing=(1, 1, 1)))
     assert values.intercept == -2048 and values.stored.min() == 0
     np.testing.assert_array_equal(values.to_hu(values.stored), low)
+
+
+def test_jpegxl_helper_codes_narrow_images_losslessly():
+    """libjxl refuses uint16 samples declared as 8-bit: such images (small residuals) go as
+    uint8; wider ones declare their bit depth."""
+    import imagecodecs
+
+    bench = load_script()
+    rng = np.random.default_rng(5)
+    for bits in (1, 8, 9, 12):
+        image = rng.integers(0, 1 << bits, (40, 56)).astype(np.uint16)
+        coded = bench.jpegxl_encode(image, bits, lossless=True, effort=3)
+        np.testing.assert_array_equal(imagecodecs.jpegxl_decode(coded), image)
