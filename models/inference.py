@@ -10,9 +10,10 @@ to floating-point summation order (and TF32 convolutions on recent GPUs).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.preprocessing import (
     canonical_spacing,
@@ -24,11 +25,9 @@ from models.preprocessing import (
     window,
 )
 from models.unet import LiverUNet
+from shared.progress import progress as progress_display
 
-
-def default_device() -> torch.device:
-    """CUDA when present, CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+log = logging.getLogger("dlad.models")
 
 
 @torch.inference_mode()
@@ -42,7 +41,8 @@ def predict_probability(model: LiverUNet, hu: np.ndarray, affine: np.ndarray, sp
         affine: 4x4 voxel-to-RAS+ matrix of ``hu``'s grid (gives the orientation).
         spacing: ``(sx, sy, sz)`` voxel size in mm.
         batch_size: slices per forward pass (memory vs. speed).
-        progress: show a progress bar over slice batches.
+        progress: show the slice batches done (when this module's log shows INFO, as the
+            command lines' do: a bar on a terminal, plain lines in a log).
 
     Returns:
         float32 probabilities of ``hu``'s shape, in ``[0, 1]``.
@@ -58,7 +58,8 @@ def predict_probability(model: LiverUNet, hu: np.ndarray, affine: np.ndarray, sp
     low, high = config.window
     probability = np.empty(canonical.shape, dtype=np.float32)
     starts = range(0, canonical.shape[0], batch_size)
-    for start in tqdm(starts, desc="liver U-Net", unit="batch", disable=not progress):
+    for start in progress_display(starts, desc="liver U-Net", unit="batch", disable=not progress,
+                                  logger=log):
         block = np.ascontiguousarray(canonical[start:start + batch_size], dtype=np.float32)
         slices = torch.from_numpy(block)[:, None].to(device)
         slices = resize(window(slices, low, high), size)

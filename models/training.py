@@ -94,11 +94,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.augment import GeometrySettings, add_lesions, appearance, geometric
-from models.inference import default_device, predict_probability
+from models.device import resolve_device
+from models.inference import predict_probability
 from models.phantoms import make_phantom
 from models.preprocessing import canonical_spacing, network_size, resize, to_canonical, window
 from models.unet import LiverUNet, UNetConfig, save_weights
 from shared.geometry import resample_nearest
+from shared.progress import progress
 from shared.volume import Volume
 
 CHECKPOINT_FORMAT = "dlad-liver-unet-checkpoint/1"
@@ -277,7 +279,7 @@ def scan_name(case: Case) -> str:
 def load_training_scans(cases: list[Case], label: int | None, config: UNetConfig,
                         read_volume: VolumeReader) -> list[TrainingScan]:
     scans = []
-    for case in tqdm(cases, desc="loading training scans", unit="scan"):
+    for case in progress(cases, desc="loading training scans", unit="scan"):
         volume = read_volume(case.ct)
         liver = load_liver(case, volume, label, read_volume)
         scans.append(to_training_scan(scan_name(case), volume, liver, config))
@@ -287,7 +289,7 @@ def load_training_scans(cases: list[Case], label: int | None, config: UNetConfig
 def load_validation_scans(cases: list[Case], label: int | None, read_volume: VolumeReader
                           ) -> list[ValidationScan]:
     scans = []
-    for case in tqdm(cases, desc="loading validation scans", unit="scan"):
+    for case in progress(cases, desc="loading validation scans", unit="scan"):
         volume = read_volume(case.ct)
         scans.append(ValidationScan(scan_name(case), volume,
                                     load_liver(case, volume, label, read_volume)))
@@ -298,7 +300,7 @@ def load_negative_scans(specs, config: UNetConfig, read_volume: VolumeReader
                         ) -> list[TrainingScan]:
     """Slice ranges known to hold no liver (``[start, stop)``), labelled background throughout."""
     scans = []
-    for ct, start, stop in tqdm(specs, desc="loading liver-free slices", unit="scan"):
+    for ct, start, stop in progress(specs, desc="loading liver-free slices", unit="scan"):
         volume = read_volume(ct)
         if stop > volume.shape[0]:
             raise SystemExit(f"--negative {ct} {start} {stop}: the scan has only "
@@ -313,7 +315,7 @@ def load_negative_scans(specs, config: UNetConfig, read_volume: VolumeReader
 
 def make_phantom_scans(count: int, seed: int, config: UNetConfig) -> list[TrainingScan]:
     scans = []
-    for index in tqdm(range(count), desc="synthesising phantoms", unit="phantom"):
+    for index in progress(range(count), desc="synthesising phantoms", unit="phantom"):
         rng = np.random.default_rng([seed, 1_000_003, index])
         side = int(rng.integers(176, 240))
         shape = (int(rng.integers(12, 25)), side, side + int(rng.integers(-16, 17)))
@@ -665,7 +667,7 @@ def main(argv=None, *, hooks: TrainingHooks, description: str | None = None) -> 
     """
     args = parse_args(argv, description)
     torch.set_num_threads(args.threads)
-    device = default_device() if args.device == "auto" else torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     out: Path = args.out
@@ -720,8 +722,8 @@ def main(argv=None, *, hooks: TrainingHooks, description: str | None = None) -> 
     model.train()
     began = time.monotonic()
     running = None
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training",
-               unit="step")
+    bar = progress(range(start, args.steps), initial=start, total=args.steps, desc="training",
+                   unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)

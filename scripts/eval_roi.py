@@ -36,14 +36,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sender.io import load_volume
 from sender.roi.body import BodyProvider
 from sender.roi.box import BoxProvider
 from sender.roi.mask_file import MaskFileProvider
 from sender.roi.safety import check_roi_plausibility, roi_metrics
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
+from shared.progress import progress
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_SCANS = [("abdomen_ct_dicom", "abdomen_ct_liver.nii.gz"),
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     provider = make_provider(args.provider, args.weights, args.device, args.batch_size)
     rows = []
-    for ct, mask in tqdm(args.scan, desc="scans", unit="scan"):
+    for ct, mask in progress(args.scan, desc="scans", unit="scan"):
         volume = load_volume(ct)
         liver = MaskFileProvider(mask, label=args.label).probability(volume) > 0.5
         began = time.perf_counter()

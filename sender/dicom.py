@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.geometry import LPS_TO_RAS
+from shared.progress import progress
 from shared.volume import HU_DTYPE, Volume, VolumeError, to_hu_int16
 
 log = logging.getLogger("dlad.sender")
@@ -255,7 +256,8 @@ def read_series(source, series_uid: str | None = None, allow_gaps: bool = False,
     if not paths:
         raise DicomSeriesError(f"{where}: no DICOM series found (no files)")
     instances, not_dicom, not_image = [], [], []
-    for path in paths:
+    # Progress shows when the sender's log shows INFO (dlad-send without --quiet).
+    for path in progress(paths, desc=f"reading {where}", unit="file", logger=log):
         try:
             # Pixel data (and other long values) are read when decoded, not now: the header
             # pass over a large series stays fast and small. pydicom reads a truncated file
@@ -682,13 +684,16 @@ def _decode_all(placed: list, data: np.ndarray, label: str, threads: int | None)
         if instance is not None and instance.frame is not None:
             instance.dataset.PixelData  # noqa: B018 - read a deferred value once, not per thread
     count = threads or min(MAX_DECODE_THREADS, os.cpu_count() or 1)
-    if count <= 1:
-        for k in range(len(placed)):
-            decode(k)
-        return
-    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="dlad-dicom") as pool:
-        for future in [pool.submit(decode, k) for k in range(len(placed))]:
-            future.result()
+    with progress(total=len(placed), desc=f"decoding {label}", unit="slice", logger=log) as bar:
+        if count <= 1:
+            for k in range(len(placed)):
+                decode(k)
+                bar.update()
+            return
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="dlad-dicom") as pool:
+            for future in [pool.submit(decode, k) for k in range(len(placed))]:
+                future.result()
+                bar.update()
 
 
 def affine_from_dicom(row_cosines, column_cosines, pixel_spacing, position, slice_step

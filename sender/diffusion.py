@@ -112,20 +112,14 @@ class DiffusionSettings:
         return self.time_step if self.time_step is not None else self.stable_time_step()
 
 
-def default_device() -> torch.device:
-    """CUDA when present, CPU otherwise."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def diffuse(volume: np.ndarray, probability: np.ndarray,
             settings: DiffusionSettings = DiffusionSettings(),
             device: torch.device | str | None = None) -> np.ndarray:
     """Diffuse an int16 volume (slice-major) steered by ``probability``; return int16.
 
     Voxels with ``probability == 1`` are returned unchanged. Values are rounded to the nearest
-    integer (ties to even) and stay within the input's range (maximum principle).
+    integer (ties to even) and stay within the input's range (maximum principle). ``device``:
+    None picks CUDA when available (:func:`models.device.resolve_device`).
 
     Example:
         >>> import numpy as np
@@ -144,9 +138,10 @@ def diffuse(volume: np.ndarray, probability: np.ndarray,
         return volume.astype(np.int16, copy=True)
     import torch
 
+    from models.device import resolve_device
+
     with torch.no_grad():
-        return _diffuse(volume, probability, settings,
-                        torch.device(device) if device is not None else default_device())
+        return _diffuse(volume, probability, settings, resolve_device(device))
 
 
 def _diffuse(volume: np.ndarray, probability: np.ndarray, settings: DiffusionSettings,

@@ -7,6 +7,7 @@ pydicom are imported lazily, so a NIfTI input pays for neither.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from sender.dicom import DicomOptions
 from shared.geometry import itk_geometry_to_affine
 from shared.nifti import is_nifti_path, read_nifti
 from shared.volume import Volume, VolumeError, to_hu_int16
+
+log = logging.getLogger("dlad.sender")
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -29,6 +32,7 @@ def load_volume(path, dicom: DicomOptions = DicomOptions()) -> Volume:
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"input not found: {path}")
+    log.info("reading %s", path)  # said at once: a large series or file takes seconds
     if path.is_dir():
         return _read_dicom_series(path, dicom)
     if is_nifti_path(path):

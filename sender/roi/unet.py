@@ -16,9 +16,9 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from models.inference import default_device, predict_probability
+from models.device import resolve_device
+from models.inference import predict_probability
 from models.unet import BUNDLED_WEIGHTS, load_weights
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM
@@ -54,18 +54,13 @@ class UNetProvider(ProbabilityProvider):
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.weights = BUNDLED_WEIGHTS if weights is None else Path(weights)
-        try:
-            self.device = default_device() if device is None else torch.device(device)
-        except RuntimeError as error:
-            raise ValueError(f"invalid device {device!r}: {error}") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        self.device = resolve_device(device)
         self.batch_size = int(batch_size)
         self.model = load_weights(self.weights, self.device)
 
     def probability(self, volume: Volume) -> np.ndarray:
         return predict_probability(self.model, volume.data, volume.affine, volume.spacing,
-                                   batch_size=self.batch_size)
+                                   batch_size=self.batch_size, progress=True)
 
     def describe(self) -> dict:
         digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()
