@@ -11,9 +11,11 @@ from pathlib import Path
 
 from receiver.limits import Limits, parse_networks, parse_size
 from receiver.stream import StudyStream
+from shared.arguments import OneLineErrorParser
 from shared.atomic import set_umask, write_json_atomic
 from shared.logs import configure, printable
 from shared.nifti import write_nifti
+from shared.version import version_text
 
 EXAMPLES = """examples:
   dlad-receive --in study.dlad --out recon.nii.gz
@@ -68,7 +70,7 @@ def _networks(text: str) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = Limits()
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="dlad-receive", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Decode a dlad-stream study and write the reassembled volume as NIfTI. "
                     "A truncated or damaged stream still yields the slices that arrived; what "
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--pacs-calling-ae", default="DLAD", metavar="TITLE",
                         help="our AE title towards the PACS (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument("--version", action="version", version=version_text("dlad-receive"))
     return parser
 
 

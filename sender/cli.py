@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
-
-from tqdm import tqdm
 
 from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings
 from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
 from sender.pipeline import PHANTOM, default_diffusion
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
+from sender.transport import StreamOptions
+from shared.arguments import OneLineErrorParser
 from shared.atomic import atomic_path
 from shared.codecs import codec_names, get_codec
 from shared.logs import configure
+from shared.progress import progress
+from shared.version import version_text
 from shared.volume import VolumeError
 
 EXAMPLES = """examples:
@@ -51,11 +54,33 @@ EXAMPLES = """examples:
   # live session from a folder the scanner exports into (files taken once finished)
   dlad-send --watch /srv/ct-export --to http://127.0.0.1:8700 --token-file token.txt
 
-exit status: 0 ok, 1 failed (bad input, nothing written; refused by the receiver),
-2 bad arguments, 3 (--to) not delivered completely: run it again to resume
+exit status: 0 ok, 1 failed (bad input, nothing written; refused by the receiver; the sender
+extra missing), 2 bad arguments, 3 (--to) not delivered completely: run it again to resume
 """
 
 log = logging.getLogger("dlad.sender")
+
+#: The module each distribution of pyproject's ``sender`` extra provides, those that encoding
+#: imports (a receiver-only install has none of them; it can still replay a recorded .dlad).
+#: The extra's live-session packages (pynetdicom, inotify_simple) serve --dicom-listen/--watch.
+SENDER_EXTRA_MODULES = {"torch": "torch", "itk-io": "itk", "scipy": "scipy", "pydicom": "pydicom",
+                        "pylibjpeg": "pylibjpeg", "pylibjpeg-openjpeg": "openjpeg",
+                        "pylibjpeg-libjpeg": "libjpeg", "pylibjpeg-rle": "rle",
+                        "pyjpegls": "jpeg_ls"}
+
+
+class MissingExtra(RuntimeError):
+    """Encoding needs the sender extra, and this installation lacks part of it."""
+
+
+def check_sender_extra() -> None:
+    """Raise :class:`MissingExtra` (one line: what to install) if a module is missing."""
+    missing = [module for module in SENDER_EXTRA_MODULES.values()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingExtra(f"encoding a study needs the sender extra (missing here: "
+                           f"{', '.join(missing)}): pip install torch==2.13.0 "
+                           "'dlad-stream[sender]' (a recorded .dlad replays without it)")
 
 
 def codec_list(known: list[str]):
@@ -72,7 +97,7 @@ def codec_list(known: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     lossless = [n for n in codec_names() if get_codec(n).lossless]
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="dlad-send", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compress a CT volume for teleintervention: the liver ROI arrives "
                     "bit-exact first, the rest follows (lossy base, optional exact layer).",
@@ -90,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(INPUT may also be a .dlad file written by --out)")
     where.add_argument("--token-file", type=Path,
                        help="with --to: file holding the receiver's bearer token")
-    where.add_argument("--retries", type=int, default=5,
+    where.add_argument("--retries", type=int, default=StreamOptions.retries,
                        help="with --to: reconnections after a lost connection, each resuming "
                             "where the receiver is (default %(default)s)")
     where.add_argument("--max-rate", type=float, metavar="MBIT_S",
@@ -163,13 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept a --roi-mask whose field of view leaves part of the CT's "
                           "tissue uncovered (refused otherwise): the uncovered part is sent "
                           "bit-exact, with a warning")
-    roi.add_argument("--dilation-px", type=float, default=15.0,
-                     help="per-slice disc dilation radius in pixels (default 15: the paper's "
-                          "30x30x1 disc)")
+    steering = SteeringSettings()
+    roi.add_argument("--dilation-px", type=float, default=steering.dilation_radius_px,
+                     help="per-slice disc dilation radius in pixels (default %(default)g: the "
+                          "paper's 30x30x1 disc)")
     roi.add_argument("--dilation-mm", type=float,
                      help="dilation radius in mm instead of pixels")
-    roi.add_argument("--threshold", type=float, default=0.75,
-                     help="after dilation p := 1 where p > threshold (default 0.75)")
+    roi.add_argument("--threshold", type=float, default=steering.threshold,
+                     help="after dilation p := 1 where p > threshold (default %(default)g)")
     roi.add_argument("--z-margin-mm", type=float, default=None,
                      help="safety margin across slices: each slice's ROI also takes that of "
                           f"the slices within this many mm (default: {DEFAULT_Z_MARGIN_MM:g} "
@@ -193,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="torch device (default: cuda when available)")
     coding = parser.add_argument_group("coding")
     encode_defaults = EncodeSettings()
-    coding.add_argument("--codec", default=LAYERED, choices=[LAYERED] + lossless,
+    coding.add_argument("--codec", default=encode_defaults.codec, choices=[LAYERED] + lossless,
                         help="'layered' (lossy HEVC base + lossless ROI residual; default) or "
                              "one lossless codec applied to the diffused volume")
     coding.add_argument("--exact", action="store_true",
@@ -215,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quality guard: re-code base blocks whose SSIM (L=4095) after the "
                              "ROI layer is below this (default %(default)s; 0 = off)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument("--version", action="version", version=version_text("dlad-send"))
+    # What a recorded stream fixed when it was encoded: a replay (INPUT.dlad --to) refuses them.
+    parser.encoding_options = frozenset(
+        {action.dest for group in (dicom, roi, diffusion, coding)
+         for action in group._group_actions}
+        | {"study_id"})
     return parser
 
 
@@ -233,13 +265,36 @@ def settings_from_args(args):
     return steering, diffusion, encode
 
 
-def encoder_from_args(args) -> StudyEncoder:
-    """Load, segment, diffuse as the options say: a ready StudyEncoder."""
-    from sender.pipeline import RoiChoice, build_encoder
+def check_encoding_args(args):
+    """What the options ask of the encoder, checked before any input is read:
+    ``(roi, steering, diffusion, encode)``.
 
-    steering, diffusion, encode = settings_from_args(args)
+    Raises:
+        VolumeError: the input or the ``--roi-mask`` file does not exist.
+        MissingExtra: the sender extra is not installed.
+        ValueError: an option value makes no sense (a bad ``box:`` spec, ``--device cuda``
+            on a machine without CUDA, a threshold out of range...).
+    """
+    if str(args.input) != PHANTOM and not Path(args.input).exists():
+        raise VolumeError(f"input not found: {args.input}")
+    check_sender_extra()
+    from sender.pipeline import RoiChoice
+
     roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
                     allow_small=args.allow_small_roi, allow_partial_mask=args.allow_partial_mask)
+    steering, diffusion, encode = settings_from_args(args)
+    if args.device is not None:
+        from models.device import resolve_device
+
+        resolve_device(args.device)
+    return roi, steering, diffusion, encode
+
+
+def encoder_from_args(args) -> StudyEncoder:
+    """Load, segment, diffuse as the options say: a ready StudyEncoder."""
+    from sender.pipeline import build_encoder
+
+    roi, steering, diffusion, encode = check_encoding_args(args)
     dicom = DicomOptions(series_uid=args.series_uid, allow_gaps=args.allow_gaps,
                          skip_unreadable=args.skip_unreadable)
     return build_encoder(args.input, roi, steering, diffusion, encode, device=args.device,
@@ -258,26 +313,52 @@ def deidentifier_from_args(args):
                                       create=args.deidentify_key is None)
 
 
+def checked_encoding_args(args, parser) -> int | None:
+    """:func:`check_encoding_args` for the command line: an exit status on failure (1 for
+    what is missing, 2 for a bad value, one line each), None when all is well."""
+    try:
+        check_encoding_args(args)
+    except (MissingExtra, VolumeError) as error:
+        print(f"dlad-send: error: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        parser.error(str(error))
+    return None
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str],
+                     args: argparse.Namespace) -> set[str]:
+    """The destinations of the options ``argv`` gives, whatever their values (a default
+    given explicitly counts): parsed again over a namespace pre-filled with a marker, which
+    argparse leaves wherever an option is absent."""
+    class Unset(list):  # a list: an 'append' option copies it before appending
+        pass
+
+    marker = Unset()
+    probe = argparse.Namespace(**{dest: marker for dest in vars(args)})
+    parser.parse_args(argv, namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not marker}
+
+
 def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:
     """Encode into ``path`` atomically; return the bytes written."""
     written = 0
-    with atomic_path(path) as temporary, open(temporary, "wb") as out, tqdm(
-            total=len(encoder.plan) + 2, unit="chunk", desc="encoding", disable=quiet,
-            file=sys.stderr) as progress:
+    with atomic_path(path) as temporary, open(temporary, "wb") as out, progress(
+            total=len(encoder.plan) + 2, unit="frame", desc="encoding", disable=quiet,
+            file=sys.stderr, logger=log) as bar:
         for data in encoder.frames():
             out.write(data)
             written += len(data)
-            progress.update()
+            bar.update()
     return written
 
 
-def main_to(args, parser) -> int:
+def main_to(args, parser, argv: list[str]) -> int:
     """``dlad-send INPUT --to URL``: the network mode."""
     from sender.transport import (
         EncoderSource,
         FileSource,
         Refused,
-        StreamOptions,
         TransportError,
         check_url,
         process_started,
@@ -293,10 +374,23 @@ def main_to(args, parser) -> int:
         parser.error("--to needs --token-file")
     if args.retries < 0:
         parser.error("--retries must be >= 0")
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate must be > 0")
     try:
         check_url(args.to, args.allow_plain_http)
     except ValueError as error:
         parser.error(str(error))
+    replay = str(args.input).lower().endswith(".dlad")
+    if replay:
+        fixed = sorted(explicit_options(parser, argv, args) & parser.encoding_options)
+        if fixed:
+            options = ", ".join("--" + dest.replace("_", "-") for dest in fixed)
+            parser.error(f"{args.input} is a recorded stream, replayed as it was encoded: "
+                         f"{options} cannot apply (encode the original input to change them)")
+    else:
+        status = checked_encoding_args(args, parser)
+        if status is not None:
+            return status
     try:
         token = read_token_file(args.token_file, role="sender")
         servers = ice_servers(args.ice_server, args.ice_credentials)
@@ -304,7 +398,7 @@ def main_to(args, parser) -> int:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
     try:
-        if str(args.input).lower().endswith(".dlad"):
+        if replay:
             source = FileSource(Path(args.input))
             log.info("replaying %s: study %s, %d chunks", args.input, source.study_id,
                      len(source.order))
@@ -313,8 +407,6 @@ def main_to(args, parser) -> int:
     except (VolumeError, ValueError, OSError) as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
-    if args.max_rate is not None and args.max_rate <= 0:
-        parser.error("--max-rate must be > 0")
     options = StreamOptions(retries=args.retries, quiet=args.quiet,
                             drop_after_chunks=args.drop_after,
                             max_rate=args.max_rate * 1e6 if args.max_rate else None,
@@ -443,6 +535,7 @@ def main_live(args, parser) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     configure("dlad-send: ", logging.ERROR if args.quiet else logging.INFO, times=False)
     if args.dicom_listen is not None or args.watch is not None:
@@ -453,9 +546,12 @@ def main(argv=None) -> int:
         if getattr(args, option) is not None:
             parser.error(f"--{option.replace('_', '-')} belongs to --dicom-listen / --watch")
     if args.to is not None:
-        return main_to(args, parser)
+        return main_to(args, parser, argv)
     if args.token_file is not None or args.drop_after is not None:
         parser.error("--token-file belongs to --to")
+    status = checked_encoding_args(args, parser)
+    if status is not None:
+        return status
     try:
         encoder = encoder_from_args(args)
     except (VolumeError, ValueError, OSError) as error:

@@ -19,7 +19,7 @@ from sender.diffusion import DiffusionSettings, LazyDiffusion
 from sender.encoder import LAYERED, EncodeSettings, PreparedStudy, StudyEncoder
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import SteeringSettings, steer
-from shared.volume import Volume
+from shared.volume import Volume, VolumeError
 from shared.wire import MAX_STUDY_ID, voxel_sha256
 
 log = logging.getLogger("dlad.sender")
@@ -35,7 +35,12 @@ PHANTOM_SETTINGS = {"shape": (24, 256, 256), "spacing": (1.5, 1.5, 2.5), "seed":
 
 @dataclass(frozen=True)
 class RoiChoice:
-    """Where the ROI comes from: a mask file, or an automatic provider."""
+    """Where the ROI comes from: a mask file, or an automatic provider.
+
+    Checked when made, before any volume is loaded: a missing mask file raises
+    :class:`VolumeError`, a choice that makes no sense (a bad ``box:`` spec, a label without a
+    mask) :class:`ValueError`.
+    """
 
     spec: str | None = None
     """``"unet"`` (default without a mask), ``"body"`` or ``"box:x0,x1,y0,y1,z0,z1"``."""
@@ -48,6 +53,25 @@ class RoiChoice:
     allow_partial_mask: bool = False
     """Accept a mask whose field of view leaves CT tissue uncovered (sent bit-exact)."""
 
+    def __post_init__(self):
+        if self.mask is not None:
+            if self.spec is not None:
+                raise ValueError("give either --roi-mask or --roi, not both")
+            if not Path(self.mask).exists():
+                raise VolumeError(f"--roi-mask not found: {self.mask}")
+        elif self.label is not None:
+            raise ValueError("--roi-label needs --roi-mask")
+        elif self.allow_partial_mask:
+            raise ValueError("--allow-partial-mask needs --roi-mask")
+        if self.spec is None or self.spec in ("unet", "body"):
+            return
+        if not self.spec.startswith("box:"):
+            raise ValueError("--roi must be 'unet', 'body' or 'box:x0,x1,y0,y1,z0,z1', got "
+                             f"{self.spec!r}")
+        from sender.roi.box import BoxProvider
+
+        BoxProvider.from_spec(self.spec.removeprefix("box:"))
+
 
 def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=None):
     """The ROI provider ``choice`` names (``phantom_mask``: the phantom's own liver)."""
@@ -55,13 +79,7 @@ def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=Non
     from sender.roi.provider import StaticMaskProvider
 
     if choice.mask is not None:
-        if choice.spec is not None:
-            raise ValueError("give either --roi-mask or --roi, not both")
         return MaskFileProvider(choice.mask, choice.label, choice.allow_partial_mask)
-    if choice.label is not None:
-        raise ValueError("--roi-label needs --roi-mask")
-    if choice.allow_partial_mask:
-        raise ValueError("--allow-partial-mask needs --roi-mask")
     if choice.spec is None and phantom_mask is not None:
         return StaticMaskProvider(phantom_mask, "synthetic phantom liver")
     spec = choice.spec or "unet"
@@ -71,10 +89,8 @@ def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=Non
     if spec == "body":
         from sender.roi.body import BodyProvider
         return BodyProvider()
-    if spec.startswith("box:"):
-        from sender.roi.box import BoxProvider
-        return BoxProvider.from_spec(spec.removeprefix("box:"))
-    raise ValueError(f"--roi must be 'unet', 'body' or 'box:x0,x1,y0,y1,z0,z1', got {spec!r}")
+    from sender.roi.box import BoxProvider
+    return BoxProvider.from_spec(spec.removeprefix("box:"))  # RoiChoice checked the spec
 
 
 def safety_check(allow_small_roi: bool):

@@ -41,6 +41,8 @@ import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from shared.logs import printable
+from shared.progress import progress
+from shared.version import client_string
 from shared.webrtc import sctp
 from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, is_loopback, loopback_hosts_for
 from shared.webrtc.protocol import (
@@ -470,7 +472,7 @@ class _Connection:
             s.source.encode_ahead()
         self.studies += 1
         self.ch.channel.send(encode_control("hello", protocol=PROTOCOL_VERSION,
-                                            client="dlad-send/0.1"))
+                                            client=client_string("dlad-send")))
         await self.ch.send_bytes(s.source.header_frame, counted=False)
         s.result.bytes_sent += len(s.source.header_frame)
         inventory = await self.ch.expect("inventory", options.connect_timeout)
@@ -603,9 +605,8 @@ class _Delivery:
             self.say(f"receiver already has {len(have)}/{planned} chunks "
                      f"(folder {self.result.folder}); sending the other {planned - len(have)}")
         if self.bar is None and not self.options.quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=planned, initial=len(have), unit="chunk",
-                            desc="applied at receiver", file=sys.stderr, dynamic_ncols=True)
+            self.bar = progress(total=planned, initial=len(have), unit="chunk",
+                                desc="applied at receiver", file=sys.stderr)
         self._applied = len(have)
 
     def on_sent(self, seq: int, size: int) -> None:

@@ -146,5 +146,7 @@ def test_roi_choice_and_safe_fallback(tmp_path, capsys):
     assert send_main([str(ct), "--roi", "box:-60,0,60,120,100,140", "--out", str(out),
                       "--quiet"]) == 0
     assert receive_main(["--in", str(out), "--out", str(tmp_path / "box.nii.gz"), "--quiet"]) == 0
-    assert send_main([str(ct), "--roi", "sphere", "--out", str(out)]) == 1
+    with pytest.raises(SystemExit) as exit_info:  # a bad argument: exit 2, before any work
+        send_main([str(ct), "--roi", "sphere", "--out", str(out)])
+    assert exit_info.value.code == 2
     assert "--roi must be" in capsys.readouterr().err

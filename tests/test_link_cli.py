@@ -150,3 +150,26 @@ def test_proxy_mode_stops_cleanly_on_sigint():
 
     status, output = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert status == 0 and "totals after" in output
+
+
+def test_statistics_lines_only_for_intervals_with_traffic(capsys):
+    from shared.link.cli import _StatsPrinter
+    from shared.link.emulator import DirectionStats
+    from shared.link.relay import RelayStats
+
+    counters = {"now": RelayStats()}
+    printer = _StatsPrinter(lambda: counters["now"])
+    printer.print_interval()  # no sender yet: nothing to say
+    assert capsys.readouterr().out == ""
+    counters["now"] = RelayStats(DirectionStats(packets_in=3, bytes_in=3000, packets_forwarded=2,
+                                                bytes_forwarded=2000, delay_total=0.1))
+    printer.print_interval()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "uplink   in 3 pkt" in lines[0] and "downlink" in lines[1]
+    printer.print_interval()  # idle again: silent
+    printer.print_interval()
+    assert capsys.readouterr().out == ""
+    counters["now"] = RelayStats(DirectionStats(packets_in=3, bytes_in=3000, packets_forwarded=3,
+                                                bytes_forwarded=3000, delay_total=0.2))
+    printer.print_interval()  # the last datagram left the queue: that is news
+    assert "forwarded 3 pkt" in capsys.readouterr().out

@@ -162,7 +162,9 @@ def test_dlad_send_exposes_the_margin(tmp_path, capsys):
     assert steering.z_margin_mm is None and steering.fill_holes  # the provider's margin
     steering = settings_from_args(parse(["phantom", "--out", "x.dlad", "--z-margin-mm", "0"]))[0]
     assert steering.z_margin_mm == 0.0
-    assert main(["phantom", "--out", str(tmp_path / "x.dlad"), "--z-margin-mm", "-3"]) == 1
+    with pytest.raises(SystemExit) as exit_info:  # a bad argument: exit 2, before any work
+        main(["phantom", "--out", str(tmp_path / "x.dlad"), "--z-margin-mm", "-3"])
+    assert exit_info.value.code == 2
     assert "z margin must be in [0, 500] mm" in capsys.readouterr().err
 
 

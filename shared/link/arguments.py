@@ -1,5 +1,5 @@
-"""Command-line pieces shared by ``dlad-link`` and ``dlad-link demo``: the link options, their
-parsers, and an argument parser whose errors are one line.
+"""Command-line pieces shared by ``dlad-link`` and ``dlad-link demo``: the link options and
+their parsers (the one-line-error parser of every command line is :mod:`shared.arguments`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ Options apply to both directions. Each also exists as --up-OPTION (sender to rec
 i.e. client to upstream) and --down-OPTION (the way back), which win over the plain one;
 profiles apply first, then the plain options, then the one-direction ones.
 """
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, exiting with status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def argument_type(parse: Callable[[str], object]) -> Callable[[str], object]:
     """Let argparse show the parser's own message instead of a generic 'invalid value'."""

@@ -14,8 +14,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from shared.arguments import OneLineErrorParser
+from shared.version import version_text
+
 from .arguments import (
-    OneLineErrorParser,
     add_link_arguments,
     argument_type,
     link_params_from_args,
@@ -71,7 +73,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, help="seed of the random draws (loss, jitter) for reproducible runs")
     run.add_argument("--stats-interval", metavar="S", type=argument_type(parse_seconds), default=5.0,
-                     help="seconds between statistics lines, 0 for none (default 5)")
+                     help="seconds between statistics lines, 0 for none; an interval without "
+                          "traffic prints none (default %(default)g)")
+    parser.add_argument("--version", action="version", version=version_text("dlad-link"))
     run.add_argument("--duration", metavar="S", type=argument_type(parse_seconds),
                      help="stop after S seconds (default: run until interrupted)")
 
@@ -98,7 +102,11 @@ def _udp_parser() -> OneLineErrorParser:
 
 
 class _StatsPrinter:
-    """Prints the counters of both directions: cumulative, with the rate and delay since the last line."""
+    """Prints the counters of both directions: cumulative, with the rate and delay since the last line.
+
+    An interval in which no datagram came in either way prints nothing: an idle link (before
+    the first sender, between studies) would otherwise fill the log with identical lines.
+    """
 
     def __init__(self, stats: Callable[[], RelayStats]) -> None:
         self._stats = stats
@@ -114,6 +122,9 @@ class _StatsPrinter:
 
     def print_interval(self) -> None:
         now, current = time.monotonic(), self._stats()
+        if _activity(current) == _activity(self._previous):  # idle since the last interval
+            self._previous, self._previous_at = current, now
+            return
         for name in ("uplink", "downlink"):
             stats, before = getattr(current, name), getattr(self._previous, name)
             forwarded = stats.packets_forwarded - before.packets_forwarded
@@ -132,6 +143,13 @@ class _StatsPrinter:
             rate = format_rate(stats.rate) if stats.rate is not None else "-"
             print(f"  {name:8} {_counters(stats)} | {rate}, mean delay {_milliseconds(stats.mean_delay)}",
                   flush=True)
+
+
+def _activity(stats: RelayStats) -> tuple[int, ...]:
+    """What changes whenever a datagram enters the link, or leaves it, either way."""
+    return tuple(getattr(direction, counter) for direction in (stats.uplink, stats.downlink)
+                 for counter in ("packets_in", "packets_forwarded", "packets_lost",
+                                 "packets_queue_dropped"))
 
 
 def _counters(stats) -> str:

@@ -29,11 +29,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from shared.arguments import OneLineErrorParser
 from shared.receiver_process import ReceiverProcess, ReceiverStartError
+from shared.version import version_text
 from shared.webrtc.protocol import MILESTONE_TEXT
 
 from .arguments import (
-    OneLineErrorParser,
     add_link_arguments,
     argument_type,
     link_params_from_args,
@@ -341,6 +342,7 @@ def _parser() -> OneLineErrorParser:
                      help="seconds between progress lines, 0 for none (default 1)")
     run.add_argument("--duration", metavar="S", type=argument_type(parse_seconds),
                      help="stop everything after S seconds (default: when the sender is done)")
+    parser.add_argument("--version", action="version", version=version_text("dlad-link"))
     return parser
 
 

@@ -7,7 +7,7 @@ pieces of the dlad frame byte stream (the same bytes a ``.dlad`` file holds, see
 
 Exchange (``S`` sender, ``R`` receiver)::
 
-    S  text   {"type": "hello", "protocol": 1, "client": "dlad-send/0.1"}
+    S  text   {"type": "hello", "protocol": 1, "client": "dlad-send/0.1.0"}
     S  binary the header frame
     R  text   {"type": "inventory", "study_id", "folder", "have": [seq...], "complete",
                "window", "multi_study"}      (or {"type": "error", "reason", "retry"[, "retry_after"]})
