@@ -16,7 +16,9 @@ from aiortc.rtcsctptransport import DataChunk, RTCSctpTransport, SackChunk
 from shared.webrtc import sctp
 from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts
 
-pytestmark = pytest.mark.skipif(sctp.status() != "applied", reason=sctp.status())
+# pyproject.toml pins the aiortc series the tuning supports: with any other, these fail (the
+# install is wrong). Only a deliberate DLAD_SCTP_TUNING=0 skips them.
+pytestmark = pytest.mark.skipif(sctp.status().startswith("off"), reason=sctp.status())
 
 
 def test_tuning_is_applied_and_can_be_switched_off():
