@@ -2,7 +2,7 @@
 """Diffusion speed: dlad-stream's torch scheme against the plain NumPy scheme, interleaved.
 
 Times :func:`sender.diffusion.diffuse` (float32, torch) on the CPU with each thread count of
-``--threads`` against :func:`sender.diffusion_numpy.diffuse_numpy` (float64, four fluxes per
+``--threads`` against :func:`tests.diffusion_oracle.diffuse_numpy` (float64, four fluxes per
 voxel, single-threaded: the textbook scheme and the accuracy oracle), on the shared abdomen CT
 steered by its liver mask, cut or repeated along z to each length of ``--slices``. Fair by
 construction: every repetition runs every implementation once, in turn (so a change of machine
@@ -38,9 +38,12 @@ import numpy as np
 import torch
 
 from sender.diffusion import DiffusionSettings, diffuse
-from sender.diffusion_numpy import diffuse_numpy
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for the tests' NumPy oracle, the baseline of the timings
+from tests.diffusion_oracle import diffuse_numpy  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
 
 
 def table(headers, rows) -> str:

@@ -45,7 +45,7 @@ How it is computed (the same arithmetic on every device, float32, torch):
   every block size and thread count gives bit-identical results (tested), identical also to
   this module's earlier whole-volume implementation.
 
-Accuracy: against the float64 NumPy reference (:mod:`sender.diffusion_numpy`), at most 1 HU
+Accuracy: against the float64 NumPy reference (``tests/diffusion_oracle.py``), at most 1 HU
 after rounding, on fewer than 0.1 % of the voxels (values that sit at .5 boundaries; 88 of
 5.2 million on the shared abdomen CT), tested. CPU and CUDA agree within 1e-3 HU before rounding
 (different exp implementations), i.e. at most 1 HU after rounding; voxels with ``p == 1`` are

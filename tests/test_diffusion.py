@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sender.diffusion import DiffusionSettings, diffuse, diffuse_slabs
-from sender.diffusion_numpy import diffuse_numpy
+from tests.diffusion_oracle import diffuse_numpy
 
 
 @pytest.fixture()

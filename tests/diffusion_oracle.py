@@ -1,9 +1,10 @@
-"""A plain NumPy explicit Perona–Malik scheme: the oracle and the speed baseline.
+"""A plain NumPy explicit Perona–Malik scheme: the tests' oracle and the benchmarks' baseline.
 
 This is the textbook formulation (four directional differences per voxel, each with its own
 conduction coefficient, float64), written the way a first implementation would be. The tests
 check :func:`sender.diffusion.diffuse` against it and ``scripts/bench_codecs.py`` times both in
-the same run. Production code uses :mod:`sender.diffusion`.
+the same run (importing it as ``tests.diffusion_oracle``, the repository root on its path). It
+lives with the tests, not in the product: nothing the sender runs uses it.
 """
 
 from __future__ import annotations
