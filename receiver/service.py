@@ -78,6 +78,7 @@ from shared.wire import StreamHeader
 
 log = logging.getLogger("dlad.receiver")
 
+#: Where session resources live (the ``Location`` of an answered offer; DELETE ends one).
 SESSIONS_PATH = "/studies/sessions/"
 
 #: A sender's heartbeat: while data flows, the receiver sends an ack at least this often, even
@@ -104,7 +105,9 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     """Every resource bound (sessions, memory, disk, errors, HTTP, ICE)."""
     snapshot_interval: float = 2.0
-    """Least seconds between two snapshots of a study (milestones and ends write one anyway)."""
+    """Least seconds between two snapshots of a study (milestones and ends write one anyway):
+    whoever watches the folder sees the study grow every few seconds, while the writes stay
+    rare next to the decoding."""
     snapshot_volume: bool = True
     """Write the NIfTI snapshot (False: status.json only, the volume at the end of a pass)."""
     snapshot_format: str = "nii"
@@ -112,14 +115,18 @@ class ServiceConfig:
     window: int = DEFAULT_WINDOW
     """Credit window offered to senders (bytes in flight beyond what was processed)."""
     open_timeout: float = 30.0
-    """A session whose channel does not open (or send its header) in time is closed."""
+    """A session whose channel does not open (or send its header) in time is closed: the same
+    bound as the sender's ``connect_timeout``, after which that sender has given up anyway."""
     idle_timeout: float = 60.0
-    """A session silent for this long is closed."""
+    """A session silent for this long is closed: a sender sends each chunk once it is encoded
+    (seconds), so a minute of silence means it is gone."""
     unload_after: float = 30.0
     """An unfinished study without a session leaves memory after this long (it stays on disk;
-    a finished one leaves at once)."""
+    a finished one leaves at once): longer than a sender's wait between reconnections (at most
+    10 s), so a dropped transfer resumes without reloading its study."""
     progress_interval: float = 5.0
-    """Seconds between progress log lines of a study that is receiving."""
+    """Seconds between progress log lines of a study that is receiving: a log that shows the
+    transfer moving without a line per chunk."""
     workers: int = 1
     """Threads that decode chunks and write snapshots. One keeps the receiver within a core
     and its memory low (every thread that decodes keeps its own malloc arena); studies that
@@ -255,7 +262,7 @@ class ReceiverService:
             await self._runner.cleanup()
         for runtime in list(self.studies.values()):
             await self._drain(runtime)
-        if self._tasks:
+        if self._tasks:  # closing peer connections: a moment each; never hang the shutdown
             await asyncio.wait(list(self._tasks), timeout=5)
         for listener in self._listeners:
             try:
@@ -268,6 +275,8 @@ class ReceiverService:
         self.store.close()
 
     async def _drain(self, runtime: StudyRuntime, timeout: float = 30.0) -> None:
+        # The batch in hand (at most BATCH_BYTES to decode, then a snapshot) ends well within
+        # the timeout; a worker stuck longer is left behind rather than hanging the shutdown.
         deadline = time.monotonic() + timeout
         while not runtime.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -283,7 +292,7 @@ class ReceiverService:
 
     async def _housekeeping(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # the timeouts checked here are seconds to minutes long
             try:
                 await self._check_timeouts()
             except Exception:  # the janitor must survive anything

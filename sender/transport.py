@@ -85,7 +85,8 @@ class Busy(Disconnected):
         self.retry_after = retry_after
 
 
-#: Bounds of the wait a busy receiver may ask for (Retry-After), in seconds.
+#: Bounds of the wait a busy receiver may ask for (Retry-After), in seconds: no busy loop
+#: below half a second, and no receiver parks a sender for more than 30 s at a time.
 RETRY_AFTER_BOUNDS = (0.5, 30.0)
 
 
@@ -96,22 +97,29 @@ class StreamOptions:
     retries: int = 5
     """Further attempts after a failed one (each resumes from the receiver's inventory)."""
     connect_timeout: float = 30.0
-    """Seconds for signaling + ICE + DTLS + channel open + inventory."""
+    """Seconds for signaling + ICE + DTLS + channel open + inventory: they take a second or
+    two even over a lossy link; a connection not up after 30 s is tried again."""
     stall_timeout: float = 15.0
     """Seconds without any message from the receiver (it sends one at least every 2 s while
     data flows) before the connection counts as dead."""
     high_water: int = 1024 * 1024
-    """Pause sending while the channel buffers more than this many bytes."""
+    """Pause sending while the channel buffers more than this many bytes: 80 ms at 100 Mbit/s,
+    enough to keep a fast link busy, little to hold in memory or to lose with a connection."""
     low_water: int = 256 * 1024
-    """... and resume when it drops to this (``bufferedAmountLowThreshold``)."""
+    """... and resume when it drops to this (``bufferedAmountLowThreshold``): a quarter left,
+    so the buffer never runs dry while the next messages are queued."""
     message_bytes: int = sctp.whole_chunk_message_bytes(MAX_MESSAGE_BYTES)
     """Size of the binary messages the frame stream is cut into (whole SCTP chunks)."""
     max_passes: int = 3
-    """Passes within one connection (a pass resends what the receiver reports missing)."""
+    """Passes within one connection (a pass resends what the receiver reports missing): one
+    is the rule, a second resends chunks rejected on the way; if a third leaves gaps,
+    something else is wrong and the sender reconnects."""
     prefetch: int = 2
-    """Encoded frames waiting to be sent, at most."""
+    """Encoded frames waiting to be sent, at most: the next is ready when the current one
+    leaves, and few encoded chunks are held in memory."""
     backoff: float = 1.0
-    """First wait before reconnecting (doubles, at most 10 s)."""
+    """First wait before reconnecting (doubles, at most 10 s: a receiver that restarts is
+    found again within seconds)."""
     max_rate: float | None = None
     """Cap on the sending rate in bit/s (None: as fast as the channel goes)."""
     quiet: bool = False
@@ -119,9 +127,11 @@ class StreamOptions:
     drop_after_chunks: int | None = None
     """Testing: cut the first connection abruptly after this many data chunks were sent."""
     keepalive_interval: float = 5.0
-    """Seconds between keepalives on an idle connection kept warm (:class:`Link`)."""
+    """Seconds between keepalives on an idle connection kept warm (:class:`Link`): well within
+    the receiver's idle timeout (60 s), so a warm connection is never closed for silence."""
     busy_timeout: float = 300.0
-    """Seconds to keep asking a busy receiver (503) before giving up."""
+    """Seconds to keep asking a busy receiver (503) before giving up: five minutes, time for
+    the studies ahead of this one to finish even over a slow link."""
     ca_file: str | None = None
     """PEM file of the certificate authorities that may sign an https receiver's certificate
     (None: the system's store)."""
@@ -398,7 +408,7 @@ class _Channel:
             if options.max_rate:
                 now = time.monotonic()
                 self._pace_until = max(self._pace_until, now) + 8 * len(piece) / options.max_rate
-                if self._pace_until - now > 0.005:
+                if self._pace_until - now > 0.005:  # shorter sleeps pace no better
                     await asyncio.sleep(self._pace_until - now)
             if self.closed.is_set():
                 self.raise_closed()
@@ -694,7 +704,9 @@ class Link:
     async def start(self) -> None:
         if self.http is None:
             # One connection per request: signaling is a few requests per study, and a pooled
-            # connection could be reused just as the receiver closes it (its idle timeout).
+            # connection could be reused just as the receiver closes it (its idle timeout). A
+            # request is answered within seconds (the receiver gathers its ICE candidates
+            # first): 30 s, the same bound as the whole connection set-up.
             self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
                                               connector=aiohttp.TCPConnector(force_close=True))
         if self.keep_warm and self._warm_task is None:
@@ -776,7 +788,7 @@ class Link:
                 log.info("receiver %s not reachable while idle (%s); trying again in %g s",
                          self.url, error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 10.0)  # see StreamOptions.backoff
 
     # --- delivering --------------------------------------------------------------------------
 
@@ -825,7 +837,7 @@ class Link:
                     continue
                 busy_until = None
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 10.0)  # see StreamOptions.backoff
         finally:
             delivery.close()
             if hasattr(source, "close"):
@@ -862,7 +874,7 @@ class Link:
         try:
             async with self.http.delete(location, headers={
                     "Authorization": f"Bearer {self.token}"}, ssl=self.ssl,
-                    timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    timeout=aiohttp.ClientTimeout(total=5)) as response:  # a courtesy
                 await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass

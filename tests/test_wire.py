@@ -90,10 +90,13 @@ def test_unknown_versions_and_kinds_are_rejected():
     data[4] = 9
     with pytest.raises(WireError, match="wire version"):
         parse_frame(bytes(data))
-    body = msgpack.packb({"format": "dlad-stream", "version": 99})
+    # A complete header but for its version:
+    body = {**msgpack.unpackb(make_header().to_frame()[wire.PREFIX.size:], raw=False),
+            "version": 99}
     with pytest.raises(WireError, match="format version 99"):
-        parse_frame(wire.frame(wire.KIND_HEADER, {"format": "dlad-stream", "version": 99}))
-    assert body
+        parse_frame(wire.frame(wire.KIND_HEADER, body))
+    assert isinstance(parse_frame(wire.frame(wire.KIND_HEADER, {**body, "version": 1})),
+                      StreamHeader)  # the version alone made it fail
     with pytest.raises(WireError, match="kind"):
         parse_frame(wire.frame(7, {}))
 
@@ -107,12 +110,12 @@ def test_malformed_fields_are_rejected():
         parse_frame(wire.frame(wire.KIND_DATA, {**vars(make_chunk()), "payload": "text"}))
     with pytest.raises(WireError, match="missing"):
         parse_frame(wire.frame(wire.KIND_DATA, {"study_id": "s1"}))
-    header = vars(make_header())
-    with pytest.raises(WireError):
-        bad = make_header()
-        bad.plan = [(0, 0, 0, 9)]  # beyond the 3 slices
+    good = make_header()
+    assert parse_frame(good.to_frame()).plan == good.plan
+    bad = make_header()
+    bad.plan = [(0, 0, 0, 9)]  # beyond the 3 slices: the plan alone differs
+    with pytest.raises(WireError, match=r"invalid plan entry \[0, 0, 0, 9\]"):
         parse_frame(bad.to_frame())
-    assert header
 
 
 def test_oversized_frames_are_refused_before_reading_them():
