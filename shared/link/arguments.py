@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from urllib.parse import urlsplit
 
 from .params import DeliveryTrace, GilbertElliott, LinkParams
@@ -78,6 +78,10 @@ class _LinkOption:
     "What the option does."
 
 
+# Help texts quote the dataclasses' own defaults.
+_GILBERT_DEFAULTS = {field.name: field.default for field in fields(GilbertElliott)}
+_DEFAULT_BURST = LinkParams().burst
+
 _LINK_OPTIONS = (
     _LinkOption("rate", "RATE", parse_rate, lambda v: {"rate": v, "trace": None},
                 "link rate, e.g. 2mbit, 500kbit, 12Mbps or unlimited"),
@@ -88,11 +92,12 @@ _LINK_OPTIONS = (
                 "independent random loss, e.g. 1%% or 0.01"),
     _LinkOption("gilbert", "p,r[,h[,k]]", parse_gilbert, lambda v: {"gilbert": v, "loss": 0.0},
                 "bursty Gilbert-Elliott loss instead: p good->bad and r bad->good transition, h and k the "
-                "chance a packet gets through when bad (default 0) and good (default 1), e.g. 1%%,30%%"),
+                f"chance a packet gets through when bad (default {_GILBERT_DEFAULTS['h']:g}) and good "
+                f"(default {_GILBERT_DEFAULTS['k']:g}), e.g. 1%%,30%%"),
     _LinkOption("queue", "SIZE", parse_queue, lambda v: {"queue_bytes": v[0], "queue_packets": v[1]},
                 "drop-tail queue limit, e.g. 100kB, 64KiB, 50p or unlimited"),
     _LinkOption("burst", "SIZE", parse_bytes, lambda v: {"burst": v},
-                "token-bucket depth, what an idle link sends at once (default 1500B)"),
+                f"token-bucket depth, what an idle link sends at once (default {_DEFAULT_BURST}B)"),
     _LinkOption("trace", "FILE", DeliveryTrace.load, lambda v: {"trace": v, "rate": None},
                 "mahimahi delivery trace (one ms timestamp per 1500-byte opportunity, looping) "
                 "giving a time-varying rate instead of --rate"),
