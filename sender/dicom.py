@@ -684,7 +684,7 @@ def _decode_all(placed: list, data: np.ndarray, label: str, threads: int | None)
         if instance is not None and instance.frame is not None:
             instance.dataset.PixelData  # noqa: B018 - read a deferred value once, not per thread
     count = threads or min(MAX_DECODE_THREADS, os.cpu_count() or 1)
-    with progress(total=len(placed), desc=f"decoding {label}", unit="slice", logger=log) as bar:
+    with progress(total=len(placed), desc="decoding", unit="slice", logger=log) as bar:
         if count <= 1:
             for k in range(len(placed)):
                 decode(k)

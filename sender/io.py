@@ -32,9 +32,9 @@ def load_volume(path, dicom: DicomOptions = DicomOptions()) -> Volume:
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"input not found: {path}")
-    log.info("reading %s", path)  # said at once: a large series or file takes seconds
-    if path.is_dir():
+    if path.is_dir():  # the series reader shows its own progress
         return _read_dicom_series(path, dicom)
+    log.info("reading %s", path)  # said at once: a large file takes seconds
     if is_nifti_path(path):
         return read_nifti(path)
     if path.name.lower().endswith(ITK_SUFFIXES):
