@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from dcmtk import dcmtk_tool  # noqa: E402
 from live_series import fill_uids, write_series  # noqa: E402
 
 from receiver.reassembly import Reassembler  # noqa: E402
@@ -63,6 +64,7 @@ from shared.wire import FrameReader  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SERIES_TIMEOUT_S = 600.0
+STORESCU = dcmtk_tool("storescu")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -118,7 +120,7 @@ async def wait_complete(out: Path, series_uid: str, timeout: float) -> tuple[Pat
 async def push(port: int, files: list[Path]) -> float:
     """storescu the files (JPEG 2000 lossless proposed); the wall time when it is done."""
     process = await asyncio.create_subprocess_exec(
-        "storescu", "-xv", "-aec", "DLAD", "127.0.0.1", str(port), *map(str, files),
+        STORESCU, "-xv", "-aec", "DLAD", "127.0.0.1", str(port), *map(str, files),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await process.communicate()
     done = time.time()
@@ -300,8 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, help="working folder (kept; default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working folder")
     args = parser.parse_args(argv)
-    if shutil.which("storescu") is None:
-        parser.error("storescu (Debian package dcmtk) is needed")
+    if STORESCU is None:
+        parser.error("dcmtk's storescu (Debian package dcmtk) is needed")
     work = args.work or Path(tempfile.mkdtemp(prefix="dlad-bench-session-"))
     work.mkdir(parents=True, exist_ok=True)
     loads = [os.getloadavg()[0]]

@@ -36,13 +36,15 @@ from sender.transport import StreamOptions
 from shared.nifti import read_nifti
 from shared.receiver_process import ReceiverProcess
 from shared.wire import FrameReader
+from tests.dcmtk import dcmtk_tool
 
 TOKEN = "dlad-test-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]
 J2K, JLS, RLE = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"
 #: storescu's option proposing each transfer syntax (and the uncompressed ones).
 STORESCU_PROPOSE = {J2K: "-xv", JLS: "-xt", RLE: "-xr"}
-HAS_STORESCU = shutil.which("storescu") is not None
+STORESCU = dcmtk_tool("storescu")
+HAS_STORESCU = STORESCU is not None
 
 
 def run(coroutine, timeout: float = 240.0):
@@ -83,7 +85,7 @@ async def push(port: int, files: list[Path], syntax: str = J2K) -> tuple[int, st
     """Push ``files`` with storescu (pynetdicom's SCU without dcmtk); (exit status, output)."""
     if HAS_STORESCU:
         process = await asyncio.create_subprocess_exec(
-            "storescu", STORESCU_PROPOSE[syntax], "-aec", "DLAD", "127.0.0.1", str(port),
+            STORESCU, STORESCU_PROPOSE[syntax], "-aec", "DLAD", "127.0.0.1", str(port),
             *map(str, files), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await asyncio.wait_for(process.communicate(), 60)
         return process.returncode, output.decode(errors="replace")
