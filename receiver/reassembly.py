@@ -291,6 +291,12 @@ class Reassembler:
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
             np.copyto(target[index], block[index], where=self._region(z, chunk.layer))
         self._mark(chunk)
+        # The voxels changed, so what was proven of them before is not any more: a lossless base
+        # proves its ROI by itself, and a layer-1 residual applied over it afterwards (a plan
+        # no sender makes, but a peer can) must be checked again, as must the volume's SHA-256.
+        if chunk.layer == 1:
+            self._revoke_roi(chunk.z0, chunk.z1)
+        self.verified = None
         self._verify_roi(chunk.z0, chunk.z1)
 
     # --- ROI verification --------------------------------------------------------------------
@@ -313,6 +319,13 @@ class Reassembler:
                     f"slices {b0}-{b1 - 1}: the ROI voxels do not match the sender's digest; "
                     f"chunks {', '.join(f'#{seq}' for seq in dropped)} dropped (their slices are "
                     "not received any more) and missing again")
+
+    def _revoke_roi(self, z0: int, z1: int) -> None:
+        """The ROI voxels of ``[z0, z1)`` changed: their blocks are not verified any more."""
+        for index in set(self._digest_block[z0:z1].tolist()) - {-1}:
+            b0, b1 = self._digest_ranges[index]
+            self.roi_verified[b0:b1] = False
+            self._slice_state[b0:b1] &= np.uint8(0xFF ^ ROI_VERIFIED)
 
     def _roi_layers_in(self, z0: int, z1: int) -> bool:
         """Whether every slice of ``[z0, z1)`` has what makes its ROI exact."""

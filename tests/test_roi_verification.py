@@ -385,3 +385,29 @@ def test_residual_waiting_for_a_tampered_base(layered):
     missing = {seq for seq, *_ in r.missing()}
     assert base.seq in missing and all(c.seq in missing for c in same_block)
     assert not (r.slice_layers()[base.z0:base.z1] & 1).any() and stream.problems
+
+
+def test_a_residual_over_a_verified_lossless_base_is_checked_again(lossless):
+    """A lossless base proves its ROI (and, with the rest, the volume) by itself; an ROI
+    residual added to the plan and applied afterwards changes those voxels: the claims made
+    before it must be checked again, never kept."""
+    study, frames = lossless
+    header = parse_frame(frames[0])
+    chunks = [parse_frame(data) for data in frames[1:-1]]
+    header.layers[1] = {"codec": "zstd", "codecs": ["zstd"], "lossless": True, "region": "roi"}
+    seq = max(entry[0] for entry in header.plan) + 1
+    codec, added = get_codec("zstd"), []
+    for chunk in chunks:
+        if chunk.layer != 0:
+            continue
+        base = codec.decode(chunk.payload, block_of(header, chunk), chunk.params)
+        plus_one = np.where(header.roi_slices(chunk.z0, chunk.z1), 1, 0).astype(np.int16)
+        payload, params = codec.encode(plus_one)
+        header.plan.append((seq, 1, chunk.z0, chunk.z1))
+        added.append(DataChunk(chunk.study_id, seq, 1, chunk.z0, chunk.z1, "zstd",
+                               {**params, "base_digest": block_digest(base)}, payload))
+        seq += 1
+    stream = receive([header.to_frame()] + frames[1:-1] + [c.to_frame() for c in added])
+    assert_claims_true(stream, study.volume.data)
+    r = stream.reassembler
+    assert not r.roi_complete and r.verified is not True and r.roi_mismatches > 0
