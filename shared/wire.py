@@ -25,8 +25,9 @@ Header body (kind 1):
 ``study_id``       sender-chosen id of the study (at most 128 characters)
 ``created``        ISO-8601 UTC time the stream was made
 ``shape``          ``[nz, ny, nx]``: slices, rows, columns (slice-major voxel order)
-``affine``         16 floats, row-major 4x4 mapping voxel ``(i, j, k, 1)`` to RAS+ mm
-``spacing``        ``[sx, sy, sz]`` voxel size in mm
+``affine``         16 floats, row-major 4x4 mapping voxel ``(i, j, k, 1)`` to RAS+ mm; its last
+                   row is ``0 0 0 1`` and its 3x3 part is invertible (else the header is refused)
+``spacing``        ``[sx, sy, sz]`` voxel size in mm, each > 0
 ``source_dtype``   dtype of the voxels in the source file (``"int16"``, ``"uint16"``...)
 ``rescale``        ``[slope, intercept]``: HU = stored * slope + intercept
 ``value_range``    ``[min, max]`` HU of the original; lossy voxels are clipped to it. A header
@@ -384,6 +385,12 @@ class StreamHeader:
                            for v in affine + spacing + rescale)
                 or not all(isinstance(v, int) and -32768 <= v <= 32767 for v in value_range)):
             raise WireError("header: malformed geometry (affine, spacing, rescale or value range)")
+        matrix = np.array(affine, dtype=np.float64).reshape(4, 4)
+        # The threshold is Volume's (shared/volume.py): a header the receiver could not write out.
+        if (not np.array_equal(matrix[3], [0.0, 0.0, 0.0, 1.0])
+                or abs(np.linalg.det(matrix[:3, :3])) < 1e-12 or not min(spacing) > 0):
+            raise WireError("header: the affine must be invertible with a last row 0 0 0 1, and "
+                            "the spacing positive")
         sha256 = _require(body, "sha256", str, what)
         if len(sha256) != 64:
             raise WireError("header: sha256 must be 64 hex characters")
@@ -410,7 +417,7 @@ class StreamHeader:
         provenance = body.get("provenance", {})
         dicom = check_dicom_attributes(body.get("dicom", {}))
         return cls(study_id=study_id, shape=tuple(shape),
-                   affine=np.array(affine, dtype=np.float64).reshape(4, 4),
+                   affine=matrix,
                    spacing=tuple(float(v) for v in spacing), source_dtype=source_dtype,
                    rescale=(float(rescale[0]), float(rescale[1])),
                    value_range=(value_range[0], value_range[1]), sha256=sha256, roi_bits=roi_bits,

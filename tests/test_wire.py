@@ -214,3 +214,18 @@ def test_layers_name_registered_codecs_and_tell_the_truth_about_losslessness():
     for layers in bad:
         with pytest.raises(WireError):
             parse_frame(_with_layers(layers))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("affine", [0.0] * 16),  # singular
+    ("affine", [1.0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 1, 2, 3, 4]),  # not a last row 0 0 0 1
+    ("spacing", [-1.0, 0.8, 2.0]),
+    ("spacing", [0.0, 0.0, 0.0]),
+])
+def test_headers_with_impossible_geometry_are_refused(field, value):
+    """A header whose geometry no volume can have is refused when parsed: the receiver would
+    otherwise fail (a traceback in file mode, a session error loop live) when writing it."""
+    body = wire._unpack_body(make_header().to_frame()[wire.PREFIX_BYTES:])
+    body[field] = value
+    with pytest.raises(WireError, match="affine must be invertible"):
+        parse_frame(wire.frame(wire.KIND_HEADER, body))
