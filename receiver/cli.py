@@ -31,8 +31,10 @@ EXAMPLES = """examples:
       --viewer --viewer-token-file viewer-token.txt \\
       --dicom-out dicom/ --pacs ORTHANC@pacs.local:4242 --pacs-calling-ae DLAD
 
-exit status (file mode): 0 complete, 1 failed or SHA-256 mismatch, 2 bad arguments,
-3 incomplete or damaged stream (a block whose ROI fails its digest check is dropped: partial);
+exit status (file mode): 0 complete and proven (every ROI block verified against the sender's
+digests, or the whole volume against its SHA-256), 1 failed or SHA-256 mismatch, 2 bad
+arguments, 3 incomplete, damaged or unproven stream (a block whose ROI fails its digest check
+is dropped: partial; a stream without ROI digests and without the exact layer proves nothing);
 (network mode): 0 after SIGINT/SIGTERM, 1 cannot start
 (see docs/OPERATIONS.md for every limit, TLS, TURN and running behind a reverse proxy)
 
@@ -274,7 +276,8 @@ def _run(args, parser) -> int:
         print("dlad-receive: error: the exact volume does not match the sender's SHA-256",
               file=sys.stderr)
         return 1
-    return 0 if status["state"] == "complete" and not stream.problem_count else 3
+    proven = status["roi_complete"] or reassembler.verified is True
+    return 0 if status["state"] == "complete" and not stream.problem_count and proven else 3
 
 
 def limits_from_args(args, parser) -> Limits:

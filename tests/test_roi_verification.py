@@ -241,6 +241,31 @@ def test_a_stream_without_digests_never_claims_the_roi(layered):
     assert "not verifiable" in receiver_cli.summary(stream.status(), "x.nii")
 
 
+def test_file_mode_exits_0_only_for_what_is_proven(tmp_path, capsys):
+    """A complete stream whose ROI nothing proves (no ROI digests, no exact layer) is not a
+    success: its residuals may be anything (here one is tampered) and nothing would tell."""
+    study = make_study(seed=9)
+    frames = list(StudyEncoder(study, EncodeSettings(group_slices=2, preset="fast")).frames())
+    header = parse_frame(frames[0])
+    header.roi_digests = []
+    index = next(i for i, d in enumerate(frames[1:-1], 1) if parse_frame(d).layer == 1)
+    chunk = parse_frame(frames[index])
+    codec = get_codec(chunk.codec)
+    block = codec.decode(chunk.payload, block_of(header, chunk), chunk.params)
+    block[header.roi_slices(chunk.z0, chunk.z1)] ^= 1  # every ROI voxel 1 HU off, in range
+    payload, params = codec.encode(block)
+    bad = DataChunk(**{**vars(chunk), "params": {**chunk.params, **params}, "payload": payload})
+    path = tmp_path / "unproven.dlad"
+    path.write_bytes(b"".join([header.to_frame()] + frames[1:index] + [bad.to_frame()]
+                              + frames[index + 1:]))
+    code = receiver_cli.main(["--in", str(path), "--out", str(tmp_path / "out.nii"),
+                              "--status", str(tmp_path / "status.json")])
+    assert code == 3
+    assert "not verifiable" in capsys.readouterr().out
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "complete" and status["roi_complete"] is False
+
+
 @pytest.mark.parametrize("dtype,rescale,value_range", [
     ("uint8", (1.0, 0.0), (-1024, 3000)),
     ("uint16", (1.0, 0.0), (-1024, 3000)),
