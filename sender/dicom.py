@@ -22,12 +22,12 @@ then checked and sorted like single-frame images (several files of frames may fo
 Refusals (:class:`DicomSeriesError`, a one-line message naming the series, the files and what
 is wrong; nothing is returned): no images; files that are not readable DICOM (unless
 ``skip_unreadable``); several series and no ``series_uid`` (the message lists each series
-with its description, image count and UID); images that differ in orientation, pixel spacing,
-size, bits or sign; two images at one position; missing slices (a gap of a
-whole number of spacings; ``allow_gaps`` fills them with the volume's lowest value at their own
-positions and says so); slices off a regular grid (uneven spacing: never resampled). Rescale
-slope and intercept may differ between slices only where the HU values stay integral; the volume
-is then stored as int16 HU (slope 1, intercept 0), with a warning.
+with its description, image count and UID); a pixel spacing that is not positive; images
+that differ in orientation, pixel spacing, size, bits or sign; two images at one position;
+missing slices (a gap of a whole number of spacings; ``allow_gaps`` fills them with the
+volume's lowest value at their own positions and says so); slices off a regular grid (uneven
+spacing: never resampled). Rescale slope and intercept may differ between slices only where the
+HU values stay integral; the volume is then stored as int16 HU (slope 1, intercept 0), with a warning.
 
 Example:
     >>> series = read_series("../shared/data/abdomen_ct_dicom")     # doctest: +SKIP
@@ -265,6 +265,9 @@ def read_series(source, series_uid: str | None = None, allow_gaps: bool = False,
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 dataset = pydicom.dcmread(path, defer_size=4096)
+            # pydicom's warnings about the data are UserWarnings; others raised meanwhile (a
+            # ResourceWarning from the garbage collector, a DeprecationWarning) are not the file's.
+            caught = [warning for warning in caught if issubclass(warning.category, UserWarning)]
         except pydicom.errors.InvalidDicomError:
             dataset, caught = _read_without_preamble(pydicom, path), []
             if dataset is None:
@@ -430,6 +433,10 @@ def _check_uniform(instances: list[_Instance], label: str) -> None:
         if lacking:
             raise DicomSeriesError(f"{label}: {len(lacking)} image(s) lack a valid {keyword} "
                                    f"({_names(lacking)}); their geometry is unknown")
+    flat = [i.name for i in instances if min(_floats(i, "PixelSpacing", 2)) <= 0]
+    if flat:
+        raise DicomSeriesError(f"{label}: {len(flat)} image(s) have a PixelSpacing that is not "
+                               f"positive ({_names(flat)}); their geometry is unknown")
     _same(instances, label, "image orientation",
           lambda i: _floats(i, "ImageOrientationPatient", 6), ORIENTATION_TOLERANCE)
     _same(instances, label, "pixel spacing", lambda i: _floats(i, "PixelSpacing", 2),

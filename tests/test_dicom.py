@@ -295,6 +295,31 @@ def test_mixed_geometry_is_refused(tmp_path, field, value, what):
         read_series(tmp_path)
 
 
+@pytest.mark.parametrize("spacing", [(0.0, 0.7), (-0.8, 0.7)])
+def test_a_pixel_spacing_that_is_not_positive_is_refused_by_name(tmp_path, spacing):
+    write_series(tmp_path, ct_slices(count=3), pixel_spacing=spacing)
+    with pytest.raises(DicomSeriesError) as excinfo:
+        read_series(tmp_path)
+    message = message_of(excinfo)
+    assert "PixelSpacing that is not positive" in message and "IM0001.dcm" in message
+
+
+def test_a_warning_that_is_not_about_the_file_does_not_condemn_it(tmp_path, monkeypatch):
+    """Only pydicom's warnings mark a file damaged: a ResourceWarning the garbage collector
+    happens to emit while a good file is read (an unclosed file elsewhere) is not its fault."""
+    write_series(tmp_path, ct_slices(count=3))
+    read = pydicom.dcmread
+
+    def read_during_gc(*args, **kwargs):
+        import warnings
+
+        warnings.warn("unclosed file <_io.BufferedReader>", ResourceWarning, stacklevel=1)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", read_during_gc)
+    assert read_series(tmp_path).volume.shape[0] == 3
+
+
 def test_mixed_sizes_are_refused(tmp_path):
     write_series(tmp_path, ct_slices(count=4))
     save(make_dataset(ct_slices(count=1, rows=30)[0], (-100.0, -80.0, -292.0)),
