@@ -142,6 +142,9 @@ class Reassembler:
         self.roi_verified = np.zeros(nz, dtype=bool)
         #: ROI digest checks that failed (each dropped its block).
         self.roi_mismatches = 0
+        #: Times the volume's voxels changed (a chunk applied, a block dropped): a check of the
+        #: voxels made by someone else holds only while this has not moved.
+        self.changes = 0
         #: Residuals queued before their base arrived and rejected once it did, and blocks
         #: dropped after a failed ROI check: messages for the stream's problems.
         self.late_rejections: list[str] = []
@@ -346,6 +349,7 @@ class Reassembler:
             z0 = min([z0] + [self.plan[seq][1] for seq in more])
             z1 = max([z1] + [self.plan[seq][2] for seq in more])
         self.applied -= dropped
+        self.changes += 1
         self.volume[z0:z1].fill(self.header.value_range[0])
         self._slice_state[z0:z1] = 0
         self.roi_verified[z0:z1] = False
@@ -358,6 +362,7 @@ class Reassembler:
         return sorted(dropped)
 
     def _mark(self, chunk: DataChunk) -> None:
+        self.changes += 1
         self.applied.add(chunk.seq)
         self._slice_state[chunk.z0:chunk.z1] |= _LAYER_BIT[chunk.layer]
 

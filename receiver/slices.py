@@ -52,11 +52,12 @@ def volume_verified(reassembler: Reassembler) -> bool:
     base = reassembler.header.layers.get(0, {})
     if not base.get("lossless") or 2 in reassembler.header.layers or not reassembler.base_complete:
         return False
-    cached = getattr(reassembler, "_dlad_lossless_verified", None)
-    if cached is None:
-        cached = voxel_sha256(reassembler.volume) == reassembler.header.sha256
-        reassembler._dlad_lossless_verified = cached
-    return cached
+    # Hashed once per state of the volume: a chunk applied or dropped since makes it stale.
+    changes, verified = getattr(reassembler, "_dlad_lossless_verified", (None, False))
+    if changes != reassembler.changes:
+        verified = voxel_sha256(reassembler.volume) == reassembler.header.sha256
+        reassembler._dlad_lossless_verified = (reassembler.changes, verified)
+    return verified
 
 
 def slice_states(reassembler: Reassembler) -> np.ndarray:

@@ -412,13 +412,9 @@ def test_residual_waiting_for_a_tampered_base(layered):
     assert not (r.slice_layers()[base.z0:base.z1] & 1).any() and stream.problems
 
 
-def test_a_residual_over_a_verified_lossless_base_is_checked_again(lossless):
-    """A lossless base proves its ROI (and, with the rest, the volume) by itself; an ROI
-    residual added to the plan and applied afterwards changes those voxels: the claims made
-    before it must be checked again, never kept."""
-    study, frames = lossless
-    header = parse_frame(frames[0])
-    chunks = [parse_frame(data) for data in frames[1:-1]]
+def plus_one_roi_residuals(header: StreamHeader, chunks: list) -> list[DataChunk]:
+    """Add layer 1 to a lossless-base header and its plan, one residual per base that adds
+    1 HU to every ROI voxel (computed against the base received: its base_digest matches)."""
     header.layers[1] = {"codec": "zstd", "codecs": ["zstd"], "lossless": True, "region": "roi"}
     seq = max(entry[0] for entry in header.plan) + 1
     codec, added = get_codec("zstd"), []
@@ -432,7 +428,38 @@ def test_a_residual_over_a_verified_lossless_base_is_checked_again(lossless):
         added.append(DataChunk(chunk.study_id, seq, 1, chunk.z0, chunk.z1, "zstd",
                                {**params, "base_digest": block_digest(base)}, payload))
         seq += 1
+    return added
+
+
+def test_a_residual_over_a_verified_lossless_base_is_checked_again(lossless):
+    """A lossless base proves its ROI (and, with the rest, the volume) by itself; an ROI
+    residual added to the plan and applied afterwards changes those voxels: the claims made
+    before it must be checked again, never kept."""
+    study, frames = lossless
+    header = parse_frame(frames[0])
+    added = plus_one_roi_residuals(header, [parse_frame(data) for data in frames[1:-1]])
     stream = receive([header.to_frame()] + frames[1:-1] + [c.to_frame() for c in added])
     assert_claims_true(stream, study.volume.data)
     r = stream.reassembler
     assert not r.roi_complete and r.verified is not True and r.roi_mismatches > 0
+
+
+def test_the_exact_state_of_viewer_and_dicom_export_follows_later_changes():
+    """receiver.slices.volume_verified proves a lossless-base study (no diffusion, no exact
+    layer) by its SHA-256; a chunk applied after that check makes it stale, not still true."""
+    from receiver.slices import EXACT, slice_states, volume_verified
+
+    plain = make_study(seed=8)
+    study = PreparedStudy(volume=plain.volume, roi=plain.roi, diffused=plain.volume.data.copy(),
+                          study_id="undiffused")
+    frames = list(StudyEncoder(study, EncodeSettings(codec="zstd", group_slices=2)).frames())
+    header = parse_frame(frames[0])
+    header.roi_digests = []  # nothing but the SHA-256 could tell
+    added = plus_one_roi_residuals(header, [parse_frame(data) for data in frames[1:-1]])
+    stream = StudyStream()
+    stream.feed(header.to_frame() + b"".join(frames[1:-1]))
+    r = stream.reassembler
+    assert volume_verified(r) and (slice_states(r) == EXACT).all()  # the bases: all exact
+    stream.feed(b"".join(chunk.to_frame() for chunk in added))
+    assert not np.array_equal(r.volume, study.volume.data)
+    assert not volume_verified(r) and not (slice_states(r) == EXACT).any()
