@@ -240,6 +240,10 @@ class Session:
             log.error("session %s: study %s refused: %s", self.id, header.study_id, error)
             self.fail(str(error), retry=True)
             return
+        except Exception:  # a bug: the sender is told, not left waiting in "opening"
+            log.exception("session %s: study %s could not be opened", self.id, header.study_id)
+            self.fail("receiver error while opening the study", retry=True)
+            return
         if self.state == "closed":
             return
         self.study = runtime

@@ -216,8 +216,9 @@ def check_layers(value: dict) -> dict[int, dict]:
 
     layers = {}
     for key, layer in value.items():
-        if key not in ("0", "1", "2") or not isinstance(layer, dict):
-            raise WireError(f"header: unknown layer {key!r}")
+        if (key not in ("0", "1", "2") or not isinstance(layer, dict)
+                or not all(isinstance(name, str) for name in layer)):
+            raise WireError(f"header: unknown layer {key!r}, or not a map of named fields")
         number = int(key)
         codec, codecs = layer.get("codec"), layer.get("codecs", [layer.get("codec")])
         if (not isinstance(codec, str) or not isinstance(codecs, list)

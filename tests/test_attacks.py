@@ -207,6 +207,25 @@ def test_headers_over_the_limits_are_refused_before_allocation(tmp_path):
     assert study_folders(tmp_path / "out") == []
 
 
+def test_a_study_that_fails_to_open_is_refused_not_left_waiting(tmp_path, monkeypatch):
+    """Whatever goes wrong while a study is opened, its sender gets an error at once (an
+    exception there left the session in "opening", unanswered, holding its slot)."""
+    async def broken_open(*args, **kwargs):
+        raise TypeError("a bug")
+
+    async def scenario():
+        async with Receiver(tmp_path / "out") as service:
+            monkeypatch.setattr(service, "open_study", broken_open)
+            client, message = await open_raw(service.url, blank_header("x", (4, 8, 8)).to_frame())
+            await client.close()
+            await asyncio.sleep(0.3)
+            return message, len(service.sessions)
+
+    message, sessions = run(scenario())
+    assert message["type"] == "error" and "receiver error" in message["reason"], message
+    assert sessions == 0
+
+
 def test_check_header_bounds_stream_and_memory():
     header = blank_header("s", (32, 256, 256))
     cost = check_header(header, Limits(), window=1 << 20)

@@ -210,6 +210,9 @@ def test_layers_name_registered_codecs_and_tell_the_truth_about_losslessness():
                "region": "all"}},
         {"1": {"codec": "zstd", "lossless": True, "region": "all"}},  # layer 1 is the ROI
         {"3": {"codec": "zstd", "lossless": True, "region": "all"}},
+        # A field that is not named by a string (the receiver sorts the fields for the stream
+        # key: a bytes name beside str names made that raise, and the session hang)
+        {"0": {"codec": "zstd", "lossless": True, "region": "all", b"x": 1}},
     ]
     for layers in bad:
         with pytest.raises(WireError):
