@@ -24,6 +24,9 @@ SUPPORTED_SOURCE_DTYPES = (
 )
 HU_DTYPE = np.dtype("<i2")
 HU_MIN, HU_MAX = -32768, 32767
+#: Largest rescale intercept (in magnitude) a written volume may have: NIfTI's ``scl_inter`` is a
+#: float32, exact for every integer up to 2^24 (CT intercepts are -1024, -8192, -32768...).
+MAX_INTERCEPT = 1 << 24
 
 
 class VolumeError(ValueError):
@@ -125,12 +128,15 @@ def representation_problem(source_dtype: str, slope: float, intercept: float,
     of ``value_range`` exactly; None when it can.
 
     Lossy voxels take any integer in the volume's HU range, so the stored representation must
-    hold all of them: slope 1, an integral intercept, and the range within the dtype's.
+    hold all of them: slope 1, an integral intercept of at most :data:`MAX_INTERCEPT` in
+    magnitude (NIfTI keeps ``scl_inter`` as float32), and the range within the dtype's.
 
     >>> representation_problem("uint16", 1.0, -1024.0, (-1024, 3000)) is None
     True
     >>> print(representation_problem("uint8", 1.0, 0.0, (-1024, 3000)))
     uint8 with intercept 0 holds HU 0..255, not the volume's -1024..3000
+    >>> print(representation_problem("int32", 1.0, 2147479648.0, (-1024, 3000)))
+    rescale intercept 2147479648 is beyond 16777216 in magnitude: NIfTI stores it as float32
     """
     if source_dtype not in SUPPORTED_SOURCE_DTYPES:
         return f"unsupported stored dtype {source_dtype!r}"
@@ -139,6 +145,9 @@ def representation_problem(source_dtype: str, slope: float, intercept: float,
     if slope != 1.0 or not float(intercept).is_integer():
         return (f"rescale slope {slope:g} / intercept {intercept:g} cannot hold every integer HU "
                 "(needs slope 1 and an integral intercept)")
+    if abs(intercept) > MAX_INTERCEPT:
+        return (f"rescale intercept {intercept:.0f} is beyond {MAX_INTERCEPT} in magnitude: NIfTI "
+                "stores it as float32")
     low, high = int(value_range[0]), int(value_range[1])
     if low > high:
         return f"empty value range {low}..{high}"

@@ -32,8 +32,9 @@ Header body (kind 1):
 ``rescale``        ``[slope, intercept]``: HU = stored * slope + intercept
 ``value_range``    ``[min, max]`` HU of the original; lossy voxels are clipped to it. A header
                    whose ``source_dtype`` and ``rescale`` cannot store every integer HU of this
-                   range exactly (slope 1, integral intercept, range within the dtype's) is
-                   refused: the receiver's output never clips or rounds
+                   range exactly (slope 1, integral intercept of at most 2^24 in magnitude:
+                   NIfTI's float32 ``scl_inter``, range within the dtype's) is refused: the
+                   receiver's output never clips or rounds
 ``sha256``         hex SHA-256 of the original voxels as int16 little-endian, slice-major;
                    the receiver reports the exact layer verified only when its volume hashes
                    to it

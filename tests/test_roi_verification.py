@@ -271,6 +271,9 @@ def test_file_mode_exits_0_only_for_what_is_proven(tmp_path, capsys):
     ("uint16", (1.0, 0.0), (-1024, 3000)),
     ("int16", (2.0, 0.0), (-1024, 3000)),
     ("int16", (1.0, 0.5), (-1024, 3000)),
+    # an intercept the NIfTI header (float32 scl_inter) cannot hold: every voxel 32 HU off
+    ("int32", (1.0, 2147479648.0), (-1024, 3000)),
+    ("int64", (1.0, 1e15), (-1024, 3000)),  # the writer's arithmetic overflowed (a traceback)
 ])
 def test_headers_whose_output_cannot_hold_the_voxels_are_refused(layered, dtype, rescale,
                                                                   value_range):
