@@ -267,9 +267,13 @@ def _run(args, parser) -> int:
               f"written ({stream.problem_count} problems)", file=sys.stderr)
         return 1
     reassembler = stream.reassembler
-    write_nifti(reassembler.to_volume(), args.out)
-    if args.status:
-        write_json_atomic(args.status, status)
+    try:
+        write_nifti(reassembler.to_volume(), args.out)
+        if args.status:
+            write_json_atomic(args.status, status)
+    except OSError as error:
+        print(f"dlad-receive: error: cannot write the output: {error}", file=sys.stderr)
+        return 1
     if not args.quiet:
         print(summary(status, args.out))
     if reassembler.verified is False:

@@ -110,6 +110,21 @@ def test_bad_input_fails_cleanly_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "r.nii.gz").exists()
 
 
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, capsys):
+    from sender.encoder import EncodeSettings, StudyEncoder
+    from tests.test_roi_verification import make_study
+
+    stream = tmp_path / "s.dlad"
+    stream.write_bytes(b"".join(StudyEncoder(make_study(), EncodeSettings(
+        codec="zstd", group_slices=2)).frames()))
+    (tmp_path / "taken.nii").mkdir()
+    for out, status in (("taken.nii", "s.json"), ("ok.nii", "taken.nii")):
+        assert receive_main(["--in", str(stream), "--out", str(tmp_path / out), "--status",
+                             str(tmp_path / status), "--quiet"]) == 1
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("dlad-receive: error: cannot write")
+
+
 def test_phantom_demo_and_lossless_codec_mode(tmp_path):
     for extra in ([], ["--codec", "jpegls", "--exact"]):
         out = tmp_path / "demo.dlad"
