@@ -1,11 +1,18 @@
-"""Packaging: the license, one version everywhere, and pins that match what the code supports."""
+"""Packaging: the license, one version everywhere, pins that match what the code supports, and
+what the tests import is what the README's test command installs.
+
+The README's second line (and ``.ci/run``) installs the project with the extras
+``sender,test,dicom,lint``; a package that a test imports itself must be declared there, not
+arrive by chance as another package's dependency (Pillow came only through highdicom).
+"""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
 import pytest
@@ -13,6 +20,7 @@ import pytest
 from shared.version import __version__, client_string
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST_PARTY = {"sender", "receiver", "shared", "models", "scripts", "tests"}
 
 
 def project() -> dict:
@@ -77,3 +85,61 @@ def test_what_the_readme_makes_users_create_is_ignored_and_no_repo_file_is():
     hidden = subprocess.run(["git", "ls-files", "--cached", "--ignored", "--exclude-standard"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     assert hidden.stdout == ""  # no file of the repository matches an ignore pattern
+
+
+def readme_extras() -> list[str]:
+    """The extras of the README's test command (its second line)."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "pytest" in line)
+    return re.search(r'"\.\[([a-z,]+)\]"', command).group(1).split(",")
+
+
+def declared(extras: list[str]) -> set[str]:
+    """Normalised distribution names of the base dependencies and of ``extras``."""
+    metadata = project()
+    requirements = list(metadata["dependencies"])
+    for extra in extras:
+        requirements += metadata["optional-dependencies"][extra]
+    return {normalise(re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0])
+            for requirement in requirements}
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_by_tests() -> dict[str, str]:
+    """Top-level modules the test files import, each with one file that imports it."""
+    local = {path.stem for path in (ROOT / "tests").glob("*.py")}
+    found = {}
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in FIRST_PARTY | local:
+                    found.setdefault(top, path.name)
+    return found
+
+
+def test_the_readme_test_command_installs_what_ci_installs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'-e ".[{",".join(readme_extras())}]"' in ci
+
+
+def test_every_package_a_test_imports_is_declared():
+    extras = readme_extras()
+    names = declared(extras)
+    distributions = packages_distributions()
+    undeclared = {}
+    for module, where in imported_by_tests().items():
+        provided_by = {normalise(d) for d in distributions.get(module, [module])}
+        if not provided_by & names:
+            undeclared[module] = where
+    assert not undeclared, (f"imported by tests but not declared in the dependencies or the "
+                            f"extras {extras} of pyproject.toml: {undeclared}")
