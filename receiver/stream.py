@@ -85,6 +85,7 @@ class StudyStream:
         self.header = header
         self.reassembler = Reassembler(header, clock=self._clock, started=self.started)
         self._reader.max_body_bytes = max_data_frame_bytes(header)
+        self._reader.headers_allowed = False  # another one is a bad frame, never parsed again
 
     def _handle(self, events: list[FrameEvent], max_bad_frames: int | None = None
                 ) -> list[DataChunk]:

@@ -624,13 +624,16 @@ class FrameReader:
 
     ``max_body_bytes`` bounds the frame a reader waits for (and so its buffer): a prefix that
     announces a longer body is rejected at once. A receiver lowers it once the header says how
-    large the study's frames can be.
+    large the study's frames can be, and clears ``headers_allowed``: a stream has one header,
+    and parsing another (its ROI mask unpacked and counted: a 2 KB frame that costs a large
+    study half a second) is work a peer could make the receiver repeat without end.
     """
 
     def __init__(self, max_body_bytes: int = MAX_BODY_BYTES):
         self._buffer = bytearray()
         self._offset = 0  # stream offset of _buffer[0]
         self.max_body_bytes = max_body_bytes
+        self.headers_allowed = True
 
     @property
     def pending(self) -> int:
@@ -659,12 +662,15 @@ class FrameReader:
             if size - pos < PREFIX_BYTES:
                 break
             _, version, kind, length, _ = PREFIX.unpack_from(buffer, pos)
-            if length > self.max_body_bytes or version != WIRE_VERSION or kind not in _PARSERS:
+            another_header = kind == KIND_HEADER and not self.headers_allowed
+            if (length > self.max_body_bytes or version != WIRE_VERSION or kind not in _PARSERS
+                    or another_header):
                 # Not a frame this reader would take: do not wait for its body.
                 reason = (f"oversized frame ({length} bytes) rejected"
                           if length > self.max_body_bytes else
                           f"unsupported wire version {version}" if version != WIRE_VERSION
-                          else f"unknown frame kind {kind}")
+                          else f"unknown frame kind {kind}" if kind not in _PARSERS
+                          else "a second header frame (not parsed)")
                 pos = self._skip_bad(events, pos, reason)
                 continue
             end = pos + PREFIX_BYTES + length

@@ -365,6 +365,28 @@ def test_file_mode_garbage_is_bounded(tmp_path):
     assert not (tmp_path / "out.nii").exists()
 
 
+def test_headers_after_the_first_are_bad_frames_never_parsed(studies, monkeypatch):
+    """A stream has one header. Every header frame after it is a bad frame (counted against a
+    session's error budget) and is not parsed: a parse unpacks and counts the ROI mask, half a
+    second for a large study from a 2 KB frame, which a peer could make the receiver repeat
+    (valid and identical, the copies counted as nothing) for as long as its session lasted."""
+    from receiver.stream import StudyStream
+    from shared import wire
+
+    path, volume, header = studies["a"]
+    source = FileSource(path)
+    parses = []
+    parse = wire._PARSERS[wire.KIND_HEADER]
+    monkeypatch.setitem(wire._PARSERS, wire.KIND_HEADER,
+                        lambda body: parses.append(1) or parse(body))
+    stream = StudyStream()
+    stream.feed(source.header_frame)
+    stream.feed(source.header_frame * 40 + source.frame(source.order[0]))
+    assert len(parses) == 1
+    assert stream.bad_frames >= 40 and "a second header frame" in " ".join(stream.problems)
+    assert stream.reassembler.applied == {source.order[0]}  # the data after them still counts
+
+
 def test_log_lines_are_sanitised_and_rate_limited():
     record = logging.LogRecord("dlad.receiver", logging.WARNING, __file__, 1,
                                "study %s: bad", ("x\n12:00:00 study y: verified\u202e",), None)
