@@ -357,12 +357,26 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def _spare_files(limits: Limits, open_files: int) -> int:
+    return open_files - FD_RESERVE_BASE - FD_PER_SESSION * limits.max_sessions
+
+
+def accept_backlog(limits: Limits, open_files: int) -> int:
+    """The listening socket's backlog: also how many connections the event loop accepts at
+    once when it finds them waiting (after a busy spell), each holding a file until it is
+    served or closed. A quarter of the spare files, 8 to 128."""
+    return max(8, min(128, _spare_files(limits, open_files) // 4))
+
+
 def connection_cap(limits: Limits, open_files: int) -> int:
     """HTTP connections at most: what the open-file limit leaves after the sessions' needs.
 
-    At most 1024 (signaling needs a handful; more only serves an attacker), at least 8.
+    Room is left for two bursts of accepted connections (:func:`accept_backlog`: those over the
+    cap hold their file until the loop closes them, while it may accept the next burst), so
+    that a flood of connections never runs the process out of files. At most 1024 (signaling
+    needs a handful; more only serves an attacker), at least 8.
     """
     if limits.max_connections is not None:
         return limits.max_connections
-    spare = open_files - FD_RESERVE_BASE - FD_PER_SESSION * limits.max_sessions
+    spare = _spare_files(limits, open_files) - 2 * accept_backlog(limits, open_files)
     return max(8, min(1024, spare))

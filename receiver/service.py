@@ -59,7 +59,15 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from receiver.events import StudyUpdate
 from receiver.http import GuardedSite, check_plain_http, read_body
-from receiver.limits import SESSION_MEMORY, DiskGuard, Limits, MemoryBudget, StudyCost, connection_cap
+from receiver.limits import (
+    SESSION_MEMORY,
+    DiskGuard,
+    Limits,
+    MemoryBudget,
+    StudyCost,
+    accept_backlog,
+    connection_cap,
+)
 from receiver.runtime import StudyRuntime
 from receiver.session import Refusal, Session
 from receiver.store import StudyStore
@@ -239,7 +247,8 @@ class ReceiverService:
         self._site = GuardedSite(self._runner, host, port,
                                  max_connections=connection_cap(limits, open_files),
                                  handshake_timeout=limits.header_timeout,
-                                 ssl_context=self.config.tls)
+                                 ssl_context=self.config.tls,
+                                 backlog=accept_backlog(limits, open_files))
         await self._site.start()
         self.address = tuple(self._runner.addresses[0][:2])
         self._janitor = asyncio.create_task(self._housekeeping())

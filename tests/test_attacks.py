@@ -459,6 +459,58 @@ def test_slowloris_against_a_low_open_file_limit_does_not_flood_the_log(tmp_path
     assert len(text) < 20_000, text[-2000:]
 
 
+def test_a_burst_of_connections_after_a_stall_does_not_run_out_of_files(tmp_path, token_file):
+    """Connections that pile up while the receiver's loop is busy (here: stopped) are accepted
+    in one burst when it resumes, each holding a file until it is closed: with 100 slow
+    connections already open under a limit of 200 files, the burst ran the receiver out of
+    files ("Too many open files", tracebacks in the log) although the connection cap (104)
+    was respected. The cap leaves room for the bursts now."""
+    import signal
+
+    limited = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)); "
+               "runpy.run_module('receiver.cli', run_name='__main__')")
+    receiver = ReceiverProcess.spawn(
+        [sys.executable, "-c", limited, "--listen", "127.0.0.1:0", "--token-file",
+         str(token_file), "--out-dir", str(tmp_path / "out"), "--max-sessions", "2",
+         "--header-timeout", "3"], tmp_path / "receiver.log", cwd=ROOT)
+    url = receiver.url
+    try:
+        host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+
+        async def attack():
+            deadline = time.monotonic() + 8
+            clients = [asyncio.create_task(slow_client(host, int(port), True, deadline, 0.5))
+                       for _ in range(100)]
+            await asyncio.sleep(1.0)
+            os.kill(receiver.pid, signal.SIGSTOP)
+            try:
+                clients += [asyncio.create_task(slow_client(host, int(port), True, deadline,
+                                                            0.5)) for _ in range(200)]
+                await asyncio.sleep(1.5)
+            finally:
+                os.kill(receiver.pid, signal.SIGCONT)
+            await asyncio.gather(*clients)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url + "/health") as response:
+                    return response.status
+
+        health = run(attack(), timeout=60)
+    finally:
+        receiver.stop()
+    assert health == 200
+    assert "Too many open files" not in receiver.log_path.read_text()
+
+
+@pytest.mark.parametrize("open_files", [200, 256, 1024, 65536])
+def test_connection_cap_leaves_room_for_accept_bursts(open_files):
+    from receiver.limits import FD_PER_SESSION, FD_RESERVE_BASE, accept_backlog, connection_cap
+
+    limits = Limits(max_sessions=2)
+    cap, burst = connection_cap(limits, open_files), accept_backlog(limits, open_files)
+    assert cap + 2 * burst + FD_RESERVE_BASE + FD_PER_SESSION * 2 <= open_files
+    assert 8 <= burst <= 128 and 8 <= cap <= 1024
+
+
 # --- 1. ICE ----------------------------------------------------------------------------------------
 
 def with_candidates(sdp: str, addresses: list[str]) -> str:
