@@ -231,6 +231,7 @@ class StudyRecord:
              snapshot_format: str = "nii", disk: DiskGuard | None = None) -> StudyRecord:
         """Rebuild from ``folder``: replay the chunk log, cut a torn tail, restore counters."""
         record = cls(folder, header, key, snapshot_format, disk)
+        record._remove_stale_temporaries()
         path = folder / LOG_FILE
         good = 0
         if path.exists():
@@ -268,6 +269,19 @@ class StudyRecord:
         record.counters["resumed_with"] = len(record.stream.reassembler.applied)
         record.check_milestones()
         return record
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete what a crash left of an atomic write here (a snapshot, a status): files named
+        ``.<file>.<random>`` (:func:`shared.atomic.atomic_path`), each up to a whole volume of
+        patient data that nothing would ever use or remove."""
+        names = [f"volume.{fmt}" for fmt in SNAPSHOT_FORMATS] + [STATUS_FILE]
+        for path in self.folder.glob(".*"):
+            if path.is_file() and any(path.name.startswith(f".{name}.") for name in names):
+                size = path.stat().st_size
+                path.unlink()
+                log.warning("%s: removed %s, left by an interrupted write", self.folder, path.name)
+                if self.disk is not None:
+                    self.disk.charge(-size)
 
     def _read_status(self) -> dict:
         try:

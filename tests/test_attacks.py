@@ -39,7 +39,7 @@ from test_streaming import (
 from receiver.http import PlainHttpRefused, server_tls_context
 from receiver.limits import LimitExceeded, Limits, check_header, parse_networks
 from receiver.service import ReceiverService, ServiceConfig
-from receiver.store import LOG_FILE, STATUS_FILE, StoreWriteError, StudyStore
+from receiver.store import HEADER_FILE, LOG_FILE, STATUS_FILE, StoreWriteError, StudyStore
 from sender.transport import FileSource, Refused, stream_study
 from shared.logs import RateLimitFilter, SafeFormatter, printable
 from shared.receiver_process import ReceiverProcess
@@ -602,6 +602,26 @@ def test_a_failed_append_leaves_the_log_as_it_was(studies, tmp_path, monkeypatch
     reloaded, existed = again.open(source.header, source.header_frame)
     assert existed and sorted(reloaded.reassembler.applied) == sorted(source.order[:3])
     again.close()
+
+
+def test_a_restart_removes_what_a_crash_left_of_a_snapshot(studies, tmp_path):
+    """A receiver killed while it wrote a snapshot leaves its temporary file (a whole volume
+    of patient data) in the study folder: the next load of the folder removes it."""
+    path, volume, header = studies["a"]
+    source = FileSource(path)
+    store = StudyStore(tmp_path / "out")
+    record, _ = store.open(source.header, source.header_frame)
+    record.close()
+    store.close()
+    left = [record.folder / ".volume.nii.k3j9x_1a.nii", record.folder / ".status.json.q8w2e7r4"]
+    for stale in left:
+        stale.write_bytes(b"\0" * 1000)
+    again = StudyStore(tmp_path / "out")
+    reloaded, existed = again.open(source.header, source.header_frame)
+    reloaded.close()
+    again.close()
+    assert existed and not any(stale.exists() for stale in left)
+    assert sorted(p.name for p in record.folder.iterdir()) == sorted([HEADER_FILE, LOG_FILE])
 
 
 @pytest.fixture()
