@@ -200,6 +200,7 @@ def stage_costs(folder: Path, runs: int) -> dict:
     import pydicom
     import torch
 
+    from sender.cli import LIVE_RESIDUAL_CODECS
     from sender.dicom import read_series
     from sender.diffusion import DiffusionSettings, LazyDiffusion
     from sender.encoder import EncodeSettings, PreparedStudy, StudyEncoder
@@ -235,18 +236,22 @@ def stage_costs(folder: Path, runs: int) -> dict:
         LazyDiffusion(volume.data, steering_map.probability, steering_map.roi,
                       DiffusionSettings()).full()
 
-    def encode():
-        study = PreparedStudy(volume=volume, roi=steering_map.roi, diffused=diffused,
-                              study_id="bench", sha256=voxel_sha256(volume.data))
-        encoder = StudyEncoder(study, EncodeSettings(exact=True))
-        for planned in encoder.plan:
-            encoder.encode_chunk(planned)
+    def encoder(residual_codecs):
+        def encode():
+            study = PreparedStudy(volume=volume, roi=steering_map.roi, diffused=diffused,
+                                  study_id="bench", sha256=voxel_sha256(volume.data))
+            encoder = StudyEncoder(study, EncodeSettings(exact=True,
+                                                         residual_codecs=residual_codecs))
+            for planned in encoder.plan:
+                encoder.encode_chunk(planned)
+        return encode
 
     def unet():
         provider.probability(volume)
 
     stages = {"decode_itk": decode_itk, "decode": decode_pydicom, "unet": unet, "roi": roi,
-              "diffusion": diffusion, "encode": encode}
+              "diffusion": diffusion, "encode": encoder(LIVE_RESIDUAL_CODECS),
+              "encode_file_default": encoder(EncodeSettings().residual_codecs)}
     samples: dict[str, list[float]] = {name: [] for name in stages}
     for _ in range(runs):
         for name, function in stages.items():  # interleaved
@@ -279,11 +284,13 @@ def markdown(sessions: list[dict], stages: dict[str, dict], load: str) -> str:
             f"| {row['roi_s']:.2f} | {link} | {goal} | {row['all_s']:.2f} | "
             f"{row['sender_cpu_s']:.1f} | {row['sender_cpu_per_slice_s']:.3f} | {row['verified']} |")
     lines += ["", "| series | slices | decode ITK | decode pydicom | speed-up | U-Net | ROI | "
-                  "diffusion | encode (--exact) | decode+ROI+diffusion+encode |", "|" + "---|" * 10]
+                  "diffusion | encode (--exact, live: JPEG-LS residuals) | encode (file default: "
+                  "JPEG XL or JPEG-LS) | decode+ROI+diffusion+encode (live) |", "|" + "---|" * 11]
     for label, row in stages.items():
         lines.append(f"| {label} | {row['slices']} | {row['decode_itk']:.4f} | {row['decode']:.4f}"
                      f" | {row['decode_speedup']:.1f}x | {row['unet']:.4f} | {row['roi']:.4f} | "
-                     f"{row['diffusion']:.4f} | {row['encode']:.4f} | {row['target_sum']:.4f} |")
+                     f"{row['diffusion']:.4f} | {row['encode']:.4f} | "
+                     f"{row['encode_file_default']:.4f} | {row['target_sum']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -230,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--qp", type=int, help="x265 fixed QP of the lossy base instead of CRF")
     coding.add_argument("--preset", default=encode_defaults.preset,
                         help="x265 preset (default %(default)s)")
-    coding.add_argument("--residual-codec", default=",".join(encode_defaults.residual_codecs),
-                        type=codec_list(lossless), metavar="CODEC[,CODEC...]",
+    coding.add_argument("--residual-codec", type=codec_list(lossless), metavar="CODEC[,CODEC...]",
                         help="lossless codecs of the residual layers; each chunk is sent with the "
-                             "one that codes it smallest (default %(default)s; htj2k decodes "
+                             "one that codes it smallest (default "
+                             f"{','.join(encode_defaults.residual_codecs)}; in a live session "
+                             f"{','.join(LIVE_RESIDUAL_CODECS)}, see docs/LIVE.md; htj2k decodes "
                              f"fastest; known: {', '.join(lossless)})")
     coding.add_argument("--group-slices", type=int, default=encode_defaults.group_slices,
                         help="slices per chunk (default %(default)s)")
@@ -250,14 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args):
-    """The steering, diffusion and encoding settings the options ask for."""
+#: Residual codecs of a live session unless --residual-codec says otherwise: trying JPEG XL
+#: as well (the file default) costs the sender 6x the encoding CPU (0.31 against 0.052 s per
+#: 512 x 512 slice with --exact) for 3.6 % fewer bytes (4.6 % before ROI complete), i.e. 0.09 s
+#: of a 2 Mbit/s link against seconds of a 2-core sender's time per series (docs/LIVE.md).
+LIVE_RESIDUAL_CODECS = ("jpegls",)
+
+
+def settings_from_args(args, live: bool = False):
+    """The steering, diffusion and encoding settings the options ask for (``live``: the
+    defaults of a live session)."""
     steering = SteeringSettings(dilation_radius_px=args.dilation_px,
                                 dilation_radius_mm=args.dilation_mm, threshold=args.threshold,
                                 z_margin_mm=args.z_margin_mm)
     encode = EncodeSettings(codec=args.codec, exact=args.exact,
                             crf=None if args.qp is not None else args.crf, qp=args.qp,
-                            preset=args.preset, residual_codecs=tuple(args.residual_codec),
+                            preset=args.preset,
+                            residual_codecs=tuple(args.residual_codec) if args.residual_codec
+                            else LIVE_RESIDUAL_CODECS if live
+                            else EncodeSettings().residual_codecs,
                             group_slices=args.group_slices, min_ssim=args.min_ssim or None)
     iterations = default_diffusion(encode).iterations if args.iterations is None \
         else args.iterations
@@ -484,7 +496,7 @@ def main_live(args, parser) -> int:
         servers = ice_servers(args.ice_server, args.ice_credentials)
         spool = Spool(args.spool)
         deidentifier = deidentifier_from_args(args)
-        steering, diffusion, encode = settings_from_args(args)
+        steering, diffusion, encode = settings_from_args(args, live=True)
         roi = RoiChoice(spec=args.roi, mask=args.roi_mask, label=args.roi_label,
                         allow_small=args.allow_small_roi)
         pipeline = SeriesPipeline(roi, steering, diffusion, encode, device=args.device,

@@ -18,7 +18,7 @@ from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings, LazyDiffusion
 from sender.encoder import LAYERED, EncodeSettings, PreparedStudy, StudyEncoder
 from sender.roi.provider import ProbabilityProvider
-from sender.roi.steering import SteeringSettings, steer
+from sender.roi.steering import SteeringSettings, in_plane_dilation, steer
 from shared.volume import Volume, VolumeError
 from shared.wire import MAX_STUDY_ID, voxel_sha256
 
@@ -143,18 +143,22 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
                   steering: SteeringSettings = SteeringSettings(),
                   diffusion: DiffusionSettings = DiffusionSettings(),
                   device: str | None = None, study_id: str | None = None,
-                  roi_check=None) -> PreparedStudy:
+                  roi_check=None, sha256: str | None = None) -> PreparedStudy:
     """Compute the ROI and the diffused volume.
 
     ``roi_check(probability, volume)`` returns the probability map to use: the provider's, or a
-    safe replacement when an automatic segmentation looks implausible.
+    safe replacement when an automatic segmentation looks implausible. A provider whose map
+    comes with its in-plane dilation done already (``in_plane``, a live series' slices as they
+    arrived) saves :func:`~sender.roi.steering.steer` that step. ``sha256``: of the voxels,
+    when known.
     """
     started = time.perf_counter()
-    probability = provider.probability(volume)
-    if roi_check is not None:
-        probability = roi_check(probability, volume)
+    raw = provider.probability(volume)
+    probability = roi_check(raw, volume) if roi_check is not None else raw
     steering = steering.with_provider_margin(provider.z_margin_mm)
-    steering_map = steer(probability, volume.spacing, steering)
+    in_plane = provider.in_plane(steering) if probability is raw and hasattr(
+        provider, "in_plane") else None
+    steering_map = steer(probability, volume.spacing, steering, in_plane=in_plane)
     log.info("ROI (%s): %.1f %% of voxels in %.1f s", provider.name,
              100 * steering_map.roi_fraction, time.perf_counter() - started)
     # Diffusion runs block by block as the encoder reaches each block (pipelined with the
@@ -169,7 +173,7 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
                 "fraction": round(steering_map.roi_fraction, 6)},
         "diffusion": asdict(diffusion),
     }
-    digest = voxel_sha256(volume.data)
+    digest = sha256 or voxel_sha256(volume.data)
     return PreparedStudy(volume=volume, roi=steering_map.roi, diffused=diffused,
                          study_id=study_id or default_study_id(volume, digest),
                          provenance=provenance, sha256=digest)
@@ -246,7 +250,7 @@ class SeriesPipeline:
         self.spool = spool
         self.provider = make_provider(roi, device)
         self.automatic = self.provider.name == "unet"
-        self.slices = SliceProbabilities(self.provider) if self.automatic else None
+        self.slices = SliceProbabilities(self.provider, steering) if self.automatic else None
         self._warm_up()
         log.info("live pipeline ready (%s ROI) in %.1f s", self.provider.name,
                  time.perf_counter() - started)
@@ -312,7 +316,7 @@ class SeriesPipeline:
         prepared = prepare_study(volume, provider, self.steering, self.diffusion,
                                  device=self.device, study_id=study_id,
                                  roi_check=safety_check(self.roi.allow_small)
-                                 if self.automatic else None)
+                                 if self.automatic else None, sha256=digest)
         prepared.sha256 = digest
         prepared.dicom = attributes
         timings["roi"] = round(time.perf_counter() - started, 3)
@@ -338,17 +342,22 @@ class SliceProbabilities:
 
     The map of a slice does not depend on the slices batched with it (evaluation-mode batch
     normalisation, per-sample convolutions; checked bit for bit on this CPU: the same slice in
-    batches of 1, 3 and 8 and in the whole-volume pass gives the same float32 map).
+    batches of 1, 3 and 8 and in the whole-volume pass gives the same float32 map). The first
+    step of the ROI post-processing, the in-plane disc dilation, is per slice too
+    (:func:`~sender.roi.steering.in_plane_dilation`), and done here as well: when the series is
+    complete only the steps across slices remain (margin, threshold, holes).
     """
 
-    def __init__(self, provider):
+    def __init__(self, provider, steering: SteeringSettings = SteeringSettings()):
         import queue
         import threading
 
         self.unet = provider
+        self.steering = steering
         self.batch_size = provider.batch_size
         self._queue: queue.Queue = queue.Queue()
-        self._done: dict[str, dict[str, np.ndarray]] = {}
+        self._done: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        """Per series, per SOPInstanceUID: the slice's probability and its in-plane dilation."""
         self._geometry: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -441,14 +450,15 @@ class SliceProbabilities:
                     try:
                         probability = predict_probability(self.unet.model, hu, affine, spacing,
                                                           batch_size=self.batch_size)
+                        dilated = in_plane_dilation(probability, spacing, self.steering)
                     except Exception:  # computed again, whole, when the series completes
                         log.debug("U-Net on arriving slices failed", exc_info=True)
                         continue
                     with self._lock:
                         done = self._done.setdefault(series_uid, {})
-                        self._geometry[series_uid] = affine
-                        for (uid, _), p in zip(slices, probability):
-                            done[uid] = p
+                        self._geometry[series_uid] = (affine, spacing)
+                        for (uid, _), p, q in zip(slices, probability, dilated):
+                            done[uid] = (p, q)
                 finally:
                     with self._lock:
                         self._working_on = None
@@ -466,33 +476,50 @@ class SliceProbabilities:
             while self._working_on == series_uid:
                 self._idle.wait()
             done = self._done.pop(series_uid, None) or {}
-            affine = self._geometry.pop(series_uid, None)
+            affine, spacing = self._geometry.pop(series_uid, (None, None))
             self._taken.add(series_uid)
-        if affine is not None and not np.array_equal(
+        if affine is not None and (not np.array_equal(
                 nib.orientations.io_orientation(affine)[:2],
-                nib.orientations.io_orientation(volume.affine)[:2]):
-            done = {}  # another in-plane orientation than the stack's: do it whole
+                nib.orientations.io_orientation(volume.affine)[:2])
+                or self.steering.radii_px(spacing) != self.steering.radii_px(volume.spacing)):
+            done = {}  # another in-plane orientation or pixel size: do it whole
         probability = np.empty(volume.shape, dtype=np.float32)
+        in_plane = np.empty(volume.shape, dtype=np.float32)
         missing = []
         for k, name in enumerate(dicom_series.sources):
             if name in done:
-                probability[k] = done[name]
+                probability[k], in_plane[k] = done[name]
             else:
                 missing.append(k)
         if missing:
             probability[missing] = predict_probability(
                 self.unet.model, volume.data[missing], volume.affine, volume.spacing,
                 batch_size=self.batch_size)
-        return _PrecomputedUNet(self.unet, probability, ready=len(volume.data) - len(missing))
+            in_plane[missing] = in_plane_dilation(probability[missing], volume.spacing,
+                                                  self.steering)
+        return _PrecomputedUNet(self.unet, probability, ready=len(volume.data) - len(missing),
+                                in_plane=in_plane,
+                                radii=self.steering.radii_px(volume.spacing),
+                                spacing=volume.spacing)
 
 
 class _PrecomputedUNet(ProbabilityProvider):
-    """The U-Net provider with its map already computed (same name, margin and description)."""
+    """The U-Net provider with its map already computed (same name, margin and description),
+    and the map's in-plane dilation for the radii it was made with."""
 
-    def __init__(self, unet, probability: np.ndarray, ready: int):
+    def __init__(self, unet, probability: np.ndarray, ready: int, in_plane: np.ndarray,
+                 radii: tuple[float, float], spacing):
         self.unet, self._probability, self.ready = unet, probability, ready
+        self._in_plane, self._radii, self._spacing = in_plane, radii, spacing
         self.name = unet.name
         self.z_margin_mm = unet.z_margin_mm
+
+    def in_plane(self, steering: SteeringSettings) -> np.ndarray | None:
+        """The in-plane dilation for ``steering`` (None if it asks for other radii)."""
+        if steering.radii_px(self._spacing) != self._radii:
+            return None
+        in_plane, self._in_plane = self._in_plane, None  # handed over once: steer() owns it
+        return in_plane
 
     def probability(self, volume: Volume) -> np.ndarray:
         if self._probability.shape != volume.shape:

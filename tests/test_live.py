@@ -478,3 +478,39 @@ def test_a_dicom_folder_input_carries_its_attributes(phantoms, tmp_path):
     assert "DOE" not in hidden.study_id
     again = parse_frame(hidden.to_frame())
     assert isinstance(again, StreamHeader) and again.dicom == hidden.dicom
+
+
+def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path):
+    """The U-Net and the in-plane dilation run on each slice as it arrives; the series' ROI and
+    steering map are then exactly those of the whole-volume path."""
+    import pydicom
+
+    from sender.pipeline import prepare_study
+    from sender.roi.unet import UNetProvider
+    from sender.series import Arrival, CompleteSeries
+
+    volume = phantoms[1]
+    study, series_uid, files = write_series(tmp_path / "s", volume, transfer_syntax=J2K)
+    spool = Spool(tmp_path / "spool")
+    live = SeriesPipeline(RoiChoice(), encode=EncodeSettings(group_slices=2, preset="fast"),
+                          spool=spool)
+    try:
+        arrivals = []
+        for path in reversed(files):  # in any order
+            dataset = pydicom.dcmread(path)
+            dataset.pixel_array  # noqa: B018 - decoded on arrival, as the node does
+            arrival = Arrival(study, series_uid, str(dataset.SOPInstanceUID), path, dataset)
+            arrivals.append(arrival)
+            live.observe(arrival)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(
+                live.slices._done.get(series_uid, {})) < len(files):
+            time.sleep(0.05)
+        encoder, dicom_series, timings = live(CompleteSeries(study, series_uid, arrivals,
+                                                             "count"))
+    finally:
+        live.close()
+    assert timings["unet_slices_ready"] == len(files)
+    whole = prepare_study(dicom_series.volume, UNetProvider(), study_id="whole")
+    np.testing.assert_array_equal(encoder.study.roi, whole.roi)
+    np.testing.assert_array_equal(encoder.study.diffused.full(), whole.diffused.full())

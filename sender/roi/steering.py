@@ -200,20 +200,41 @@ def fill_slice_holes(roi: np.ndarray) -> np.ndarray:
     return filled
 
 
-def steer(probability: np.ndarray, spacing, settings: SteeringSettings = SteeringSettings()
-          ) -> SteeringMap:
+def in_plane_dilation(probability: np.ndarray, spacing,
+                      settings: SteeringSettings = SteeringSettings()) -> np.ndarray:
+    """The first step of :func:`steer`, slice by slice: ``disc_dilate(clip(p, 0, 1))``.
+
+    It needs no other slice, so a live sender computes it for each slice as the slice arrives
+    and hands the stack to :func:`steer` (``in_plane``) when the series is complete.
+    """
+    p = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
+    rx, ry = settings.radii_px(spacing)
+    return disc_dilate(p, rx, ry)
+
+
+def steer(probability: np.ndarray, spacing, settings: SteeringSettings = SteeringSettings(),
+          in_plane: np.ndarray | None = None) -> SteeringMap:
     """Probability map -> steering map and ROI.
 
     ``q = max over the cylinder (in-plane disc x slice margin) of clip(p, 0, 1)``; ``q := 1``
     where ``q > threshold``; then, with ``fill_holes``, ``q := 1`` in every hole of a slice's
     ``{q == 1}``. The ROI is ``{q == 1}``.
+
+    ``in_plane``: :func:`in_plane_dilation` of ``probability`` with these settings, when it was
+    computed already (slice by slice); it is used, and may be modified, in place.
     """
-    p = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
-    if p.ndim != 3:
-        raise ValueError(f"probability map must be 3D (slices, rows, columns), got {p.shape}")
-    rx, ry = settings.radii_px(spacing)
+    if in_plane is not None:
+        if in_plane.shape != np.shape(probability):
+            raise ValueError(f"in-plane dilation {in_plane.shape} does not match the "
+                             f"probability map {np.shape(probability)}")
+        p = in_plane
+    else:
+        if np.ndim(probability) != 3:
+            raise ValueError(f"probability map must be 3D (slices, rows, columns), got "
+                             f"{np.shape(probability)}")
+        p = in_plane_dilation(probability, spacing, settings)
     half_width = settings.z_margin_slices(spacing)
-    p = slice_margin(disc_dilate(p, rx, ry), half_width)
+    p = slice_margin(p, half_width)
     p[p > settings.threshold] = 1.0
     roi = p == 1.0
     if settings.fill_holes:
