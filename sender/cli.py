@@ -49,8 +49,8 @@ EXAMPLES = """examples:
       --ice-credentials turn.txt
   # live session: a DICOM node (AE title DLAD, port 11112) the scanner pushes each series to;
   # every complete series is streamed over one warm connection (docs/LIVE.md)
-  dlad-send --dicom-listen 0.0.0.0:11112 --ae-title DLAD --to http://expert.example:8700 \\
-      --token-file token.txt --deidentify
+  dlad-send --dicom-listen 0.0.0.0:11112 --ae-title DLAD --to https://expert.example:8700 \\
+      --ca-file hospital-ca.pem --token-file token.txt --deidentify
   # live session from a folder the scanner exports into (files taken once finished)
   dlad-send --watch /srv/ct-export --to http://127.0.0.1:8700 --token-file token.txt
 
@@ -466,7 +466,7 @@ def main_live(args, parser) -> int:
     from sender.live import LiveSender
     from sender.pipeline import RoiChoice, SeriesPipeline
     from sender.spool import Spool, SpoolError
-    from sender.transport import StreamOptions, check_url
+    from sender.transport import Refused, StreamOptions, check_url
     from shared.webrtc.ice import IceConfigError, ice_servers
     from shared.webrtc.signaling import TokenError, read_token_file
 
@@ -481,6 +481,10 @@ def main_live(args, parser) -> int:
         parser.error("--series-count must be >= 1")
     if not args.series_timeout > 0 or not args.watch_settle > 0:
         parser.error("--series-timeout and --watch-settle must be > 0")
+    if args.retries < 0:
+        parser.error("--retries must be >= 0")
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate must be > 0")
     try:
         check_url(args.to, args.allow_plain_http)
     except ValueError as error:
@@ -504,8 +508,6 @@ def main_live(args, parser) -> int:
     except (TokenError, IceConfigError, SpoolError, VolumeError, ValueError, OSError) as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
-    if args.max_rate is not None and args.max_rate <= 0:
-        parser.error("--max-rate must be > 0")
     options = StreamOptions(retries=args.retries, quiet=True,
                             max_rate=args.max_rate * 1e6 if args.max_rate else None,
                             ca_file=str(args.ca_file) if args.ca_file else None,
@@ -529,7 +531,11 @@ def main_live(args, parser) -> int:
                 loop.add_signal_handler(signum, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
-        await sender.start()
+        try:
+            await sender.start()
+        except BaseException:
+            await sender.stop()
+            raise
         log.info("live session ready: series go to %s", args.to)
         try:
             await stop.wait()
@@ -539,7 +545,7 @@ def main_live(args, parser) -> int:
 
     try:
         asyncio.run(run())
-    except OSError as error:
+    except (Refused, OSError) as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
     return 0

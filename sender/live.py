@@ -250,12 +250,20 @@ class LiveSender:
 
     async def start(self) -> None:
         """Connect to the receiver, then open the node and the folder; series left in the
-        spool by an earlier run are queued first."""
-        from sender.transport import TransportError
+        spool by an earlier run are queued first.
+
+        Raises:
+            Refused: the receiver refuses the connection (wrong token, a certificate not
+                trusted with ``--ca-file``, a wrong URL path): a setting to fix, not a receiver
+                that is down, so the session does not start taking images it could not send.
+        """
+        from sender.transport import Refused, TransportError
 
         await self.link.start()
         try:
             await self.link.connect()
+        except Refused:
+            raise
         except TransportError as error:
             # Not fatal: the scanner may push before the link is back; the session retries.
             log.warning("receiver %s not reachable yet (%s); series wait in the spool until "

@@ -88,6 +88,9 @@ class Busy(Disconnected):
 #: Bounds of the wait a busy receiver may ask for (Retry-After), in seconds: no busy loop
 #: below half a second, and no receiver parks a sender for more than 30 s at a time.
 RETRY_AFTER_BOUNDS = (0.5, 30.0)
+#: Longest wait between two connection attempts (the backoff doubles up to it): a receiver
+#: that restarts is found again within seconds.
+MAX_BACKOFF_S = 10.0
 
 
 @dataclass
@@ -118,8 +121,7 @@ class StreamOptions:
     """Encoded frames waiting to be sent, at most: the next is ready when the current one
     leaves, and few encoded chunks are held in memory."""
     backoff: float = 1.0
-    """First wait before reconnecting (doubles, at most 10 s: a receiver that restarts is
-    found again within seconds)."""
+    """First wait before reconnecting (doubles, at most :data:`MAX_BACKOFF_S`)."""
     max_rate: float | None = None
     """Cap on the sending rate in bit/s (None: as fast as the channel goes)."""
     quiet: bool = False
@@ -776,6 +778,20 @@ class Link:
                 continue
             try:
                 connection = await self._connected()
+            except Refused as error:
+                # A refused connection (token, certificate, URL) does not mend by itself in
+                # seconds: say so loudly, and look again at the longest backoff.
+                log.error("the receiver %s refuses the connection: %s; trying again in %g s",
+                          self.url, error, MAX_BACKOFF_S)
+                await asyncio.sleep(MAX_BACKOFF_S)
+                continue
+            except (TransportError, OSError) as error:
+                log.info("receiver %s not reachable while idle (%s); trying again in %g s",
+                         self.url, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            try:
                 if not connection.multi_study:
                     await connection.probe()
                 delay = self.options.backoff
@@ -788,7 +804,7 @@ class Link:
                 log.info("receiver %s not reachable while idle (%s); trying again in %g s",
                          self.url, error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)  # see StreamOptions.backoff
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     # --- delivering --------------------------------------------------------------------------
 
@@ -837,7 +853,7 @@ class Link:
                     continue
                 busy_until = None
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)  # see StreamOptions.backoff
+                delay = min(delay * 2, MAX_BACKOFF_S)
         finally:
             delivery.close()
             if hasattr(source, "close"):

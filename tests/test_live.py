@@ -514,3 +514,52 @@ def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path
     whole = prepare_study(dicom_series.volume, UNetProvider(), study_id="whole")
     np.testing.assert_array_equal(encoder.study.roi, whole.roi)
     np.testing.assert_array_equal(encoder.study.diffused.full(), whole.diffused.full())
+
+
+def test_live_session_to_an_https_receiver_checks_its_certificate(phantoms, tmp_path):
+    """The connection options of a one-off ``--to`` hold in a live session: against an HTTPS
+    receiver (``--tls-cert``), a sender without the receiver's CA exits 1 at start with the
+    reason, before its DICOM node takes any image; with ``--ca-file`` the series pushed arrives
+    bit-exact."""
+    from attack_helpers import make_certificate
+
+    cert, key = make_certificate(tmp_path / "tls")
+    token = tmp_path / "token.txt"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    _, series_uid, files = write_series(tmp_path / "a", phantoms[0], transfer_syntax=J2K)
+    receiver = ReceiverProcess.start(tmp_path / "out", token, tmp_path / "receiver.log",
+                                     "--tls-cert", str(cert), "--tls-key", str(key), cwd=ROOT)
+    command = [sys.executable, "-m", "sender.cli", "--dicom-listen", "127.0.0.1:0",
+               "--to", receiver.url, "--token-file", str(token), "--spool",
+               str(tmp_path / "spool"), "--exact", "--roi", "body", "--series-count", "10",
+               "--session-log", str(tmp_path / "session.jsonl")]
+    sender_log = open(tmp_path / "sender.log", "w")
+    sender = None
+    try:
+        assert receiver.url.startswith("https://")
+        refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        sender = subprocess.Popen(command + ["--ca-file", str(cert)], cwd=ROOT,
+                                  stdout=sender_log, stderr=subprocess.STDOUT)
+        port = int(wait_for(tmp_path / "sender.log", r"listening on 127\.0\.0\.1:(\d+)", sender,
+                            timeout=120))
+        code, output = asyncio.run(push(port, files, J2K))
+        assert code == 0, output
+        wait_lines(tmp_path / "session.jsonl", 1, sender)
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.send_signal(signal.SIGINT)
+            try:
+                sender.wait(30)
+            except subprocess.TimeoutExpired:
+                sender.kill()
+        receiver.stop()
+        sender_log.close()
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert re.search(r"dlad-send: error: .*certificate of https://127\.0\.0\.1:\d+\S* is not "
+                     r"trusted .*--ca-file", refused.stderr), refused.stderr[-3000:]
+    assert "listening on" not in refused.stderr  # the node never opened: no image taken
+    assert sender.returncode == 0, (tmp_path / "sender.log").read_text()[-3000:]
+    (line,) = [json.loads(text) for text in (tmp_path / "session.jsonl").read_text().splitlines()]
+    assert line["outcome"] == "delivered", line
+    check_received(series_folders(tmp_path / "out")[series_uid], phantoms[0], 10)

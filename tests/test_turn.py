@@ -11,6 +11,8 @@ the reason otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -117,65 +119,133 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(10)
 
 
-def test_study_crosses_a_turn_relay_between_isolated_peers(tmp_path, namespaces):
+TURN_CREDENTIALS = "dlad:turn-password-0123456789"
+
+
+@contextlib.contextmanager
+def relay_and_receiver(tmp_path: Path, namespaces, *receiver_options: str):
+    """coturn and the signaling forwarder in the middle namespace, an HTTPS receiver with the
+    relay in its own; yields ``(token, credentials, cert, out, logs)`` and stops them after."""
     receiver_ns, sender_ns, middle_ns = namespaces
     # The peers really have no route to each other.
     route = sh("ip", "netns", "exec", receiver_ns, "ip", "route", "get", SENDER_IP, check=False)
     assert route.returncode != 0, route.stdout
-    study = tmp_path / "study.dlad"
-    volume, header = encode_phantom(study, seed=7, exact=True)
     token = tmp_path / "token.txt"
     token.write_text(TOKEN + "\n")
     credentials = tmp_path / "turn.txt"
-    credentials.write_text("dlad:turn-password-0123456789\n")
+    credentials.write_text(TURN_CREDENTIALS + "\n")
     for path in (token, credentials):
         path.chmod(0o600)
     cert, key = make_certificate(tmp_path / "tls", addresses=(TURN_SENDER_SIDE, RECEIVER_IP))
+    logs = {name: tmp_path / f"{name}.log" for name in ("turn", "forward", "receiver")}
+    out = tmp_path / "out"
     processes = []
     try:
-        turn_log = tmp_path / "turn.log"
         turn = start(middle_ns, [
             "turnserver", "-n", f"--listening-ip={TURN_RECEIVER_SIDE}",
             f"--listening-ip={TURN_SENDER_SIDE}", f"--relay-ip={TURN_RECEIVER_SIDE}",
-            f"--listening-port={TURN_PORT}", "--lt-cred-mech",
-            "--user=dlad:turn-password-0123456789", "--realm=dlad.test", "--no-tls",
-            "--no-dtls", "--no-cli", "--fingerprint", "--log-file=stdout", "--simple-log",
-            "--min-port=49160", "--max-port=49200", "--pidfile", str(tmp_path / "turn.pid")],
-            turn_log)
+            f"--listening-port={TURN_PORT}", "--lt-cred-mech", f"--user={TURN_CREDENTIALS}",
+            "--realm=dlad.test", "--no-tls", "--no-dtls", "--no-cli", "--fingerprint",
+            "--log-file=stdout", "--simple-log", "--min-port=49160", "--max-port=49200",
+            "--pidfile", str(tmp_path / "turn.pid")], logs["turn"])
         processes.append(turn)
-        forward_log = tmp_path / "forward.log"
         forward = start(middle_ns, [sys.executable, "-c", FORWARDER, TURN_SENDER_SIDE,
                                     str(SIGNALING_PORT), RECEIVER_IP, str(SIGNALING_PORT)],
-                        forward_log)
+                        logs["forward"])
         processes.append(forward)
-        receiver_log = tmp_path / "receiver.log"
-        out = tmp_path / "out"
         receiver = start(receiver_ns, [
             sys.executable, "-m", "receiver.cli", "--listen", f"{RECEIVER_IP}:{SIGNALING_PORT}",
             "--token-file", str(token), "--out-dir", str(out), "--tls-cert", str(cert),
             "--tls-key", str(key), "--ice-server", f"turn:{TURN_RECEIVER_SIDE}:{TURN_PORT}",
-            "--ice-credentials", str(credentials)], receiver_log)
+            "--ice-credentials", str(credentials), *receiver_options], logs["receiver"])
         processes.append(receiver)
-        wait_for(forward_log, "forwarding", forward)
-        wait_for(receiver_log, "listening on https://", receiver)
-        wait_for(turn_log, "(?i)listener opened|relay", turn, timeout=30)
-        sent = subprocess.run(
-            ["ip", "netns", "exec", sender_ns, sys.executable, "-m", "sender.cli", str(study),
-             "--to", f"https://{TURN_SENDER_SIDE}:{SIGNALING_PORT}", "--token-file", str(token),
-             "--ca-file", str(cert), "--ice-server", f"turn:{TURN_SENDER_SIDE}:{TURN_PORT}",
-             "--ice-credentials", str(credentials), "--retries", "1"],
-            cwd=ROOT, capture_output=True, text=True, timeout=240)
+        wait_for(logs["forward"], "forwarding", forward)
+        wait_for(logs["receiver"], "listening on https://", receiver)
+        wait_for(logs["turn"], "(?i)listener opened|relay", turn, timeout=30)
+        yield token, credentials, cert, out, logs
     finally:
         for process in reversed(processes):
             stop(process)
-    receiver_text = receiver_log.read_text()
+
+
+def sender_connection_options(token: Path, credentials: Path, cert: Path) -> list[str]:
+    """What the sender needs to reach the receiver from its namespace: HTTPS through the
+    forwarder (its CA), the TURN server on its side of the middle namespace."""
+    return ["--to", f"https://{TURN_SENDER_SIDE}:{SIGNALING_PORT}", "--token-file", str(token),
+            "--ca-file", str(cert), "--ice-server", f"turn:{TURN_SENDER_SIDE}:{TURN_PORT}",
+            "--ice-credentials", str(credentials)]
+
+
+def check_relayed(receiver_text: str, sessions: int = 1) -> None:
+    """Every ICE pair the receiver nominated has a relay end, none the sender's own address."""
+    pairs = re.findall(r"ICE (\w+) ([\d.]+):\d+ -> (\w+) ([\d.]+):\d+", receiver_text)
+    assert len(pairs) >= sessions, receiver_text[-3000:]
+    for pair in pairs:
+        assert "relay" in (pair[0], pair[2]), pair
+        assert SENDER_IP not in pair, pair  # no direct path was used
+
+
+def test_study_crosses_a_turn_relay_between_isolated_peers(tmp_path, namespaces):
+    receiver_ns, sender_ns, middle_ns = namespaces
+    study = tmp_path / "study.dlad"
+    volume, header = encode_phantom(study, seed=7, exact=True)
+    with relay_and_receiver(tmp_path, namespaces) as (token, credentials, cert, out, logs):
+        sent = subprocess.run(
+            ["ip", "netns", "exec", sender_ns, sys.executable, "-m", "sender.cli", str(study),
+             *sender_connection_options(token, credentials, cert), "--retries", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    receiver_text = logs["receiver"].read_text()
     assert sent.returncode == 0, (sent.stderr[-3000:], receiver_text[-3000:],
-                                  turn_log.read_text()[-3000:])
+                                  logs["turn"].read_text()[-3000:])
     assert "SHA-256 verified by the receiver" in sent.stdout
-    # The nominated pair has a relay end: the media went through coturn.
-    pair = re.search(r"ICE (\w+) ([\d.]+):\d+ -> (\w+) ([\d.]+):\d+", receiver_text)
-    assert pair is not None, receiver_text[-3000:]
-    assert "relay" in (pair.group(1), pair.group(3)), pair.group(0)
-    assert SENDER_IP not in pair.group(0), pair.group(0)  # no direct path was used
+    check_relayed(receiver_text)
     (folder,) = study_folders(out)
     check_complete(folder, volume, header)
+
+
+def test_live_session_crosses_a_turn_relay(tmp_path, namespaces):
+    """``dlad-send --dicom-listen`` with the same connection options (HTTPS with ``--ca-file``,
+    ``--ice-server`` and ``--ice-credentials``) to a receiver that probes only the relay
+    (``--allow-peers``): storescu pushes a series to the node in the sender's namespace, it
+    arrives bit-exact through coturn."""
+    from live_series import write_series
+    from test_live import J2K, check_received, series_folders
+
+    from models.phantoms import make_phantom
+    from tests.dcmtk import dcmtk_tool
+
+    storescu = dcmtk_tool("storescu")
+    if storescu is None:
+        pytest.skip("no dcmtk storescu (apt-get install dcmtk; .ci/run does)")
+    receiver_ns, sender_ns, middle_ns = namespaces
+    volume = make_phantom((8, 64, 80), spacing=(5.0, 5.2, 2.5), seed=21)[0]
+    _, series_uid, files = write_series(tmp_path / "series", volume, transfer_syntax=J2K)
+    session_log = tmp_path / "session.jsonl"
+    with relay_and_receiver(tmp_path, namespaces, "--allow-peers",
+                            f"{TURN_RECEIVER_SIDE}/32") as (token, credentials, cert, out, logs):
+        sender_log = tmp_path / "sender.log"
+        sender = start(sender_ns, [
+            sys.executable, "-m", "sender.cli", "--dicom-listen", "127.0.0.1:11112",
+            *sender_connection_options(token, credentials, cert), "--spool",
+            str(tmp_path / "spool"), "--exact", "--roi", "body", "--series-count", str(len(files)),
+            "--session-log", str(session_log)], sender_log)
+        try:
+            wait_for(sender_log, "live session ready", sender, timeout=120)
+            pushed = subprocess.run(["ip", "netns", "exec", sender_ns, storescu, "-xv", "-aec",
+                                     "DLAD", "127.0.0.1", "11112", *map(str, files)],
+                                    capture_output=True, text=True, timeout=60)
+            assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not (
+                    session_log.exists() and session_log.read_text().strip()):
+                assert sender.poll() is None, sender_log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            stop(sender)
+    receiver_text = logs["receiver"].read_text()
+    lines = [json.loads(line) for line in session_log.read_text().splitlines()]
+    assert [line["outcome"] for line in lines] == ["delivered"], (
+        lines, sender_log.read_text()[-3000:], receiver_text[-3000:])
+    assert "outside --allow-peers dropped" in receiver_text  # the sender's host candidates
+    check_relayed(receiver_text)
+    check_received(series_folders(out)[series_uid], volume, len(files))
