@@ -430,14 +430,19 @@ def test_slowloris_connections_are_closed_and_a_legit_transfer_is_unaffected(stu
     check_complete(tmp_path / "out" / header.study_id, volume, header)
 
 
-def test_slowloris_against_a_low_open_file_limit_does_not_flood_the_log(tmp_path, token_file):
-    # The receiver under an open-file limit of 200 (soft and hard: it cannot raise it).
+def spawn_receiver_with_few_files(tmp_path: Path, token_file: Path) -> ReceiverProcess:
+    """``dlad-receive --listen`` under an open-file limit of 200, soft and hard (it cannot
+    raise it), two sessions and a 3 s header timeout."""
     limited = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)); "
                "runpy.run_module('receiver.cli', run_name='__main__')")
-    receiver = ReceiverProcess.spawn(
+    return ReceiverProcess.spawn(
         [sys.executable, "-c", limited, "--listen", "127.0.0.1:0", "--token-file",
          str(token_file), "--out-dir", str(tmp_path / "out"), "--max-sessions", "2",
          "--header-timeout", "3"], tmp_path / "receiver.log", cwd=ROOT)
+
+
+def test_slowloris_against_a_low_open_file_limit_does_not_flood_the_log(tmp_path, token_file):
+    receiver = spawn_receiver_with_few_files(tmp_path, token_file)
     url = receiver.url
     try:
         host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
@@ -467,12 +472,7 @@ def test_a_burst_of_connections_after_a_stall_does_not_run_out_of_files(tmp_path
     was respected. The cap leaves room for the bursts now."""
     import signal
 
-    limited = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)); "
-               "runpy.run_module('receiver.cli', run_name='__main__')")
-    receiver = ReceiverProcess.spawn(
-        [sys.executable, "-c", limited, "--listen", "127.0.0.1:0", "--token-file",
-         str(token_file), "--out-dir", str(tmp_path / "out"), "--max-sessions", "2",
-         "--header-timeout", "3"], tmp_path / "receiver.log", cwd=ROOT)
+    receiver = spawn_receiver_with_few_files(tmp_path, token_file)
     url = receiver.url
     try:
         host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
