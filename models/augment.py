@@ -11,6 +11,18 @@ fraction in ``[0, 1]`` of the same shape.
   noise;
 * :func:`add_lesions`: synthetic focal lesions painted into the liver (the target keeps them
   as liver: a lesion belongs to the ROI).
+
+Augmentations that imitate scans unlike the two labelled ones (the "domain" augmentations,
+each with its own probability in :class:`DomainSettings`):
+
+* :func:`contrast_phase`: the liver, its vessels and the other organs remapped to another
+  contrast phase (non-contrast and late livers at 38-65 HU, portal and arterial up to 140 HU);
+* :func:`reconstruction_kernel`: a smooth or sharp reconstruction kernel and the noise texture
+  of another scanner (filtered noise, 5-50 HU);
+* :func:`field_of_view`: a circular field of view with a scanner's fill value outside
+  (:data:`PADDING_VALUES_HU`), which the preprocessing must turn into air;
+* :func:`capsule_lesion`: one large (5-10 cm) hypo- or hyperdense tumour centred within 10 mm
+  of the liver's edge, so that it reaches the capsule.
 """
 
 from __future__ import annotations
@@ -23,13 +35,25 @@ import torch
 import torch.nn.functional as F
 
 from models.phantoms import insert_lesion
-from models.preprocessing import resize
+from models.preprocessing import resize, suppress_padding
 
 #: HU given to pixels that a crop or rotation brings in from outside the scan.
 AIR_HU = -1024.0
 #: Semi-axes of synthetic lesions in network pixels (2 mm: 6-40 mm) and lesions per slice.
 LESION_RADIUS_PX = (3.0, 20.0)
 LESION_COUNT = (1, 3)
+#: Fill values scanners write outside their circular field of view (DICOM PixelPaddingValue
+#: after rescaling: -3024 and -2048 are common, -2000 on some, 0 HU where the fill is stored
+#: as 1024 with intercept -1024) and plain air.
+PADDING_VALUES_HU = (-3024.0, -2048.0, -2000.0, -1024.0, 0.0)
+#: Liver parenchyma HU of the phases :func:`contrast_phase` draws: plain CT and the late
+#: (equilibrium) phase 38-65 HU (steatosis lower still is left to the global shifts), portal
+#: venous and late arterial 65-140 HU.
+PLAIN_LIVER_HU = (38.0, 65.0)
+ENHANCED_LIVER_HU = (65.0, 140.0)
+#: Large tumours: semi-axes 25-50 mm (5-10 cm across), centred at most 10 mm inside the liver.
+CAPSULE_LESION_RADIUS_MM = (25.0, 50.0)
+CAPSULE_DEPTH_MM = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,31 @@ class GeometrySettings:
                              f"{self.rotation_deg}, {self.scale}, {self.elastic_px}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip probability must be in [0, 1], got {self.flip_prob}")
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """Probabilities (per slice) of the augmentations that imitate unseen scans."""
+
+    phase_prob: float = 0.0
+    """:func:`contrast_phase`: another contrast phase."""
+    kernel_prob: float = 0.0
+    """:func:`reconstruction_kernel`: another kernel and noise texture."""
+    field_of_view_prob: float = 0.0
+    """:func:`field_of_view`: a circular field of view with a fill value outside."""
+    capsule_lesion_prob: float = 0.0
+    """:func:`capsule_lesion`: a 5-10 cm tumour at the capsule."""
+
+    def __post_init__(self):
+        for name in ("phase_prob", "kernel_prob", "field_of_view_prob", "capsule_lesion_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+    @property
+    def active(self) -> bool:
+        return any((self.phase_prob, self.kernel_prob, self.field_of_view_prob,
+                    self.capsule_lesion_prob))
 
 
 def crop_centre(hu: torch.Tensor, liver: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
@@ -144,3 +193,122 @@ def add_lesions(hu: torch.Tensor, liver: torch.Tensor, rng: np.random.Generator
     for _ in range(int(rng.integers(LESION_COUNT[0], LESION_COUNT[1] + 1))):
         insert_lesion(painted, liver.numpy(), rng, radius_px=LESION_RADIUS_PX)
     return torch.from_numpy(painted)
+
+
+def gaussian_blur(hu: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of an ``(H, W)`` image (``sigma`` in pixels, edges reflected)."""
+    if sigma <= 0:
+        return hu
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    image = F.pad(hu[None, None].float(), (radius, radius, radius, radius), mode="reflect")
+    image = F.conv2d(image, kernel.view(1, 1, 1, -1))
+    return F.conv2d(image, kernel.view(1, 1, -1, 1))[0, 0]
+
+
+def contrast_phase(hu: torch.Tensor, liver: torch.Tensor, rng: np.random.Generator
+                   ) -> torch.Tensor:
+    """The crop in another contrast phase.
+
+    With ``m`` the median HU of the liver core (``liver > 0.9``; a crop with fewer than 20
+    such pixels keeps its liver), a target parenchyma HU ``t`` (half of the draws plain or late:
+    :data:`PLAIN_LIVER_HU`, the others :data:`ENHANCED_LIVER_HU`), a vessel gain ``f`` in
+    [-0.5, 1.3] (negative: vessels darker than the parenchyma, as without contrast) and an
+    organ gain ``g`` in [0.15, 1.3]::
+
+        v = clip((h - m - 15) / 25, 0, 1) l                    (vessels inside the liver)
+        h' = h + l (t - m) + v (f - 1) (h - m)                 (liver and its vessels)
+        h' = h' + w ((40 + g (h - 40)) - h)                     (other organs)
+
+    where ``w = clip((h - 10) / 30, 0, 1) clip((500 - h) / 150, 0, 1) (1 - l)`` selects
+    enhancing soft tissue outside the liver (spleen, kidneys, vessels, bowel wall: ``g`` near
+    0.2 collapses them to their plain 40-80 HU; fat, air and cortical bone are untouched).
+    Lesions keep their offset from the parenchyma. The target is unchanged.
+    """
+    core = liver > 0.9
+    plain = rng.uniform() < 0.5
+    target = rng.uniform(*(PLAIN_LIVER_HU if plain else ENHANCED_LIVER_HU))
+    vessel_gain, organ_gain = rng.uniform(-0.5, 1.3), rng.uniform(0.15, 1.3)
+    hu = hu.float()
+    out = hu.clone()
+    if int(core.sum()) >= 20:
+        median = float(hu[core].median())
+        vessels = ((hu - median - 15) / 25).clamp(0, 1) * liver
+        out = out + liver * (target - median) + vessels * (vessel_gain - 1) * (hu - median)
+    organs = ((hu - 10) / 30).clamp(0, 1) * ((500 - hu) / 150).clamp(0, 1) * (1 - liver)
+    return out + organs * ((40 + organ_gain * (hu - 40)) - hu)
+
+
+def reconstruction_kernel(hu: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The crop as another scanner's kernel and noise would show it.
+
+    Half of the draws smooth (Gaussian, ``sigma`` 0.5-1.5 px: soft-tissue kernels, thick
+    reconstructions), half sharpen (unsharp mask ``h + a (h - G_s h)``, ``a`` in [0.3, 1.2],
+    ``s`` in [0.6, 1.5] px: bone and lung kernels). Then noise with CT's texture: white noise
+    ``n``, high-passed ``n - G_b n`` (``b`` in [1, 3] px: filtered back-projection removes low
+    frequencies), low-passed by ``G_c`` (``c`` in [0, 0.8] px: the kernel's cut-off), scaled to a
+    standard deviation of 5-50 HU.
+    """
+    hu = hu.float()
+    if rng.uniform() < 0.5:
+        hu = gaussian_blur(hu, rng.uniform(0.5, 1.5))
+    else:
+        amount, sigma = rng.uniform(0.3, 1.2), rng.uniform(0.6, 1.5)
+        hu = hu + amount * (hu - gaussian_blur(hu, sigma))
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    noise = torch.randn(hu.shape, generator=generator)
+    noise = gaussian_blur(noise - gaussian_blur(noise, rng.uniform(1.0, 3.0)),
+                          rng.uniform(0.0, 0.8))
+    noise = noise / noise.std().clamp_min(1e-6)
+    return hu + noise * rng.uniform(5.0, 50.0)
+
+
+def field_of_view(hu: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The crop seen through a circular field of view, a scanner's fill value outside.
+
+    The circle's centre is within 10 % of the crop's centre and its radius 30-55 % of the
+    crop's side, so it often cuts the body (as a field of view too small for the patient
+    does) and leaves the four corners outside. The fill value is drawn from
+    :data:`PADDING_VALUES_HU`. The caller applies the model's preprocessing
+    (:func:`models.preprocessing.suppress_padding`), as inference does.
+    """
+    height, width = hu.shape
+    side = min(height, width)
+    centre_y = (height - 1) / 2 + rng.uniform(-0.1, 0.1) * side
+    centre_x = (width - 1) / 2 + rng.uniform(-0.1, 0.1) * side
+    radius = rng.uniform(0.3, 0.55) * side
+    fill = float(rng.choice(PADDING_VALUES_HU))
+    rows = torch.arange(height, dtype=torch.float32)[:, None] - centre_y
+    cols = torch.arange(width, dtype=torch.float32)[None, :] - centre_x
+    return torch.where(rows ** 2 + cols ** 2 > radius ** 2, torch.tensor(fill), hu.float())
+
+
+def capsule_lesion(hu: torch.Tensor, liver: torch.Tensor, rng: np.random.Generator,
+                   pixel_mm: float) -> torch.Tensor:
+    """One large tumour (5-10 cm, :data:`CAPSULE_LESION_RADIUS_MM`) reaching the capsule.
+
+    Its centre is a liver pixel at most :data:`CAPSULE_DEPTH_MM` from the liver's edge
+    (Euclidean distance to the nearest non-liver pixel), so the tumour, larger than that
+    depth, always reaches the capsule; shape, edge, texture and HU offset as
+    :func:`models.phantoms.insert_lesion` (hypodense, or hyperdense 30 % of the time). The
+    target is unchanged: a tumour belongs to the liver ROI. A crop without liver is returned
+    as it is.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    core = (liver > 0.5).numpy()
+    if core.sum() < 50:
+        return hu
+    depth = distance_transform_edt(core) * pixel_mm
+    painted = hu.float().numpy().copy()
+    low, high = CAPSULE_LESION_RADIUS_MM
+    insert_lesion(painted, liver.numpy(), rng, radius_px=(low / pixel_mm, high / pixel_mm),
+                  centres=depth <= CAPSULE_DEPTH_MM)
+    return torch.from_numpy(painted)
+
+
+def remove_padding(hu: torch.Tensor) -> torch.Tensor:
+    """:func:`models.preprocessing.suppress_padding` of an ``(H, W)`` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(suppress_padding(hu.numpy())))

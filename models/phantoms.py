@@ -34,7 +34,7 @@ from scipy import ndimage
 from shared.volume import Volume
 
 
-def _smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float) -> np.ndarray:
     """Random field, smooth over ``shape / coarse`` voxels, with values in about ``±amplitude``."""
     coarse_shape = tuple(max(2, n // coarse) for n in shape)
     field = rng.uniform(-1.0, 1.0, coarse_shape)
@@ -43,14 +43,14 @@ def _smooth_field(rng: np.random.Generator, shape, coarse: int, amplitude: float
         tuple(slice(0, n) for n in shape)]
 
 
-def _ellipse(x, y, cx, cy, ax, ay, angle: float = 0.0) -> np.ndarray:
+def ellipse(x, y, cx, cy, ax, ay, angle: float = 0.0) -> np.ndarray:
     """Boolean disc ``((x'-cx)/ax)^2 + ((y'-cy)/ay)^2 <= 1`` in axes rotated by ``angle``."""
     cos, sin = np.cos(angle), np.sin(angle)
     dx, dy = x - cx, y - cy
     return ((cos * dx + sin * dy) / ax) ** 2 + ((-sin * dx + cos * dy) / ay) ** 2 <= 1.0
 
 
-def _present(u: np.ndarray, top: float, bottom: float) -> np.ndarray:
+def present(u: np.ndarray, top: float, bottom: float) -> np.ndarray:
     """Per-slice profile in ``[0, 1]``: 0 outside ``[top, bottom]`` mm, a smooth bump inside."""
     t = np.clip((u - top) / (bottom - top), 0.0, 1.0)
     return np.sqrt(np.sin(np.pi * t))
@@ -89,8 +89,8 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0,
     y = (np.arange(ny)[None, :, None] - (ny - 1) / 2) * sy + rng.uniform(-15, 15)
     x = (np.arange(nx)[None, None, :] - (nx - 1) / 2) * sx + rng.uniform(-15, 15)
     grid = (nz, ny, nx)
-    x = x + _smooth_field(rng, grid, 24, 9.0)
-    y = y + _smooth_field(rng, grid, 24, 9.0)
+    x = x + smooth_field(rng, grid, 24, 9.0)
+    y = y + smooth_field(rng, grid, 24, 9.0)
     u3 = u[:, None, None]
 
     contrast = rng.uniform(0, 1) < 0.6
@@ -100,12 +100,12 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0,
     hu = np.full(grid, -1000.0)
 
     # Body wall: skin-fat, muscle, then the visceral fat that fills the rest.
-    body = _ellipse(x, y, 0, 0, half_width, half_depth)
+    body = ellipse(x, y, 0, 0, half_width, half_depth)
     hu[body] = rng.uniform(-115, -80)
     fat = rng.uniform(6, 35) * size
     wall = rng.uniform(7, 14)
-    muscle_outer = _ellipse(x, y, 0, 0, half_width - fat, half_depth - fat)
-    inner = _ellipse(x, y, 0, 0, half_width - fat - wall, half_depth - fat - wall)
+    muscle_outer = ellipse(x, y, 0, 0, half_width - fat, half_depth - fat)
+    inner = ellipse(x, y, 0, 0, half_width - fat - wall, half_depth - fat - wall)
     hu[muscle_outer & ~inner] = rng.uniform(40, 60)
     hu[inner] = rng.uniform(-100, -60)
     inner_x, inner_y = half_width - fat - wall, half_depth - fat - wall
@@ -114,23 +114,23 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0,
     lung_level = np.clip((60 - u3) / 120, 0, 1)
     lungs = inner & (lung_level > 0) & (y > inner_y * (1 - 2 * lung_level)) & (np.abs(x) > 25)
     hu[lungs] = rng.uniform(-900, -780)
-    heart = _ellipse(x, y, 25, -0.35 * inner_y, 70 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3,
+    heart = ellipse(x, y, 25, -0.35 * inner_y, 70 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3,
                      55 * np.sqrt(np.clip(-u3 / 50 + 0.4, 0, 1)) + 1e-3)
     hu[heart & inner] = artery_hu if contrast else rng.uniform(35, 55)
 
     # Spine with posterior elements and paraspinal muscles, the aorta in front of it.
     spine_y = inner_y - 25
-    vertebra = _ellipse(x, y, 0, spine_y, 20 * size, 17 * size)
+    vertebra = ellipse(x, y, 0, spine_y, 20 * size, 17 * size)
     hu[vertebra] = rng.uniform(180, 280)
-    hu[vertebra & ~_ellipse(x, y, 0, spine_y, 16 * size, 13 * size)] = rng.uniform(450, 800)
-    process = _ellipse(x, y, 0, spine_y + 30, 7, 20 * size) & muscle_outer
+    hu[vertebra & ~ellipse(x, y, 0, spine_y, 16 * size, 13 * size)] = rng.uniform(450, 800)
+    process = ellipse(x, y, 0, spine_y + 30, 7, 20 * size) & muscle_outer
     hu[process] = rng.uniform(400, 700)
     paraspinal = np.zeros(grid, dtype=bool)
     for side in (-1, 1):
-        paraspinal |= _ellipse(x, y, side * 35 * size, spine_y + 15, 22 * size, 25 * size)
+        paraspinal |= ellipse(x, y, side * 35 * size, spine_y + 15, 22 * size, 25 * size)
     paraspinal &= muscle_outer & ~vertebra & ~process
     hu[paraspinal] = rng.uniform(40, 60)
-    aorta = _ellipse(x, y, 18, spine_y - 32, 11, 11)
+    aorta = ellipse(x, y, 18, spine_y - 32, 11, 11)
     hu[aorta] = artery_hu
 
     # Ribs on the wall from the dome down to below the liver's upper half.
@@ -138,21 +138,21 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0,
     for angle in np.linspace(-np.pi, np.pi, rng.integers(12, 20), endpoint=False):
         rx = (half_width - fat - wall / 2) * np.cos(angle)
         ry = (half_depth - fat - wall / 2) * np.sin(angle)
-        ribs |= _ellipse(x, y, rx, ry, 6, 5) & (u3 < 130) & (np.abs(angle - np.pi / 2) > 0.5)
+        ribs |= ellipse(x, y, rx, ry, 6, 5) & (u3 < 130) & (np.abs(angle - np.pi / 2) > 0.5)
     hu[ribs] = rng.uniform(350, 800)
 
     # The liver: right part of the abdomen, left lobe reaching across in its upper part.
-    profile = _present(u3, rng.uniform(-8, 8), liver_length)
+    profile = present(u3, rng.uniform(-8, 8), liver_length)
     upper = np.clip(1.0 - u3 / 90, 0.0, 1.0)
     cut = (-0.1 + 0.45 * upper + rng.uniform(-0.1, 0.1)) * inner_x + 0.35 * y
-    cut = cut + _smooth_field(rng, grid, 16, 12.0)
-    liver_extent = _ellipse(x, y, -0.25 * inner_x * (1 - profile), 0.1 * inner_y * (1 - upper),
+    cut = cut + smooth_field(rng, grid, 16, 12.0)
+    liver_extent = ellipse(x, y, -0.25 * inner_x * (1 - profile), 0.1 * inner_y * (1 - upper),
                             inner_x * (0.2 + 0.8 * profile), inner_y * (0.2 + 0.8 * profile))
     liver = inner & liver_extent & (x < cut) & (profile > 0.05)
     if rng.uniform() < 0.6:  # the left lobe's lower tip: a separate island, far anterior
-        tip = _present(u3, rng.uniform(0.3, 0.5) * liver_length,
+        tip = present(u3, rng.uniform(0.3, 0.5) * liver_length,
                        rng.uniform(0.75, 0.95) * liver_length)
-        liver |= inner & _ellipse(x, y, rng.uniform(-0.15, 0.15) * inner_x, -0.65 * inner_y,
+        liver |= inner & ellipse(x, y, rng.uniform(-0.15, 0.15) * inner_x, -0.65 * inner_y,
                                   rng.uniform(15, 35) * tip + 1e-3,
                                   rng.uniform(10, 22) * tip + 1e-3, rng.uniform(-0.5, 0.5))
     liver &= ~(vertebra | process | paraspinal | aorta | ribs)
@@ -165,37 +165,37 @@ def make_phantom(shape=(24, 192, 192), spacing=(2.0, 2.0, 4.0), seed: int = 0,
         hu[liver & (distance < rng.uniform(2, 6))] = vessel_hu
     if rng.uniform() < 0.3:  # a hypodense lesion, part of the liver ROI
         cx, cy = rng.uniform(-0.7, -0.2) * inner_x, rng.uniform(-0.5, 0.5) * inner_y
-        lesion = liver & _ellipse(x, y, cx, cy, rng.uniform(8, 25), rng.uniform(8, 25))
+        lesion = liver & ellipse(x, y, cx, cy, rng.uniform(8, 25), rng.uniform(8, 25))
         hu[lesion] = liver_hu - rng.uniform(25, 60)
 
-    hu[_ellipse(x, y, -22, spine_y - 30, 13, 10) & ~liver & inner] = vessel_hu  # vena cava
+    hu[ellipse(x, y, -22, spine_y - 30, 13, 10) & ~liver & inner] = vessel_hu  # vena cava
     if rng.uniform() < 0.5:  # gallbladder: bile against the liver's lower surface
-        bladder = _present(u3, 0.4 * liver_length, 0.8 * liver_length)
-        hu[_ellipse(x, y, -0.2 * inner_x, -0.25 * inner_y, 20 * bladder + 1e-3,
+        bladder = present(u3, 0.4 * liver_length, 0.8 * liver_length)
+        hu[ellipse(x, y, -0.2 * inner_x, -0.25 * inner_y, 20 * bladder + 1e-3,
                     14 * bladder + 1e-3) & inner & ~liver] = rng.uniform(0, 25)
     # Spleen (liver-like HU) and stomach on the left, kidneys at the back, bowel below.
-    spleen = _ellipse(x, y, 0.62 * inner_x, 0.35 * inner_y,
-                      45 * _present(u3, 15, 140) + 1e-3, 28 * _present(u3, 15, 140) + 1e-3, 0.6)
+    spleen = ellipse(x, y, 0.62 * inner_x, 0.35 * inner_y,
+                      45 * present(u3, 15, 140) + 1e-3, 28 * present(u3, 15, 140) + 1e-3, 0.6)
     hu[spleen & inner & ~liver] = liver_hu + rng.uniform(-15, 20)
-    stomach_size = _present(u3, 5, 120) * rng.uniform(35, 60)
-    stomach = _ellipse(x, y, 0.35 * inner_x, -0.3 * inner_y, stomach_size + 1e-3,
+    stomach_size = present(u3, 5, 120) * rng.uniform(35, 60)
+    stomach = ellipse(x, y, 0.35 * inner_x, -0.3 * inner_y, stomach_size + 1e-3,
                        0.8 * stomach_size + 1e-3) & ~liver & inner
     hu[stomach] = rng.uniform(0, 40)
     hu[stomach & (y < -0.3 * inner_y - 0.3 * stomach_size)] = -1000.0  # gas, anterior (supine)
-    kidney_size = _present(u3, 80, 200)
+    kidney_size = present(u3, 80, 200)
     kidney_hu = rng.uniform(140, 220) if contrast else rng.uniform(25, 40)
     for side in (-1, 1):
-        kidney = _ellipse(x, y, side * 65 * size, spine_y - 5, 30 * kidney_size + 1e-3,
+        kidney = ellipse(x, y, side * 65 * size, spine_y - 5, 30 * kidney_size + 1e-3,
                           22 * kidney_size + 1e-3, side * 0.5) & ~liver
         hu[kidney] = kidney_hu
     bowel_level = np.clip((u3 - 100) / 60, 0, 1)
     for _ in range(rng.integers(6, 20)):
         bx, by = rng.uniform(-0.7, 0.7) * inner_x, rng.uniform(-0.8, 0.3) * inner_y
-        loop = _ellipse(x, y, bx, by, rng.uniform(8, 18) * bowel_level + 1e-3,
+        loop = ellipse(x, y, bx, by, rng.uniform(8, 18) * bowel_level + 1e-3,
                         rng.uniform(8, 18) * bowel_level + 1e-3) & inner & ~liver & ~vertebra
         hu[loop] = rng.choice([-1000.0, rng.uniform(0, 40), rng.uniform(60, 120)])
 
-    hu[liver] += _smooth_field(rng, grid, 3, rng.uniform(3, 10))[liver]
+    hu[liver] += smooth_field(rng, grid, 3, rng.uniform(3, 10))[liver]
     hu = ndimage.gaussian_filter(hu, sigma=(0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
     drawn_noise_hu = rng.uniform(5, 25)  # drawn even when given: same noise pattern, rescaled
     hu += rng.normal(0.0, drawn_noise_hu if noise_hu is None else noise_hu, grid)
@@ -215,7 +215,7 @@ LESION_HYPER_HU = (20.0, 90.0)
 
 def insert_lesion(hu: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
                   radius_px: tuple[float, float] = (3.0, 20.0), hyper_prob: float = 0.3,
-                  spacing=None) -> np.ndarray:
+                  spacing=None, centres: np.ndarray | None = None) -> np.ndarray:
     """Paint one synthetic lesion into the liver of ``hu``; return the lesion's weight map.
 
     The lesion is an irregular ellipse (2D) or ellipsoid (3D) centred on a random liver voxel
@@ -235,6 +235,8 @@ def insert_lesion(hu: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
         hyper_prob: probability of a hyperdense lesion.
         spacing: for 3D, ``(sx, sy, sz)`` in mm (the semi-axis along the slices is scaled by
             ``sx / sz``); ignored in 2D.
+        centres: boolean mask of the voxels the centre may be drawn from (say, liver voxels
+            near the capsule); default: every voxel with ``liver > 0.5``.
 
     Returns:
         the weight map ``w`` (zeros where the liver is empty).
@@ -250,7 +252,12 @@ def insert_lesion(hu: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
         raise ValueError(f"radius_px must be 0 < low <= high, got {radius_px}")
     if not 0.0 <= hyper_prob <= 1.0:
         raise ValueError(f"hyper_prob must be in [0, 1], got {hyper_prob}")
-    inside = np.argwhere(liver > 0.5)
+    allowed = liver > 0.5
+    if centres is not None:
+        if np.shape(centres) != hu.shape:
+            raise ValueError(f"centres {np.shape(centres)} must have the shape of hu {hu.shape}")
+        allowed &= np.asarray(centres, dtype=bool)
+    inside = np.argwhere(allowed)
     if len(inside) == 0:
         return np.zeros(hu.shape)
     centre = inside[rng.integers(len(inside))]
@@ -264,11 +271,11 @@ def insert_lesion(hu: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
         sx, _, sz = (1.0, 1.0, 1.0) if spacing is None else (float(v) for v in spacing)
         axis_z = rng.uniform(low, high) * sx / sz
         rho2 = rho2 + ((grid[0] - centre[0]) / max(axis_z, 0.5)) ** 2
-    rho = np.sqrt(rho2) * (1.0 + _smooth_field(rng, hu.shape, 6, 0.2))
+    rho = np.sqrt(rho2) * (1.0 + smooth_field(rng, hu.shape, 6, 0.2))
     edge = rng.uniform(0.1, 0.4)
     weight = np.clip((1.0 - rho) / edge, 0.0, 1.0) * np.clip(liver, 0.0, 1.0)
     delta = rng.uniform(*(LESION_HYPER_HU if rng.uniform() < hyper_prob else LESION_HYPO_HU))
-    texture = _smooth_field(rng, hu.shape, 3, 0.15 * abs(delta))
+    texture = smooth_field(rng, hu.shape, 3, 0.15 * abs(delta))
     hu += (weight * (delta + texture)).astype(hu.dtype)
     return weight
 

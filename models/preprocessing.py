@@ -15,6 +15,11 @@
    never mixed, so slice spacing does not matter. Probabilities go back to the native grid
    the same way (bilinear, ``align_corners=False``: both grids span the same field of view).
 4. **Padding** to a multiple of ``2 ** (levels - 1)`` with the window's low value (air).
+
+Before all of this, :func:`suppress_padding` turns the constant fill value that many scanners
+write outside their circular field of view (``PixelPaddingValue``: -3024, -2048, -2000, or
+values that decode to 0 HU or more) into air, so that a fill of 0 HU does not look like a ring
+of water around the patient.
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+#: HU written for the padding that :func:`suppress_padding` finds: air.
+AIR_HU = -1024
+#: Fill values at or below this need no suppression: the window maps them to air anyway, and
+#: so does the body outline's -500 HU threshold.
+PADDING_SUPPRESSION_ABOVE_HU = -500
+#: A border-connected region of one exact value counts as padding only when it covers at least
+#: this share of the slice border (measured tissue and air are never noise-free over that much;
+#: a field-of-view circle inscribed in the image leaves nearly all of the border outside).
+PADDING_BORDER_SHARE = 0.25
 
 #: Target axis codes of the index axes ``(i, j, k)``: i toward patient Left, j toward
 #: Posterior, k toward Superior (the radiological display convention, DICOM's usual LPS).
@@ -95,3 +110,48 @@ def pad_to_multiple(slices: torch.Tensor, multiple: int, value: float
     if pad_h or pad_w:
         slices = F.pad(slices, (0, pad_w, 0, pad_h), value=value)
     return slices, (height, width)
+
+
+def padding_value(section: np.ndarray) -> int | None:
+    """The fill value of a slice's border, or ``None``: the value of at least
+    :data:`PADDING_BORDER_SHARE` of the border pixels when all four corners hold it."""
+    corners = {int(section[0, 0]), int(section[0, -1]), int(section[-1, 0]), int(section[-1, -1])}
+    if len(corners) != 1:
+        return None
+    value = corners.pop()
+    border = np.concatenate([section[0], section[-1], section[1:-1, 0], section[1:-1, -1]])
+    return value if np.mean(border == value) >= PADDING_BORDER_SHARE else None
+
+
+def suppress_padding(hu: np.ndarray, above: float = PADDING_SUPPRESSION_ABOVE_HU) -> np.ndarray:
+    """``hu`` (2D or slice-major 3D) with the padding outside the field of view set to air.
+
+    Per slice: when the four corners and a quarter of the border hold one exact value
+    ``v > above`` (:func:`padding_value`), the pixels of value ``v`` connected to the border
+    (4-connectivity) are padding and become :data:`AIR_HU`. Measured tissue and air are noisy,
+    so they never form such a region; a slice without padding is returned unchanged (the input
+    itself when no slice has any).
+
+    >>> section = np.zeros((6, 6), np.int16); section[2:4, 2:4] = 40
+    >>> suppress_padding(section)[0, 0], suppress_padding(section)[2, 2]
+    (np.int16(-1024), np.int16(40))
+    """
+    from scipy.ndimage import label
+
+    hu = np.asarray(hu)
+    sections = hu[None] if hu.ndim == 2 else hu
+    out = None
+    for k, section in enumerate(sections):
+        value = padding_value(section)
+        if value is None or value <= above:
+            continue
+        regions, _ = label(section == value)
+        edge = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0],
+                                         regions[:, -1]]))
+        padding = np.isin(regions, edge[edge > 0])
+        if out is None:
+            out = np.array(sections, copy=True)
+        out[k][padding] = AIR_HU
+    if out is None:
+        return hu
+    return out[0] if hu.ndim == 2 else out

@@ -93,11 +93,30 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.augment import GeometrySettings, add_lesions, appearance, geometric
+from models.augment import (
+    DomainSettings,
+    GeometrySettings,
+    add_lesions,
+    appearance,
+    capsule_lesion,
+    contrast_phase,
+    field_of_view,
+    geometric,
+    reconstruction_kernel,
+    remove_padding,
+)
+from models.body_phantoms import REGIONS, make_region_phantom
 from models.device import resolve_device
 from models.inference import predict_probability
 from models.phantoms import make_phantom
-from models.preprocessing import canonical_spacing, network_size, resize, to_canonical, window
+from models.preprocessing import (
+    canonical_spacing,
+    network_size,
+    resize,
+    suppress_padding,
+    to_canonical,
+    window,
+)
 from models.unet import LiverUNet, UNetConfig, save_weights
 from shared.geometry import resample_nearest
 from shared.progress import progress
@@ -108,12 +127,19 @@ CHECKPOINT_FORMAT = "dlad-liver-unet-checkpoint/1"
 FROZEN_OPTIONS = ("widths", "spacing_mm", "window", "seed", "batch_size", "lr", "steps",
                   "warmup_steps", "positive_weight", "crop_sizes", "rotation_deg", "scale",
                   "elastic_px", "flip_prob", "phantoms", "phantom_fraction", "label",
-                  "lesion_prob", "average_from")
+                  "lesion_prob", "average_from", "phase_prob", "kernel_prob", "fov_prob",
+                  "capsule_lesion_prob", "region_phantoms")
 #: Values of options added later, for checkpoints written before they existed.
-OPTION_DEFAULTS = {"lesion_prob": 0.0, "average_from": None}
-#: Extra seed component of the lesion generator (its own stream: runs without lesions draw
-#: exactly what they drew before the option existed).
+OPTION_DEFAULTS = {"lesion_prob": 0.0, "average_from": None, "phase_prob": 0.0,
+                   "kernel_prob": 0.0, "fov_prob": 0.0, "capsule_lesion_prob": 0.0,
+                   "region_phantoms": 0}
+#: Extra seed components of the lesion and domain-augmentation generators (their own
+#: streams: runs without lesions or domain augmentations draw exactly what they drew before
+#: those options existed).
 LESION_STREAM = 7_000_003
+DOMAIN_STREAM = 7_000_019
+#: Extra seed component of the liver-free region phantoms.
+REGION_PHANTOM_STREAM = 1_000_033
 #: Batches drawn (past the last step) to re-estimate batch-norm statistics of averaged weights.
 BN_BATCHES = 50
 #: Mask values above this (multi-label map without --label) make us ask for --label.
@@ -262,7 +288,7 @@ def load_liver(case: Case, volume: Volume, label: int | None, read_volume: Volum
 def to_training_scan(name: str, volume: Volume, liver: np.ndarray, config: UNetConfig,
                      synthetic: bool = False) -> TrainingScan:
     """Canonical orientation and network pixel size, stored compactly."""
-    hu = to_canonical(volume.data, volume.affine)
+    hu = suppress_padding(to_canonical(volume.data, volume.affine))
     mask = to_canonical(liver, volume.affine)
     sx, sy, _ = canonical_spacing(volume.spacing, volume.affine)
     size = network_size(hu.shape[1:], (sx, sy), config.spacing_mm)
@@ -313,6 +339,24 @@ def load_negative_scans(specs, config: UNetConfig, read_volume: VolumeReader
     return scans
 
 
+def make_region_phantom_scans(count: int, seed: int, config: UNetConfig) -> list[TrainingScan]:
+    """Liver-free phantoms of the head, neck, thorax and pelvis (:mod:`models.body_phantoms`),
+    in turn, at the network's pixel size; they join the phantom pool of :func:`sample_slices`."""
+    scans = []
+    for index in progress(range(count), desc="synthesising liver-free phantoms", unit="phantom"):
+        rng = np.random.default_rng([seed, REGION_PHANTOM_STREAM, index])
+        region = REGIONS[index % len(REGIONS)]
+        side = int(rng.integers(112, 240)) if region in ("head", "neck") else \
+            int(rng.integers(176, 240))
+        shape = (int(rng.integers(6, 13)), side, side)
+        volume, liver = make_region_phantom(
+            region, shape=shape, seed=int(rng.integers(2**31)),
+            spacing=(config.spacing_mm, config.spacing_mm, float(rng.uniform(2.0, 5.0))))
+        scans.append(to_training_scan(f"{region}-phantom-{index}", volume, liver, config,
+                                      synthetic=True))
+    return scans
+
+
 def make_phantom_scans(count: int, seed: int, config: UNetConfig) -> list[TrainingScan]:
     scans = []
     for index in progress(range(count), desc="synthesising phantoms", unit="phantom"):
@@ -344,6 +388,37 @@ def sample_slices(scans: list[TrainingScan], count: int, phantom_fraction: float
 
 
 
+def domain_settings(args) -> DomainSettings:
+    """The domain augmentation probabilities of the command-line options."""
+    return DomainSettings(phase_prob=args.phase_prob, kernel_prob=args.kernel_prob,
+                          field_of_view_prob=args.fov_prob,
+                          capsule_lesion_prob=args.capsule_lesion_prob)
+
+
+def augment_domain_before(hu: torch.Tensor, liver: torch.Tensor, domain: DomainSettings,
+                          rng: np.random.Generator, pixel_mm: float) -> torch.Tensor:
+    """The anatomy-level domain augmentations: a capsule tumour, then a contrast phase.
+
+    One draw per augmentation decides, so the draws of one slice do not depend on another's.
+    """
+    if rng.uniform() < domain.capsule_lesion_prob:
+        hu = capsule_lesion(hu, liver, rng, pixel_mm)
+    if rng.uniform() < domain.phase_prob:
+        hu = contrast_phase(hu, liver, rng)
+    return hu
+
+
+def augment_domain_after(hu: torch.Tensor, domain: DomainSettings, rng: np.random.Generator
+                         ) -> torch.Tensor:
+    """The acquisition-level domain augmentations: kernel and noise, then the field of view
+    (whose fill the model's preprocessing turns into air, as at inference)."""
+    if rng.uniform() < domain.kernel_prob:
+        hu = reconstruction_kernel(hu, rng)
+    if rng.uniform() < domain.field_of_view_prob:
+        hu = remove_padding(field_of_view(hu, rng))
+    return hu
+
+
 def geometry_settings(args) -> GeometrySettings:
     """The geometric augmentation ranges of the command-line options."""
     return GeometrySettings(rotation_deg=args.rotation_deg, scale=args.scale,
@@ -357,12 +432,19 @@ def make_batch(scans: list[TrainingScan], args, config: UNetConfig, step: int
     lesion_rng = np.random.default_rng([args.seed, step, LESION_STREAM])
     size = int(rng.choice(args.crop_sizes))
     geometry = geometry_settings(args)
+    domain = domain_settings(args)
+    domain_rng = np.random.default_rng([args.seed, step, DOMAIN_STREAM])
     images, targets = [], []
     for scan, index in sample_slices(scans, args.batch_size, args.phantom_fraction, rng):
         hu, liver = geometric(scan.hu[index], scan.liver[index], size, geometry, rng)
         if args.lesion_prob > 0 and lesion_rng.uniform() < args.lesion_prob:
             hu = add_lesions(hu, liver, lesion_rng)
-        images.append(window(appearance(hu, rng), *config.window))
+        if domain.active:
+            hu = augment_domain_before(hu, liver, domain, domain_rng, config.spacing_mm)
+        hu = appearance(hu, rng)
+        if domain.active:
+            hu = augment_domain_after(hu, domain, domain_rng)
+        images.append(window(hu, *config.window))
         targets.append(liver)
     return torch.stack(images)[:, None], torch.stack(targets)[:, None]
 
@@ -510,7 +592,9 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
             "liver_free_slices": [{"ct": Path(ct).name, "slices": [start, stop]}
                                   for ct, start, stop in args.negative],
             "phantoms": args.phantoms,
-            "phantom_fraction_of_batches": args.phantom_fraction if args.phantoms else 0.0,
+            "region_phantoms": args.region_phantoms,
+            "phantom_fraction_of_batches":
+                args.phantom_fraction if args.phantoms or args.region_phantoms else 0.0,
             "label": args.label,
         },
         "training": {
@@ -519,6 +603,8 @@ def write_outputs(out: Path, model: LiverUNet, args, train_scans, val_scans, res
             "crop_sizes_px": list(args.crop_sizes), "rotation_deg": args.rotation_deg,
             "scale": args.scale, "elastic_px": args.elastic_px, "flip_prob": args.flip_prob,
             "lesion_prob": args.lesion_prob, "average_from": args.average_from,
+            "phase_prob": args.phase_prob, "kernel_prob": args.kernel_prob,
+            "fov_prob": args.fov_prob, "capsule_lesion_prob": args.capsule_lesion_prob,
             "seed": args.seed,
             "device": str(device), "wall_time_s": round(wall_time, 1),
             "torch": torch.__version__,
@@ -565,6 +651,9 @@ def parse_args(argv=None, description: str | None = None):
                       help="synthetic phantoms added to training (default 0)")
     data.add_argument("--phantom-fraction", type=float, default=0.3,
                       help="share of sampled slices that come from phantoms (default 0.3)")
+    data.add_argument("--region-phantoms", type=int, default=0,
+                      help="liver-free phantoms of the head, neck, thorax and pelvis, in turn, "
+                           "added to the phantom pool (default 0)")
     model = parser.add_argument_group("model")
     model.add_argument("--widths", type=int, nargs="+", default=list(UNetConfig.widths),
                        help="channels per level, one number per level (default 12 24 48 96 192)")
@@ -596,6 +685,18 @@ def parse_args(argv=None, description: str | None = None):
     optimisation.add_argument("--lesion-prob", type=float, default=0.0,
                               help="probability that a slice gets 1-3 synthetic liver lesions "
                                    "(label stays liver; default 0)")
+    optimisation.add_argument("--phase-prob", type=float, default=0.0,
+                              help="probability that a slice is remapped to another contrast "
+                                   "phase (liver 38-140 HU; default 0)")
+    optimisation.add_argument("--kernel-prob", type=float, default=0.0,
+                              help="probability of another reconstruction kernel and noise "
+                                   "texture (default 0)")
+    optimisation.add_argument("--fov-prob", type=float, default=0.0,
+                              help="probability of a circular field of view with a scanner's "
+                                   "fill value outside (default 0)")
+    optimisation.add_argument("--capsule-lesion-prob", type=float, default=0.0,
+                              help="probability of a 5-10 cm tumour at the liver's capsule "
+                                   "(label stays liver; default 0)")
     optimisation.add_argument("--average-from", type=float, default=None, metavar="FRACTION",
                               help="ship the mean of the weights of every step from this "
                                    "fraction of the run on (SWA/SWAD), with batch-norm "
@@ -611,6 +712,9 @@ def parse_args(argv=None, description: str | None = None):
                      help="validate every N steps and at the end (500)")
     run.add_argument("--checkpoint-every", type=int, default=100,
                      help="write the resumable checkpoint every N steps (100)")
+    run.add_argument("--snapshot-every", type=int, default=None, metavar="N",
+                     help="also keep the weights of every N-th step as snapshot_STEP.pt (for "
+                          "snapshot ensembles; default: none)")
     run.add_argument("--cross-validation-from", nargs="+", metavar="RUN_DIR",
                      help="earlier runs (e.g. the folds) whose validation figures the sidecar "
                           "should quote")
@@ -626,8 +730,14 @@ def parse_args(argv=None, description: str | None = None):
         parser.error("--phantoms must be >= 0 and --phantom-fraction in [0, 1]")
     if not 0 <= args.val_fraction < 1 or not 0 <= args.flip_prob <= 1:
         parser.error("--val-fraction must be in [0, 1) and --flip-prob in [0, 1]")
-    if not 0 <= args.lesion_prob <= 1:
-        parser.error(f"--lesion-prob must be in [0, 1], got {args.lesion_prob}")
+    for name in ("lesion_prob", "phase_prob", "kernel_prob", "fov_prob", "capsule_lesion_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got "
+                         f"{getattr(args, name)}")
+    if args.region_phantoms < 0:
+        parser.error(f"--region-phantoms must be >= 0, got {args.region_phantoms}")
+    if args.snapshot_every is not None and args.snapshot_every < 1:
+        parser.error(f"--snapshot-every must be at least 1, got {args.snapshot_every}")
     if args.average_from is not None and not 0 <= args.average_from < 1:
         parser.error(f"--average-from must be in [0, 1), got {args.average_from}")
     if args.lr <= 0 or args.positive_weight <= 0:
@@ -696,6 +806,8 @@ def main(argv=None, *, hooks: TrainingHooks, description: str | None = None) -> 
     train_scans += load_negative_scans(args.negative or [], config, hooks.read_volume)
     if args.phantoms:
         train_scans += make_phantom_scans(args.phantoms, args.seed, config)
+    if args.region_phantoms:
+        train_scans += make_region_phantom_scans(args.region_phantoms, args.seed, config)
     val_scans = load_validation_scans(val_cases, args.label, hooks.read_volume)
     if not val_scans:
         tqdm.write("no validation scans: the figures in the sidecar will be empty")
@@ -748,6 +860,8 @@ def main(argv=None, *, hooks: TrainingHooks, description: str | None = None) -> 
             tqdm.write(format_results(step + 1, entry["validation"]))
         if (step + 1) % 10 == 0 or "validation" in entry:
             history.append(entry)
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0:
+            save_weights(model, out / f"snapshot_{step + 1}.pt", {"steps": step + 1})
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             save_checkpoint(checkpoint_path, model, optimizer, scaler, step + 1, args, history,
                             earlier_time + time.monotonic() - began, average, averaged_steps)
