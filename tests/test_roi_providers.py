@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.phantoms import make_phantom
 from sender.roi.body import BodyProvider
 from sender.roi.box import BoxProvider
 from sender.roi.safety import (
@@ -112,9 +113,11 @@ def test_plausibility_flags_a_speck_and_accepts_a_liver():
     volume, speck = liver_volume(100, slices=3)  # 1 cm² x 6 mm = 0.6 mL
     warning = check_roi_plausibility(speck, volume)
     assert warning is not None and "implausibly small" in warning
-    volume, liver = liver_volume(150 * 100)  # 150 cm² x 2 cm = 300 mL
-    assert check_roi_plausibility(liver, volume) is None
-    assert check_roi_plausibility(steer(liver, volume.spacing), volume) is None
+    square = liver_volume(150 * 100)  # 150 cm² x 2 cm = 300 mL, but in a body of water
+    assert check_roi_plausibility(steer(square[1], square[0].spacing), square[0]) is None
+    # A liver in an abdomen (the anatomical checks need one: tests/test_roi_plausibility.py).
+    volume, liver = make_phantom(shape=(10, 160, 160), spacing=(2.0, 2.0, 5.0), seed=7)
+    assert check_roi_plausibility(liver.astype(np.float32), volume) is None
     assert MIN_LIVER_VOLUME_ML > 0
 
 

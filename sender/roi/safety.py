@@ -13,20 +13,12 @@ outside it. Two tools:
   compared with that of the true liver dilated as in the paper, ``steer(T, paper()).roi``
   (in-plane disc only: a fixed reference, so that the margins' cost shows in the ratio).
 * :func:`roi_problem` is what the sender runs without a reference: it flags a predicted
-  liver that is empty or too small to be a liver, and :data:`FALLBACK_POLICY` says what to
+  liver that is empty, too small, or anatomically implausible for the scan it was found in
+  (:mod:`sender.roi.plausibility`: position against the body outline and the lungs, bone
+  around it, size, shape, the scan's own tissues), and :data:`FALLBACK_POLICY` says what to
   do then; :func:`check_roi_plausibility` gives the same finding with that advice.
 
-Plausibility thresholds (on the predicted liver ``p > 0.5``, or on the ROI of a
-:class:`~sender.roi.steering.SteeringMap`):
-
-* :data:`MIN_LIVER_VOLUME_ML` = 30 mL. An adult liver holds 1200-1800 mL; even a 4 cm slab
-  through its lower tip holds more than 30 mL (the two shared scans: about 700 mL in 40 mm
-  and 1000 mL in 90 mm).
-* :data:`MIN_LIVER_SECTION_CM2` = 15 cm² for the largest axial cross-section. Away from its
-  very dome and tip an adult liver's axial section is 50-250 cm² (the shared scans: 29 to
-  187 cm² per slice).
-
-A scan whose field of view misses the liver (head, pelvis, legs) fails the check too: the
+A scan whose field of view holds no liver (head, neck, chest, pelvis) fails the check: the
 sender cannot tell "no liver here" from "liver missed", so it takes the safe fallback.
 """
 
@@ -36,13 +28,21 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringMap, SteeringSettings, steer
+from sender.roi.plausibility import (
+    LIVER_THRESHOLD,
+    MIN_LIVER_SECTION_CM2,
+    MIN_LIVER_VOLUME_ML,
+    find,
+    problem,
+)
+from sender.roi.steering import (
+    DEFAULT_UNCERTAIN_THRESHOLD,
+    DEFAULT_Z_MARGIN_MM,
+    SteeringMap,
+    SteeringSettings,
+    steer,
+)
 from shared.volume import Volume
-
-MIN_LIVER_VOLUME_ML = 30.0
-MIN_LIVER_SECTION_CM2 = 15.0
-#: Probability above which a voxel counts as predicted liver.
-LIVER_THRESHOLD = 0.5
 
 #: What the sender does when :func:`check_roi_plausibility` warns (unless told otherwise):
 FALLBACK_POLICY = "no-diffusion"
@@ -58,33 +58,36 @@ def fallback_probability(volume: Volume) -> np.ndarray:
 
 
 def roi_problem(steering_map_or_probability, volume: Volume) -> str | None:
-    """What is implausible about the predicted liver (empty, too small), else ``None``.
+    """What is implausible about the predicted liver, else ``None``.
 
     Args:
-        steering_map_or_probability: the provider's probability map (preferred: the
-            thresholds apply to the liver itself) or the :class:`SteeringMap` made from it
-            (then the dilated ROI is measured, a weaker check).
-        volume: the CT the map belongs to (for its shape and voxel size).
+        steering_map_or_probability: the provider's probability map (preferred: the liver
+            itself is checked against the scan's anatomy, :mod:`sender.roi.plausibility`) or
+            the :class:`SteeringMap` made from it (then only the size of the dilated ROI is
+            checked, a weaker test).
+        volume: the CT the map belongs to.
     """
     if isinstance(steering_map_or_probability, SteeringMap):
-        liver, what = steering_map_or_probability.roi, "ROI"
-    else:
-        probability = np.asarray(steering_map_or_probability)
-        if probability.shape != volume.shape:
-            raise ValueError(f"probability map shape {probability.shape} does not match the "
-                             f"volume {volume.shape}")
-        liver, what = probability > LIVER_THRESHOLD, "predicted liver"
-    sx, sy, sz = volume.spacing
-    voxels_per_slice = liver.reshape(liver.shape[0], -1).sum(axis=1)
-    volume_ml = float(voxels_per_slice.sum()) * sx * sy * sz / 1000.0
-    section_cm2 = float(voxels_per_slice.max()) * sx * sy / 100.0
-    if volume_ml == 0.0:
-        return f"the {what} is empty"
-    if volume_ml < MIN_LIVER_VOLUME_ML or section_cm2 < MIN_LIVER_SECTION_CM2:
-        return (f"the {what} is implausibly small ({volume_ml:.1f} mL, largest axial section "
-                f"{section_cm2:.1f} cm²; a liver has at least {MIN_LIVER_VOLUME_ML:g} mL and "
-                f"{MIN_LIVER_SECTION_CM2:g} cm²)")
-    return None
+        roi = steering_map_or_probability.roi
+        if roi.shape != volume.shape:
+            raise ValueError(f"ROI shape {roi.shape} does not match the volume {volume.shape}")
+        sx, sy, sz = volume.spacing
+        voxels_per_slice = roi.reshape(roi.shape[0], -1).sum(axis=1)
+        volume_ml = float(voxels_per_slice.sum()) * sx * sy * sz / 1000.0
+        section_cm2 = float(voxels_per_slice.max()) * sx * sy / 100.0
+        if volume_ml == 0.0:
+            return "the ROI is empty"
+        if volume_ml < MIN_LIVER_VOLUME_ML or section_cm2 < MIN_LIVER_SECTION_CM2:
+            return (f"the ROI is implausibly small ({volume_ml:.1f} mL, largest axial section "
+                    f"{section_cm2:.1f} cm²; a liver has at least {MIN_LIVER_VOLUME_ML:g} mL and "
+                    f"{MIN_LIVER_SECTION_CM2:g} cm²)")
+        return None
+    probability = np.asarray(steering_map_or_probability)
+    if probability.shape != volume.shape:
+        raise ValueError(f"probability map shape {probability.shape} does not match the "
+                         f"volume {volume.shape}")
+    findings = find(probability, volume.data, volume.affine, volume.spacing)
+    return problem(findings, thickness_mm=volume.shape[0] * float(volume.spacing[2]))
 
 
 def check_roi_plausibility(steering_map_or_probability, volume: Volume) -> str | None:
@@ -118,11 +121,13 @@ class RoiMetrics:
 
 
 def roi_metrics(probability: np.ndarray, liver: np.ndarray, spacing,
-                settings: SteeringSettings = SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM)
-                ) -> RoiMetrics:
+                settings: SteeringSettings = SteeringSettings(
+                    z_margin_mm=DEFAULT_Z_MARGIN_MM,
+                    uncertain_threshold=DEFAULT_UNCERTAIN_THRESHOLD)) -> RoiMetrics:
     """Dice, liver recall in the final ROI and ROI fractions of ``probability`` vs ``liver``.
 
-    ``settings`` default to the sender's steering of the U-Net's map (its margin across slices).
+    ``settings`` default to the sender's steering of the U-Net's map (its margin across slices
+    and its uncertainty margin).
 
     The ROI is ``steer(probability, spacing, settings)``; the reference ROI is
     ``steer(liver, spacing, settings.paper())``, the true liver with the paper's in-plane
