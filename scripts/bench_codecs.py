@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     original = volume.data
     provider = MaskFileProvider(args.mask, args.label)
     steering = steer(provider.probability(volume), volume.spacing,
-                     SteeringSettings().with_provider_margin(provider.z_margin_mm))
+                     SteeringSettings().for_provider(provider))
     roi = steering.roi
     defaults = DiffusionSettings()
     print(f"# dlad-stream codec benchmark\n\nCT: {args.ct.name} {volume.shape} "

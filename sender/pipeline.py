@@ -155,7 +155,7 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     started = time.perf_counter()
     raw = provider.probability(volume)
     probability = roi_check(raw, volume) if roi_check is not None else raw
-    steering = steering.with_provider_margin(provider.z_margin_mm)
+    steering = steering.for_provider(provider)
     in_plane = provider.in_plane(steering) if probability is raw and hasattr(
         provider, "in_plane") else None
     steering_map = steer(probability, volume.spacing, steering, in_plane=in_plane)
@@ -513,10 +513,12 @@ class _PrecomputedUNet(ProbabilityProvider):
         self._in_plane, self._radii, self._spacing = in_plane, radii, spacing
         self.name = unet.name
         self.z_margin_mm = unet.z_margin_mm
+        self.uncertain_threshold = unet.uncertain_threshold
 
     def in_plane(self, steering: SteeringSettings) -> np.ndarray | None:
-        """The in-plane dilation for ``steering`` (None if it asks for other radii)."""
-        if steering.radii_px(self._spacing) != self._radii:
+        """The in-plane dilation for ``steering`` (None if it asks for other radii, or for an
+        uncertainty margin, which comes before the dilation)."""
+        if steering.radii_px(self._spacing) != self._radii or steering.uncertain_threshold:
             return None
         in_plane, self._in_plane = self._in_plane, None  # handed over once: steer() owns it
         return in_plane

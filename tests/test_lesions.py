@@ -74,7 +74,7 @@ def test_phantom_lesion_is_inside_the_roi(provider):
     painted = Volume(data=np.rint(hu).astype(np.int16), affine=volume.affine,
                      spacing=volume.spacing)
     roi = steer(provider.probability(painted), painted.spacing,
-                SteeringSettings().with_provider_margin(provider.z_margin_mm)).roi
+                SteeringSettings().for_provider(provider)).roi
     assert roi[lesion].all(), f"{(~roi[lesion]).sum()} lesion voxels outside the ROI"
 
 
@@ -108,5 +108,5 @@ def test_real_ct_lesion_is_inside_the_roi(provider, abdomen_volume, abdomen_dept
     assert lesion.sum() > 1000
     painted = with_lesion(abdomen_volume, lesion, delta_hu)
     roi = steer(provider.probability(painted), painted.spacing,
-                SteeringSettings().with_provider_margin(provider.z_margin_mm)).roi
+                SteeringSettings().for_provider(provider)).roi
     assert roi[lesion].all(), f"{(~roi[lesion]).sum()} of {lesion.sum()} lesion voxels missed"

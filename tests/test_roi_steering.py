@@ -1,7 +1,9 @@
 """ROI from a mask: physical-space alignment, the paper's dilation and threshold, and the
-safety additions (margin across slices, holes filled per slice)."""
+safety additions (margin across slices, holes filled per slice, uncertainty margin)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +12,13 @@ from scipy.ndimage import grey_dilation
 
 from sender.roi.mask_file import MaskFileProvider
 from sender.roi.safety import roi_metrics
-from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings, disc_dilate, steer
+from sender.roi.steering import (
+    DEFAULT_Z_MARGIN_MM,
+    SteeringSettings,
+    disc_dilate,
+    join_uncertain,
+    steer,
+)
 from shared.volume import VolumeError
 
 
@@ -65,7 +73,7 @@ def test_dilation_in_mm_is_elliptical_in_pixels():
         SteeringSettings(threshold=1.5)
 
 
-PAPER = SteeringSettings(z_margin_mm=0.0, fill_holes=False)
+PAPER = SteeringSettings(z_margin_mm=0.0, fill_holes=False, uncertain_threshold=0.0)
 
 
 def test_z_margin_is_dilation_by_a_cylinder(rng):
@@ -175,10 +183,36 @@ def test_the_unet_gets_the_margin_and_a_given_mask_does_not(phantom):
 
     assert UNetProvider.z_margin_mm == DEFAULT_Z_MARGIN_MM
     assert StaticMaskProvider.z_margin_mm == 0
-    assert SteeringSettings().with_provider_margin(15).z_margin_mm == 15
-    assert SteeringSettings(z_margin_mm=3).with_provider_margin(15).z_margin_mm == 3
+    unet = UNetProvider.__new__(UNetProvider)  # the class's margins, no weights loaded
+    assert SteeringSettings().for_provider(unet).z_margin_mm == DEFAULT_Z_MARGIN_MM
+    assert SteeringSettings().for_provider(unet).uncertain_threshold == \
+        UNetProvider.uncertain_threshold
+    assert SteeringSettings(z_margin_mm=3).for_provider(unet).z_margin_mm == 3
+    assert SteeringSettings().for_provider(StaticMaskProvider(np.ones((1, 1, 1)))) \
+        .uncertain_threshold == 0
     volume, liver = phantom
     prepared = prepare_study(volume, StaticMaskProvider(liver))
     assert prepared.provenance["roi"]["z_margin_mm"] == 0
     paper_roi = steer(liver.astype(np.float32), volume.spacing, SteeringSettings(z_margin_mm=0))
     assert np.array_equal(prepared.roi, paper_roi.roi)
+
+
+def test_uncertainty_margin_joins_only_what_touches_the_liver():
+    """Hysteresis: a p = 0.2 region attached to the predicted liver joins it, a p = 0.2
+    region apart from it and anything at or below the threshold stay out."""
+    p = np.zeros((3, 40, 40), np.float32)
+    p[:, 5:15, 5:15] = 0.9            # the predicted liver
+    p[1, 15:20, 5:15] = 0.2           # an unsure tumour at its edge
+    p[1, 30:35, 30:35] = 0.2          # an unsure blob elsewhere
+    p[1, 5:15, 15:18] = 0.04          # below the threshold
+    joined = join_uncertain(p, 0.05)
+    assert np.all(joined[1, 15:20, 5:15] == 1.0)
+    assert np.all(joined[1, 30:35, 30:35] == 0.2) and np.all(joined[1, 5:15, 15:18] == 0.04)
+    assert join_uncertain(p, 0.3) is p  # nothing to join: the same map
+    settings = SteeringSettings(dilation_radius_px=0, uncertain_threshold=0.05)
+    roi = steer(p, (1.0, 1.0, 1.0), settings).roi
+    assert roi[1, 15:20, 5:15].all() and not roi[1, 30:35, 30:35].any()
+    assert not steer(p, (1.0, 1.0, 1.0), replace(settings, uncertain_threshold=0.0)).roi[
+        1, 15:20, 5:15].any()
+    with pytest.raises(ValueError, match="uncertainty threshold"):
+        SteeringSettings(uncertain_threshold=0.5)

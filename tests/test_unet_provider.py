@@ -44,6 +44,28 @@ def test_inference_is_deterministic_and_independent_of_the_batch(provider, synth
     assert np.abs(one_by_one - first).max() < 1e-4
 
 
+def test_test_time_flips_average_the_mirrored_prediction(provider, synthetic_abdomen):
+    """flips=True is the mean of the map and of the map of the mirrored slices, mirrored
+    back; an ensemble of one network twice is that network."""
+    from models.inference import predict_probability
+
+    volume = synthetic_abdomen
+    plain = provider.probability(volume)
+    flipped = UNetProvider(device="cpu", flips=True).probability(volume)
+    nz, ny, nx = volume.shape
+    mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
+    mirror[0, 3] = nx - 1
+    # The same voxels with the columns stored in reverse but the affine left as it is: the
+    # network sees the patient mirrored.
+    mirrored = predict_probability(provider.model, volume.data[:, :, ::-1].copy(),
+                                   volume.affine, volume.spacing)[:, :, ::-1]
+    assert np.abs(flipped - (plain + mirrored) / 2).max() < 1e-5
+    twice = predict_probability([provider.model, provider.model], volume.data, volume.affine,
+                                volume.spacing)
+    assert np.abs(twice - plain).max() < 1e-6
+    assert UNetProvider(device="cpu", flips=True).describe()["test_time_flips"] is True
+
+
 def test_array_orientation_does_not_change_the_prediction(provider, synthetic_abdomen):
     """The same voxels stored flipped (LPS vs RAS rows/columns) get the same probabilities."""
     nz, ny, nx = synthetic_abdomen.shape

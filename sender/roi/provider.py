@@ -25,6 +25,11 @@ class ProbabilityProvider(abc.ABC):
     #: someone, a safety margin for a prediction that can miss a few slices (the U-Net).
     z_margin_mm: float = 0.0
 
+    #: Uncertainty margin the sender applies to this provider's map unless told otherwise
+    #: (:class:`sender.roi.steering.SteeringSettings`): none for a mask, a threshold for a
+    #: prediction whose uncertain fringe should join the ROI (the U-Net).
+    uncertain_threshold: float = 0.0
+
     @abc.abstractmethod
     def probability(self, volume: Volume) -> np.ndarray:
         """Return float32 probabilities of shape ``volume.shape`` (slice-major)."""

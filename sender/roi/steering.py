@@ -5,8 +5,14 @@ The paper dilates the CNN's liver probability map slice by slice with a 30x30x1 
 untouched (its coefficient ``(1 - p) exp(-|grad I|/K)`` is 0) and the layered codec sends it
 bit-exact. Elsewhere ``p`` stays soft, so diffusion fades in smoothly around the ROI.
 
-Two safety additions of dlad-stream (both on by default; ``z_margin_mm=0, fill_holes=False``
+Safety additions of dlad-stream (``z_margin_mm=0, fill_holes=False, uncertain_threshold=0``
 is the paper's post-processing exactly):
+
+* **uncertainty margin** (``uncertain_threshold = u``, before everything else): voxels whose
+  probability is low but not negligible, ``p > u``, and that are connected (26-connectivity in
+  3D) to the predicted liver ``p > 0.5`` join it with ``p := 1`` (hysteresis thresholding,
+  Canny 1986). A tumour or a tip the network is unsure of is usually such a region, attached
+  to the liver; voxels the network rules out (``p <= u``) stay out;
 
 * **margin across slices** (``z_margin_mm = m``): after the in-plane disc, a running maximum
   along the slice axis over the ``h = floor(m / s_z)`` slices on either side,
@@ -28,6 +34,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+#: Default uncertainty margin of a predicted map: voxels with p above this, connected to the
+#: predicted liver, join the ROI (docs/UNET.md, "Uncertainty margin", measures the choice).
+DEFAULT_UNCERTAIN_THRESHOLD = 0.0
 #: Default margin across slices (mm): about the in-plane radius of the paper's 15-pixel disc at
 #: the usual 0.7-1 mm pixels, so that the safety margin is roughly the same in every direction.
 DEFAULT_Z_MARGIN_MM = 15.0
@@ -51,6 +60,11 @@ class SteeringSettings:
     called on its own."""
     fill_holes: bool = True
     """Fill the holes of every slice's ROI (enclosed lesions join it)."""
+    uncertain_threshold: float | None = None
+    """Uncertainty margin: voxels with ``p`` above this that are connected to the predicted
+    liver (``p > 0.5``) join it. 0: off (the paper). None: the ROI provider's own when the
+    sender steers (:attr:`ProbabilityProvider.uncertain_threshold`), off for :func:`steer`
+    called on its own."""
 
     def __post_init__(self):
         if not 0.0 <= self.dilation_radius_px <= 512:
@@ -63,6 +77,9 @@ class SteeringSettings:
             raise ValueError(f"z margin must be in [0, 500] mm, got {self.z_margin_mm}")
         if not isinstance(self.fill_holes, bool | np.bool_):
             raise ValueError(f"fill_holes must be True or False, got {self.fill_holes!r}")
+        if self.uncertain_threshold is not None and not 0.0 <= self.uncertain_threshold < 0.5:
+            raise ValueError("uncertainty threshold must be in [0, 0.5), got "
+                             f"{self.uncertain_threshold}")
 
     def radii_px(self, spacing) -> tuple[float, float]:
         """Disc radii ``(rx, ry)`` in pixels for in-plane ``spacing = (sx, sy, ...)``."""
@@ -77,16 +94,23 @@ class SteeringSettings:
             raise ValueError(f"slice spacing must be positive, got {slice_mm}")
         return int(np.floor((self.z_margin_mm or 0.0) / slice_mm + 1e-9))
 
-    def with_provider_margin(self, provider_margin_mm: float) -> SteeringSettings:
-        """These settings, with the provider's margin where they leave it open (None)."""
-        if self.z_margin_mm is not None:
-            return self
-        return replace(self, z_margin_mm=float(provider_margin_mm))
+    def for_provider(self, provider) -> SteeringSettings:
+        """These settings, with the margins of ``provider`` (its ``z_margin_mm`` and
+        ``uncertain_threshold``, :class:`~sender.roi.provider.ProbabilityProvider`) where they
+        leave them open (None)."""
+        settings = self
+        if settings.z_margin_mm is None:
+            settings = replace(settings, z_margin_mm=float(provider.z_margin_mm))
+        if settings.uncertain_threshold is None:
+            settings = replace(settings,
+                               uncertain_threshold=float(provider.uncertain_threshold))
+        return settings
 
     def paper(self) -> SteeringSettings:
-        """The same in-plane disc and threshold without the margin across slices or hole
-        filling: the paper's post-processing (the reference ROI of :func:`roi_metrics`)."""
-        return replace(self, z_margin_mm=0.0, fill_holes=False)
+        """The same in-plane disc and threshold without the margin across slices, hole
+        filling or uncertainty margin: the paper's post-processing (the reference ROI of
+        :func:`roi_metrics`)."""
+        return replace(self, z_margin_mm=0.0, fill_holes=False, uncertain_threshold=0.0)
 
 
 @dataclass
@@ -200,12 +224,31 @@ def fill_slice_holes(roi: np.ndarray) -> np.ndarray:
     return filled
 
 
+def join_uncertain(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """``probability`` with ``p := 1`` on every voxel of ``{p > threshold}`` that is connected
+    (26-connectivity) to a voxel of ``{p > 0.5}``; a copy when anything changes."""
+    from scipy.ndimage import label
+
+    candidates = probability > threshold
+    core = probability > 0.5
+    if not core.any() or not (candidates & ~core).any():
+        return probability
+    labels, _ = label(candidates, structure=np.ones((3, 3, 3), dtype=bool))
+    joined = np.isin(labels, np.unique(labels[core]))
+    out = probability.copy()
+    out[joined] = 1.0
+    return out
+
+
 def in_plane_dilation(probability: np.ndarray, spacing,
                       settings: SteeringSettings = SteeringSettings()) -> np.ndarray:
-    """The first step of :func:`steer`, slice by slice: ``disc_dilate(clip(p, 0, 1))``.
+    """The first step of :func:`steer` without an uncertainty margin, slice by slice:
+    ``disc_dilate(clip(p, 0, 1))``.
 
     It needs no other slice, so a live sender computes it for each slice as the slice arrives
-    and hands the stack to :func:`steer` (``in_plane``) when the series is complete.
+    and hands the stack to :func:`steer` (``in_plane``) when the series is complete. (The
+    uncertainty margin joins regions across slices before the dilation; with one, the stack
+    cannot be used.)
     """
     p = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
     rx, ry = settings.radii_px(spacing)
@@ -216,6 +259,8 @@ def steer(probability: np.ndarray, spacing, settings: SteeringSettings = Steerin
           in_plane: np.ndarray | None = None) -> SteeringMap:
     """Probability map -> steering map and ROI.
 
+    With an uncertainty margin ``u > 0``, first ``p := 1`` on the regions of ``{p > u}`` that
+    hold predicted liver (:func:`join_uncertain`). Then
     ``q = max over the cylinder (in-plane disc x slice margin) of clip(p, 0, 1)``; ``q := 1``
     where ``q > threshold``; then, with ``fill_holes``, ``q := 1`` in every hole of a slice's
     ``{q == 1}``. The ROI is ``{q == 1}``.
@@ -224,15 +269,22 @@ def steer(probability: np.ndarray, spacing, settings: SteeringSettings = Steerin
     computed already (slice by slice); it is used, and may be modified, in place.
     """
     if in_plane is not None:
+        if settings.uncertain_threshold:
+            raise ValueError("an in-plane dilation computed beforehand cannot be used with an "
+                             "uncertainty margin (it joins regions across slices first)")
         if in_plane.shape != np.shape(probability):
             raise ValueError(f"in-plane dilation {in_plane.shape} does not match the "
                              f"probability map {np.shape(probability)}")
         p = in_plane
     else:
-        if np.ndim(probability) != 3:
+        p = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
+        if p.ndim != 3:
             raise ValueError(f"probability map must be 3D (slices, rows, columns), got "
-                             f"{np.shape(probability)}")
-        p = in_plane_dilation(probability, spacing, settings)
+                             f"{p.shape}")
+        if settings.uncertain_threshold:
+            p = join_uncertain(p, settings.uncertain_threshold)
+        rx, ry = settings.radii_px(spacing)
+        p = disc_dilate(p, rx, ry)
     half_width = settings.z_margin_slices(spacing)
     p = slice_margin(p, half_width)
     p[p > settings.threshold] = 1.0

@@ -21,7 +21,7 @@ from models.device import resolve_device
 from models.inference import predict_probability
 from models.unet import BUNDLED_WEIGHTS, load_weights
 from sender.roi.provider import ProbabilityProvider
-from sender.roi.steering import DEFAULT_Z_MARGIN_MM
+from sender.roi.steering import DEFAULT_UNCERTAIN_THRESHOLD, DEFAULT_Z_MARGIN_MM
 from shared.volume import Volume
 
 #: Largest per-voxel probability difference expected between CPU and CUDA inference.
@@ -32,10 +32,12 @@ class UNetProvider(ProbabilityProvider):
     """Per-voxel liver probability predicted slice by slice by a 2D U-Net.
 
     Args:
-        weights: a weights file written by ``scripts/train_liver_unet.py``; ``None`` for the
-            weights bundled with the sender (``models/liver_unet.pt``).
+        weights: a weights file written by ``scripts/train_liver_unet.py``, or several (an
+            ensemble: their probabilities are averaged); ``None`` for the weights bundled
+            with the sender (``models/liver_unet.pt``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
         batch_size: slices per forward pass; memory grows linearly with it.
+        flips: test-time augmentation with left-right mirrored slices (twice the cost).
 
     Example:
         >>> provider = UNetProvider()                           # doctest: +SKIP
@@ -48,23 +50,45 @@ class UNetProvider(ProbabilityProvider):
     #: The prediction can miss a few slices of the liver (a tip, a lesion at the edge):
     #: docs/UNET.md measures the margin.
     z_margin_mm = DEFAULT_Z_MARGIN_MM
+    #: Low but non-zero probabilities attached to the predicted liver join the ROI:
+    #: docs/UNET.md measures the threshold.
+    uncertain_threshold = DEFAULT_UNCERTAIN_THRESHOLD
 
-    def __init__(self, weights=None, device: str | None = None, batch_size: int = 8):
+    def __init__(self, weights=None, device: str | None = None, batch_size: int = 8,
+                 flips: bool = False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.weights = BUNDLED_WEIGHTS if weights is None else Path(weights)
+        if weights is None:
+            weights = [BUNDLED_WEIGHTS]
+        elif isinstance(weights, str | Path):
+            weights = [weights]
+        self.weights = [Path(path) for path in weights]
+        if not self.weights:
+            raise ValueError("weights: give at least one weights file")
         self.device = resolve_device(device)
         self.batch_size = int(batch_size)
-        self.model = load_weights(self.weights, self.device)
+        self.flips = bool(flips)
+        self.models = [load_weights(path, self.device) for path in self.weights]
+
+    @property
+    def model(self):
+        """The (first) network."""
+        return self.models[0]
 
     def probability(self, volume: Volume) -> np.ndarray:
-        return predict_probability(self.model, volume.data, volume.affine, volume.spacing,
-                                   batch_size=self.batch_size, progress=True)
+        return predict_probability(self.models, volume.data, volume.affine, volume.spacing,
+                                   batch_size=self.batch_size, flips=self.flips, progress=True)
 
     def describe(self) -> dict:
-        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()
-        return {"provider": self.name, "weights": self.weights.name,
-                "weights_sha256": digest[:16], "device": self.device.type,
-                "spacing_mm": self.model.config.spacing_mm,
-                "window_hu": list(self.model.config.window)}
+        digests = [hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in self.weights]
+        description = {"provider": self.name, "weights": self.weights[0].name,
+                       "weights_sha256": digests[0], "device": self.device.type,
+                       "spacing_mm": self.model.config.spacing_mm,
+                       "window_hu": list(self.model.config.window)}
+        if len(self.weights) > 1:
+            description["ensemble"] = [{"weights": path.name, "weights_sha256": digest}
+                                       for path, digest in zip(self.weights, digests, strict=True)]
+        if self.flips:
+            description["test_time_flips"] = True
+        return description
