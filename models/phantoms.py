@@ -316,13 +316,13 @@ def make_head_phantom(shape=(24, 256, 256), spacing=(0.9, 0.9, 5.0), seed: int =
     span = (nz - 1) * sz
     z_bottom = min(rng.uniform(-50, -20), 0.85 * semi_z - span)
     z = (z_bottom + np.arange(nz) * sz)[:, None, None]
-    y = (np.arange(ny)[None, :, None] - (ny - 1) / 2) * sy + _smooth_field(rng, grid, 24, 4.0)
-    x = (np.arange(nx)[None, None, :] - (nx - 1) / 2) * sx + _smooth_field(rng, grid, 24, 4.0)
+    y = (np.arange(ny)[None, :, None] - (ny - 1) / 2) * sy + smooth_field(rng, grid, 24, 4.0)
+    x = (np.arange(nx)[None, None, :] - (nx - 1) / 2) * sx + smooth_field(rng, grid, 24, 4.0)
     level = np.sqrt(np.clip(1.0 - (z / semi_z) ** 2, 0.0, 1.0))  # the ellipsoid's section
 
     def shell(inset_mm):
         """Inside the head's outline shrunk by ``inset_mm``."""
-        return _ellipse(x, y, 0, 0, np.maximum(semi_x * level - inset_mm, 1e-3),
+        return ellipse(x, y, 0, 0, np.maximum(semi_x * level - inset_mm, 1e-3),
                         np.maximum(semi_y * level - inset_mm, 1e-3))
 
     hu = np.full(grid, -1000.0)
@@ -340,15 +340,15 @@ def make_head_phantom(shape=(24, 256, 256), spacing=(0.9, 0.9, 5.0), seed: int =
     grey, white = rng.uniform(35, 42), rng.uniform(24, 30)
     hu[brain] = white
     # Cortical ribbon (3 mm, folded by a smooth field) and deep grey nuclei.
-    folds = _smooth_field(rng, grid, 6, 2.5)
-    hu[brain & ~_ellipse(x, y, 0, 0, np.maximum(semi_x * level - insets[5] - 3 - folds, 1e-3),
+    folds = smooth_field(rng, grid, 6, 2.5)
+    hu[brain & ~ellipse(x, y, 0, 0, np.maximum(semi_x * level - insets[5] - 3 - folds, 1e-3),
                          np.maximum(semi_y * level - insets[5] - 3 - folds, 1e-3))] = grey
     for side in (-1, 1):
-        hu[brain & _ellipse(x, y, side * 18, 5, 9 * level + 1e-3, 14 * level + 1e-3)] = grey
+        hu[brain & ellipse(x, y, side * 18, 5, 9 * level + 1e-3, 14 * level + 1e-3)] = grey
     # Lateral ventricles, the falx between the hemispheres.
     ventricle_size = np.clip(1.0 - np.abs(z - 15) / 40, 0, 1)
     for side in (-1, 1):
-        hu[brain & _ellipse(x, y, side * 8, -5, 5 * ventricle_size + 1e-3,
+        hu[brain & ellipse(x, y, side * 8, -5, 5 * ventricle_size + 1e-3,
                             25 * ventricle_size + 1e-3, side * 0.15)] = rng.uniform(2, 10)
     hu[brain & (np.abs(x) < 0.8) & (np.abs(y) > 30 * ventricle_size + 5)] = rng.uniform(55, 80)
     # The target: an enhancing lesion with an edema ring, in one hemisphere.
