@@ -63,8 +63,9 @@ def load_study(args) -> tuple[np.ndarray, np.ndarray, str]:
         nz, ny, nx = args.synthetic
         # A whole abdomen (about 400 mm across) in the asked grid.
         volume, mask = make_phantom(args.synthetic, spacing=(400 / nx, 400 / ny, 2.5), seed=1)
-        probability = mask.astype(np.float32)
-        margin = 0.0
+        from sender.roi.provider import StaticMaskProvider
+
+        provider = StaticMaskProvider(mask, "the phantom's liver")
         name = f"synthetic phantom {'x'.join(map(str, args.synthetic))}"
     else:
         from sender.io import load_volume
@@ -72,10 +73,9 @@ def load_study(args) -> tuple[np.ndarray, np.ndarray, str]:
 
         volume = load_volume(args.ct)
         provider = MaskFileProvider(args.mask, args.label)
-        probability = provider.probability(volume)
-        margin = provider.z_margin_mm
         name = args.ct.name
-    steering = steer(probability, volume.spacing, SteeringSettings().with_provider_margin(margin))
+    steering = steer(provider.probability(volume), volume.spacing,
+                     SteeringSettings().for_provider(provider))
     return volume.data, steering.probability, name
 
 

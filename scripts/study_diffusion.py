@@ -120,7 +120,7 @@ def study_one(study, args, log) -> dict:
         if probability is None:
             from sender.roi.steering import steer
 
-            steering = SteeringSettings().with_provider_margin(study.provider.z_margin_mm)
+            steering = SteeringSettings().for_provider(study.provider)
             probability = steer(study.provider.probability(volume), volume.spacing,
                                 steering).probability
         sources[kappa] = diffuse(original, probability, DiffusionSettings(kappa=kappa), "cpu")
