@@ -24,7 +24,8 @@ outside a circular field of view, dome and tip slabs of 1 and 3 slices, 0.6 and 
 liver: slices of the torso patient's pelvis and lower abdomen (slices 0-54 of
 torso_ct_3mm.nii.gz: the liver's lowest tip is near slice 61, the labels start at 82) and
 synthetic head, neck, chest and pelvis phantoms (models/body_phantoms.py, seeds that training
-never draws). Every row says whether the case is **held out** for that model: its patient was
+never draws) and a head CT from another generator (models.phantoms.make_head_phantom, never
+used in training). Every row says whether the case is **held out** for that model: its patient was
 not in the model's training data (read from the weights' sidecar JSON); phantoms are
 "synthetic", and "generator seen" when the model trained on phantoms of that kind.
 
@@ -55,6 +56,7 @@ import numpy as np
 
 from models import variants as V
 from models.body_phantoms import REGIONS, make_region_phantom
+from models.phantoms import make_head_phantom
 from models.unet import BUNDLED_WEIGHTS
 from receiver.stream import StudyStream
 from sender.encoder import EncodeSettings, StudyEncoder
@@ -102,6 +104,8 @@ class Model:
     """Trained on liver-free head/neck/chest/pelvis phantoms."""
 
     def held_out(self, case: EvalCase) -> str:
+        if case.patient.startswith("unseen-generator:"):
+            return "synthetic, unseen"
         if case.patient.startswith("phantom:"):
             return "synthetic, generator seen" if self.region_phantoms else "synthetic, unseen"
         return "training scan" if case.patient in self.patients else "held out"
@@ -235,6 +239,15 @@ def negative_recipes() -> list[CaseRecipe]:
     recipes.append(CaseRecipe(
         "head phantom 51 slices (like the issue's)", "phantom:head", False,
         lambda: phantom("head", 900_003, (51, 512, 512), (0.45, 0.45, 3.0))))
+
+    def other_head():
+        # Another team member's head generator (models.phantoms, for the codec benchmarks):
+        # a head no training run has seen the like of, with its skull, diploe and falx.
+        volume, _ = make_head_phantom((24, 512, 512), spacing=(0.45, 0.45, 5.0), seed=7)
+        return V.Case("head", volume, np.zeros(volume.shape, dtype=bool))
+
+    recipes.append(CaseRecipe("head CT (models.phantoms.make_head_phantom)",
+                              "unseen-generator:head", False, other_head))
     return recipes
 
 

@@ -162,3 +162,13 @@ def test_the_bundled_unet_finds_no_liver_in_other_regions(provider, region):
     (the network trained on this generator, with other seeds)."""
     volume, _ = make_region_phantom(region, shape=(12, 256, 256), seed=424_242)
     assert roi_problem(provider.probability(volume), volume) is not None
+
+
+def test_the_bundled_unet_finds_no_liver_in_a_head_from_another_generator(provider):
+    """A head CT from a generator no training run used (models.phantoms.make_head_phantom:
+    skull with diploe, grey and white matter, ventricles, falx), at 0.45 mm pixels."""
+    from models.phantoms import make_head_phantom
+
+    volume, _ = make_head_phantom((12, 512, 512), spacing=(0.45, 0.45, 5.0), seed=11)
+    assert roi_problem(provider.probability(volume), volume) is not None
+
