@@ -16,6 +16,7 @@ from sender.roi.steering import (
     DEFAULT_Z_MARGIN_MM,
     SteeringSettings,
     disc_dilate,
+    in_plane_dilation,
     join_uncertain,
     steer,
 )
@@ -216,3 +217,17 @@ def test_uncertainty_margin_joins_only_what_touches_the_liver():
         1, 15:20, 5:15].any()
     with pytest.raises(ValueError, match="uncertainty threshold"):
         SteeringSettings(uncertain_threshold=0.5)
+
+
+def test_a_precomputed_in_plane_dilation_is_refused_with_an_uncertainty_margin():
+    """The live sender's per-slice dilation skips the join across slices, so steer() must not
+    take it when an uncertainty margin is asked for (it would silently drop the margin)."""
+    p = np.zeros((3, 40, 40), np.float32)
+    p[:, 5:15, 5:15] = 0.9
+    settings = SteeringSettings(uncertain_threshold=0.05)
+    stack = in_plane_dilation(p, (1.0, 1.0, 1.0), settings)
+    with pytest.raises(ValueError, match="uncertainty margin"):
+        steer(p, (1.0, 1.0, 1.0), settings, in_plane=stack)
+    plain = replace(settings, uncertain_threshold=0.0)
+    assert np.array_equal(steer(p, (1.0, 1.0, 1.0), plain, in_plane=stack.copy()).roi,
+                          steer(p, (1.0, 1.0, 1.0), plain).roi)
