@@ -197,8 +197,14 @@ class Reassembler:
         if chunk.layer == 0:
             applied = self._apply_base(chunk, codec)
         else:
+            reference = chunk.params.get("reference", "base")
+            if reference not in ("base", "none") or (reference == "none" and chunk.layer != 2):
+                raise ChunkRejected(f"chunk {chunk.seq}: invalid reference {reference!r}")
             block = self._decode_residual(chunk, codec)
-            if (chunk.z0, chunk.z1) in self._base_digest:
+            if reference == "none":
+                self._apply_voxels(chunk, block)
+                applied = [chunk]
+            elif (chunk.z0, chunk.z1) in self._base_digest:
                 self._apply_residual(chunk, block)
                 applied = [chunk]
             else:
@@ -227,6 +233,10 @@ class Reassembler:
         # Decoded straight into the volume: no block-sized buffer beside the decoder's own. The
         # slices hold the fill value until their base arrives, so a payload that fails to decode
         # is undone by filling them again (apply() has refused a second base for a slice).
+        if (self._slice_state[chunk.z0:chunk.z1] & HAS_REST_RESIDUAL).any():
+            # The block's exact layer came first, as original voxels: the base may only fill in
+            # its ROI voxels (decoded aside, a case no sender's order makes).
+            return self._apply_late_base(chunk, codec)
         block = self.volume[chunk.z0:chunk.z1]
         try:
             codec.decode_into(chunk.payload, chunk.params, block)
@@ -262,6 +272,50 @@ class Reassembler:
         self._verify_roi(chunk.z0, chunk.z1)
         return applied
 
+    def _apply_late_base(self, chunk: DataChunk, codec: Codec) -> list[DataChunk]:
+        block = self._decode_residual(chunk, codec)  # decoded aside, like a residual
+        low, high = self.header.value_range
+        if not self._base_lossless:
+            clip_base(block, self.header.value_range)
+        elif block.size and (block.min() < low or block.max() > high):
+            raise ChunkRejected(f"chunk {chunk.seq}: lossless base with voxels outside the "
+                                f"header's range {low}..{high}")
+        for index, z in enumerate(range(chunk.z0, chunk.z1)):
+            np.copyto(self.volume[z], block[index], where=self._region(z, 1))
+        # Residuals are computed against the base as decoded, whatever the volume holds now.
+        key = (chunk.z0, chunk.z1)
+        self._base_digest[key] = block_digest(block)
+        self._mark(chunk)
+        applied = [chunk]
+        for seq, waiting in list(self._waiting_for_base.items()):
+            if key not in self._base_digest:
+                break  # a residual before this one dropped the base (and the others waiting)
+            if (waiting.z0, waiting.z1) == key and seq in self._waiting_for_base:
+                del self._waiting_for_base[seq]
+                self._waiting_bytes -= len(waiting.payload)
+                try:
+                    self._apply_residual(waiting, self._decode_residual(
+                        waiting, get_codec(waiting.codec)), base=block)
+                    applied.append(waiting)
+                except ChunkRejected as error:
+                    self.late_rejections.append(str(error))
+        self._verify_roi(chunk.z0, chunk.z1)
+        return applied
+
+    def _apply_voxels(self, chunk: DataChunk, block: np.ndarray) -> None:
+        """A layer-2 chunk of original voxels (``reference: none``): they replace the volume's
+        outside the ROI, whatever base the block has."""
+        low, high = self.header.value_range
+        for index, z in enumerate(range(chunk.z0, chunk.z1)):
+            region = self._region(z, chunk.layer)
+            if (block[index].min(where=region, initial=high) < low
+                    or block[index].max(where=region, initial=low) > high):
+                raise ChunkRejected(f"chunk {chunk.seq}: voxels outside the header's range "
+                                    f"{low}..{high} in slice {z}")
+        for index, z in enumerate(range(chunk.z0, chunk.z1)):
+            np.copyto(self.volume[z], block[index], where=self._region(z, chunk.layer))
+        self._mark(chunk)
+
     def _region(self, z: int, layer: int) -> np.ndarray:
         """The voxels of slice ``z`` that a residual of ``layer`` covers (one slice unpacked)."""
         region = self.header.roi_slices(z, z + 1)[0]
@@ -269,7 +323,8 @@ class Reassembler:
             np.logical_not(region, out=region)
         return region
 
-    def _apply_residual(self, chunk: DataChunk, block: np.ndarray) -> None:
+    def _apply_residual(self, chunk: DataChunk, block: np.ndarray,
+                        base: np.ndarray | None = None) -> None:
         if chunk.params.get("base_digest") != self._base_digest[(chunk.z0, chunk.z1)]:
             # One of the two is wrong, and nothing tells which: the base goes too, so that both
             # are requested again (a base kept here would block every residual of its block).
@@ -279,9 +334,10 @@ class Reassembler:
                                 f"base?); chunks {', '.join(f'#{seq}' for seq in dropped)} of "
                                 "its block dropped and missing again")
         target = self.volume[chunk.z0:chunk.z1]
-        # base + residual, wrapping modulo 2^16, formed in the decoded block (used once).
+        # base + residual, wrapping modulo 2^16, formed in the decoded block (used once). The
+        # base is the volume's voxels, or ``base`` when the volume holds exact voxels instead.
         summed = block.view(np.uint16)
-        np.add(summed, target.view(np.uint16), out=summed)
+        np.add(summed, (target if base is None else base).view(np.uint16), out=summed)
         low, high = self.header.value_range
         # Every original voxel lies in the header's range: a sum outside it is a wrong residual
         # (or base), refused before anything changes. Slice by slice: one mask slice unpacked.
@@ -289,8 +345,15 @@ class Reassembler:
             region = self._region(z, chunk.layer)  # min/max in place: no copy of the voxels
             if (block[index].min(where=region, initial=high) < low
                     or block[index].max(where=region, initial=low) > high):
+                # As for a digest mismatch: the base or the residual is wrong, and nothing
+                # tells which, so the base goes too and both are requested again; unless the
+                # block's ROI is proven (its base checked against the sender's digest).
+                proven = self.roi_verified[chunk.z0:chunk.z1].all()
+                dropped = [] if proven else self._drop(chunk.z0, chunk.z1)
                 raise ChunkRejected(f"chunk {chunk.seq}: residual gives voxels outside the "
-                                    f"header's range {low}..{high} in slice {z}")
+                                    f"header's range {low}..{high} in slice {z}; chunks "
+                                    f"{', '.join(f'#{seq}' for seq in dropped) or 'none'} of its "
+                                    "block dropped and missing again")
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
             np.copyto(target[index], block[index], where=self._region(z, chunk.layer))
         self._mark(chunk)

@@ -237,10 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{','.join(LIVE_RESIDUAL_CODECS)}, see docs/LIVE.md; htj2k decodes "
                              f"fastest; known: {', '.join(lossless)})")
     coding.add_argument("--group-slices", type=int, default=encode_defaults.group_slices,
-                        help="slices per chunk (default %(default)s)")
+                        help="slices per chunk (default: about 2^20 voxels a chunk, at least 4 "
+                             "slices)")
+    coding.add_argument("--preview-crf", type=float, default=encode_defaults.preview_crf,
+                        help="with --exact: x265 CRF of the bases of slices without ROI, which "
+                             "are only previews there (default %(default)g)")
     coding.add_argument("--min-ssim", type=float, default=encode_defaults.min_ssim,
                         help="quality guard: re-code base blocks whose SSIM (L=4095) after the "
-                             "ROI layer is below this (default %(default)s; 0 = off)")
+                             "ROI layer is below this (default %(default)s; 0 = off; not with "
+                             "--exact, where the base is a stage on the way to the exact volume)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     parser.add_argument("--version", action="version", version=version_text("dlad-send"))
     # What a recorded stream fixed when it was encoded: a replay (INPUT.dlad --to) refuses them.
@@ -270,7 +275,8 @@ def settings_from_args(args, live: bool = False):
                             residual_codecs=tuple(args.residual_codec) if args.residual_codec
                             else LIVE_RESIDUAL_CODECS if live
                             else EncodeSettings().residual_codecs,
-                            group_slices=args.group_slices, min_ssim=args.min_ssim or None)
+                            group_slices=args.group_slices, preview_crf=args.preview_crf,
+                            min_ssim=args.min_ssim or None)
     iterations = default_diffusion(encode).iterations if args.iterations is None \
         else args.iterations
     diffusion = DiffusionSettings(kappa=args.kappa, iterations=iterations, mode=args.diffusion)

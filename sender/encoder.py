@@ -4,13 +4,17 @@ Modes (``EncodeSettings.codec``):
 
 * ``"layered"`` (default): layer 0 = lossy HEVC of the diffused volume; layer 1 = lossless
   residual inside the ROI, after which every ROI voxel equals the original; layer 2 (``exact``)
-  = lossless residual outside the ROI, after which the whole volume is bit-exact.
-* any lossless codec name (``zstd``, ``jpegls``, ``hevc-lossless``...): layer 0 = that codec on
+  = the voxels outside the ROI, lossless, after which the whole volume is bit-exact. Residual
+  chunks are coded with each of ``residual_codecs`` and sent with the smallest.
+  With ``exact``, the base of a block without ROI voxels is a cheap preview (``preview_crf``)
+  and its layer 2 carries the original voxels themselves (``params["reference"] = "none"``)
+  when they code smaller than their residual against the preview; the quality guard is off.
+* any lossless codec name (``jpegxl``, ``jpegls``, ``hevc-lossless``...): layer 0 = that codec on
   the diffused volume (the ROI is already exact: diffusion leaves it untouched); with ``exact``,
   layer 2 = the outside-ROI residual against it, with the same codec.
 
-Frames are produced one chunk at a time in the scheduler's order, so the first ROI chunk can
-leave before the rest of the volume is encoded.
+Frames are produced one chunk at a time in the scheduler's order (:mod:`sender.scheduler`), so
+the first chunks can leave before the rest of the volume is encoded.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import msgpack
 import numpy as np
 
 from sender.quality import block_ssim
-from sender.scheduler import PlannedChunk, plan_chunks
+from sender.scheduler import PREVIEW_SHARE, PlannedChunk, auto_group, plan_chunks
 from shared.codecs import CodecError, codec_names, get_codec
 from shared.layers import block_digest, clip_base, residual, roi_digest
 from shared.volume import Volume, representation_problem
@@ -55,11 +59,18 @@ class EncodeSettings:
     residual_codecs: tuple[str, ...] = ("jpegxl", "jpegls")
     """Lossless codecs of the residual layers in layered mode: every chunk is coded with each
     and the smallest payload is sent (the header lists them all)."""
-    group_slices: int = 4
-    """Slices per chunk: HEVC predicts between the slices of a chunk."""
+    group_slices: int | None = None
+    """Slices per chunk (HEVC predicts between the slices of a chunk); ``None``: about 2^20
+    voxels a chunk, at least 4 slices (:func:`sender.scheduler.auto_group`)."""
+    preview_crf: float = 30.0
+    """x265 CRF of the bases of blocks without ROI voxels with ``exact``: there the base is only
+    a preview (the exact layer replaces it), so a cheap one lets the whole volume be viewable
+    early (layered mode)."""
     min_ssim: float | None = 0.99
     """Quality guard of the lossy base: every block's SSIM (L = 4095) after layers 0+1 must
-    reach this, else it is re-coded at a lower CRF/QP, and at last without diffusion."""
+    reach this, else it is re-coded at a lower CRF/QP, and at last without diffusion. Not with
+    ``exact``: there layers 0+1 are a stage on the way to the exact volume, and a finer base
+    costs bytes before the ROI without making the whole smaller (docs/BENCHMARKS.md)."""
 
     def __post_init__(self):
         lossless = [n for n in codec_names() if get_codec(n).lossless]
@@ -70,15 +81,20 @@ class EncodeSettings:
                 or not set(self.residual_codecs) <= set(lossless)):
             raise ValueError(f"residual codecs must be distinct lossless codecs "
                              f"({', '.join(lossless)}), got {', '.join(self.residual_codecs)!r}")
-        if not 1 <= self.group_slices <= 256:
+        if self.group_slices is not None and not 1 <= self.group_slices <= 256:
             raise ValueError(f"slices per chunk must be in [1, 256], got {self.group_slices}")
+        if not 0 <= self.preview_crf <= 51:
+            raise ValueError(f"preview CRF must be in [0, 51], got {self.preview_crf}")
         if self.codec == LAYERED:
             self.base_codec()  # validates the rate settings
         if self.min_ssim is not None and not 0 < self.min_ssim < 1:
             raise ValueError(f"minimum SSIM must be in (0, 1), got {self.min_ssim}")
 
-    def base_codec(self, rate: float | None = None):
-        """The lossy HEVC base codec, at the configured rate or at ``rate`` (CRF or QP)."""
+    def base_codec(self, rate: float | None = None, preview: bool = False):
+        """The lossy HEVC base codec, at the configured rate or at ``rate`` (CRF or QP); with
+        ``preview``, at :attr:`preview_crf`."""
+        if preview:
+            return get_codec("hevc", crf=self.preview_crf, preset=self.preset)
         if self.qp is None:
             return get_codec("hevc", crf=self.crf if rate is None else rate, preset=self.preset)
         return get_codec("hevc", qp=self.qp if rate is None else int(rate), preset=self.preset)
@@ -167,8 +183,12 @@ class StudyEncoder:
         self.study = study
         self.settings = settings
         self.value_range = (int(original.min()), int(original.max()))
-        self.plan: list[PlannedChunk] = plan_chunks(study.roi, settings.group_slices,
-                                                    settings.layers)
+        self.group = settings.group_slices or auto_group(study.volume.shape)
+        self.plan: list[PlannedChunk] = plan_chunks(study.roi, self.group, settings.layers)
+        self._roi_voxels = {(c.z0, c.z1): int(study.roi[c.z0:c.z1].sum()) for c in self.plan}
+        #: Layer 2 of plain blocks with a preview base: "none" (the original voxels) or "base"
+        #: (a residual), whichever the first such block coded smaller.
+        self._plain_reference: str | None = None
         self._codecs = {layer: settings.codecs_of_layer(layer) for layer in settings.layers}
         self._base = np.zeros_like(original)
         self._base_ready: dict[tuple[int, int], tuple[bytes, dict]] = {}
@@ -191,9 +211,11 @@ class StudyEncoder:
             plan=[chunk.as_entry() for chunk in self.plan],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             provenance={**study.provenance, "mode": settings.codec, "exact": settings.exact,
-                        "group_slices": settings.group_slices,
+                        "group_slices": self.group,
                         **({"base_crf": settings.crf, "base_qp": settings.qp,
-                            "preset": settings.preset} if settings.codec == LAYERED else {})},
+                            "preset": settings.preset,
+                            **({"preview_crf": settings.preview_crf} if self._previews else {})}
+                           if settings.codec == LAYERED else {})},
             dicom=study.dicom)
 
     def _output_representation(self) -> tuple[str, tuple[float, float]]:
@@ -217,19 +239,71 @@ class StudyEncoder:
         return [(z0, z1, roi_digest(original[z0:z1], roi[z0:z1], z0)) for z0, z1 in blocks
                 if roi[z0:z1].any()]
 
+    @property
+    def _previews(self) -> bool:
+        """Whether plain blocks (no ROI voxels) get a preview base: lossy layered mode with the
+        exact layer, which makes those blocks exact whatever their base."""
+        return self.settings.codec == LAYERED and self.settings.exact
+
+    def _is_preview(self, z0: int, z1: int) -> bool:
+        return self._previews and not self._roi_voxels[(z0, z1)]
+
     def frames(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[bytes]:
-        """Header frame, every planned chunk not in ``skip`` (by seq), then the end frame."""
+        """Header frame, every planned chunk not in ``skip`` (by seq), then the end frame.
+
+        The chunks go in the plan's order, except that the bases of plain blocks (no ROI
+        voxels) go before the ROI residuals only while their bytes stay within
+        :data:`~sender.scheduler.PREVIEW_SHARE` of the ROI's: of the ROI blocks' bases sent
+        plus the ROI residuals, estimated from the first one encoded (its bytes per ROI voxel
+        for every ROI voxel still to send). The others follow the ROI residuals. So the whole
+        volume is viewable before the liver is exact wherever that costs the liver little.
+        """
         header = self.header.to_frame()
         yield header
         sent, total = 0, len(header)
-        for planned in self.plan:
-            if planned.seq in skip:
-                continue
-            data = self.encode_chunk(planned).to_frame()
+        for chunk in self._send_order(skip):
+            data = chunk.to_frame()
             sent += 1
             total += len(data)
             yield data
         yield StreamEnd(self.study.study_id, sent, total).to_frame()
+
+    def _send_order(self, skip) -> Iterator[DataChunk]:
+        pending = [planned for planned in self.plan if planned.seq not in skip]
+        roi_bases = [p for p in pending if p.layer == 0 and self._roi_voxels[(p.z0, p.z1)]]
+        plain_bases = [p for p in pending if p.layer == 0 and not self._roi_voxels[(p.z0, p.z1)]]
+        roi_layer = [p for p in pending if p.layer == 1]
+        roi_bytes = 0
+        for planned in roi_bases:
+            chunk = self.encode_chunk(planned)
+            roi_bytes += len(chunk.payload)
+            yield chunk
+        held: list[DataChunk] = []
+        if roi_layer:  # the first ROI residual, encoded ahead to estimate the ROI's bytes
+            first = self.encode_chunk(roi_layer[0])
+            rate = len(first.payload) / max(1, self._roi_voxels[(first.z0, first.z1)])
+            roi_bytes += rate * sum(self._roi_voxels[(p.z0, p.z1)] for p in roi_layer)
+            held.append(first)
+        budget = PREVIEW_SHARE * roi_bytes if (roi_bases or roi_layer) else float("inf")
+        deferred: list = []
+        for planned in plain_bases:
+            if deferred:
+                deferred.append(planned)
+                continue
+            chunk = self.encode_chunk(planned)
+            if len(chunk.payload) <= budget:
+                budget -= len(chunk.payload)
+                yield chunk
+            else:
+                deferred.append(chunk)
+        yield from held
+        for planned in roi_layer[len(held):]:
+            yield self.encode_chunk(planned)
+        for item in deferred:
+            yield item if isinstance(item, DataChunk) else self.encode_chunk(item)
+        for planned in pending:
+            if planned.layer == 2:
+                yield self.encode_chunk(planned)
 
     def encode_chunk(self, planned: PlannedChunk) -> DataChunk:
         """Encode one planned chunk (its block's base is encoded first if needed)."""
@@ -239,10 +313,21 @@ class StudyEncoder:
             payload, params = self._encode_base(z0, z1)
         else:
             base = self._decoded_base(z0, z1)
+            original = self.study.volume.data[z0:z1]
             region = self.study.roi[z0:z1] if planned.layer == 1 else ~self.study.roi[z0:z1]
             codec, payload, params = smallest(self._codecs[planned.layer],
-                                              residual(self.study.volume.data[z0:z1], base, region))
+                                              residual(original, base, region))
             params["base_digest"] = block_digest(base)
+            if planned.layer == 2 and self._is_preview(z0, z1) and self._plain_reference != "base":
+                # The base of a plain block is a preview: its original voxels may code smaller
+                # than their residual. Both are tried on the first such block; the rest follow
+                # its choice (each costs a lossless encode of the block).
+                replaced = smallest(self._codecs[2], original)
+                if self._plain_reference == "none" or (
+                        coded_size(*replaced[1:]) < coded_size(payload, params)):
+                    codec, payload, params = replaced
+                    params["reference"] = "none"
+                self._plain_reference = params.get("reference", "base")
         return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=planned.layer,
                          z0=z0, z1=z1, codec=codec.name, params=params, payload=payload)
 
@@ -259,6 +344,12 @@ class StudyEncoder:
         if codec.lossless:
             payload, params = codec.encode(block)
             decoded = block
+        elif self._is_preview(z0, z1):
+            codec = self.settings.base_codec(preview=True)
+            payload, params = codec.encode(block)
+            decoded = clip_base(codec.decode(payload, block.shape, params), self.value_range)
+            params["quality"] = {"rate": self.settings.preview_crf, "diffused": True,
+                                 "preview": True}
         else:
             payload, params, decoded = self._encode_guarded_base(z0, z1)
         self._base[z0:z1] = decoded
@@ -282,7 +373,7 @@ class StudyEncoder:
             codec = settings.base_codec(rate)
             payload, params = codec.encode(source)
             decoded = clip_base(codec.decode(payload, source.shape, params), self.value_range)
-            if settings.min_ssim is None:
+            if settings.min_ssim is None or settings.exact:
                 return payload, params, decoded
             score = block_ssim(original, np.where(roi, original, decoded))
             if not score < settings.min_ssim:  # also NaN: slices too small to measure

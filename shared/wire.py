@@ -57,8 +57,11 @@ Header body (kind 1):
                    when every one of them is lossless (checked against the codec registry: a
                    header that calls a lossy codec lossless is rejected); ``region`` ``"all"``
                    (layer 0), ``"roi"`` (1) or ``"outside-roi"`` (2)
-``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry, in
-                   sending order (``z1`` exclusive)
+``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry
+                   (``z1`` exclusive), in the sender's intended order (sender/scheduler.py);
+                   chunks may arrive in any order: the sender sends a block without ROI voxels
+                   after the ROI when its base would delay the ROI, and a resumed transfer
+                   sends only what is missing
 ``provenance``     free map: ROI provider, diffusion settings, input description;
                    ``inserted_slices``: slice indices the sender filled in for images missing
                    from a DICOM series (``dlad-send --allow-gaps``), reported by the receiver
@@ -71,12 +74,15 @@ Header body (kind 1):
 =================  ===========================================================================
 
 Data chunk body (kind 2): ``study_id``; ``seq`` (index into the plan); ``layer`` (0 base,
-1 ROI residual, 2 outside-ROI residual); ``z0``, ``z1`` (slice range, ``z1`` exclusive);
+1 ROI residual, 2 the voxels outside the ROI); ``z0``, ``z1`` (slice range, ``z1`` exclusive);
 ``codec`` (registry name, one of the header's ``layers[layer].codecs``; the receiver refuses any
-other); ``params`` (the codec's decode parameters; a residual's also hold
-``base_digest``, BLAKE2b-128 of the decoded base block it was computed against); ``payload``
-(bytes). A checksum proves a frame arrived as sent, not that its voxels are right: what the
-receiver reports exact is proven by the header's ``roi_digests`` and ``sha256``.
+other); ``params`` (the codec's decode parameters; a residual's also hold ``base_digest``,
+BLAKE2b-128 of the decoded base block it was computed against, and a layer-2 chunk may hold
+``reference``: ``"base"``, the default, a residual added to the block's base, or ``"none"``,
+the original voxels themselves, which replace the block's outside-ROI voxels whatever its base:
+what a sender sends where the base is only a preview); ``payload`` (bytes). A checksum
+proves a frame arrived as sent, not that its voxels are right: what the receiver reports exact
+is proven by the header's ``roi_digests`` and ``sha256``.
 
 End body (kind 3): ``study_id``; ``chunks`` (data chunks sent); ``bytes`` (total stream bytes
 before this frame).
@@ -281,7 +287,7 @@ class StreamHeader:
     """``{layer: {"codec", "codecs", "lossless", "region"}}`` for the layers this stream
     carries (:func:`check_layers`)."""
     plan: list
-    """``[(seq, layer, z0, z1), ...]`` in sending order."""
+    """``[(seq, layer, z0, z1), ...]`` in the sender's intended order."""
     created: str = ""
     """ISO-8601 UTC creation time."""
     provenance: dict = field(default_factory=dict)
@@ -488,7 +494,7 @@ class DataChunk:
     seq: int
     """Index of the chunk in the header's plan."""
     layer: int
-    """0 base, 1 ROI residual, 2 outside-ROI residual."""
+    """0 base, 1 ROI residual, 2 the voxels outside the ROI."""
     z0: int
     """First slice (inclusive)."""
     z1: int

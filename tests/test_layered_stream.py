@@ -59,25 +59,85 @@ def test_roi_exact_after_layers_0_1_and_all_exact_after_layer_2(rng, settings):
 def test_every_prefix_decodes_and_roi_comes_first(rng):
     study = prepared_study(rng, shape=(9, 20, 20))
     frames = list(StudyEncoder(study, EncodeSettings(group_slices=1, exact=True)).frames())
-    roi_slices = set(np.flatnonzero(study.roi.any(axis=(1, 2))))
+    layers = [parse_frame(frame).layer for frame in frames[1:-1]]
+    roi_done = 1 + max(i for i, layer in enumerate(layers) if layer == 1)  # chunks up to the ROI's last
+    assert all(layer < 2 for layer in layers[:roi_done])  # the exact layer comes after the ROI
     for cut in range(1, len(frames) + 1):
         stream = decode(frames[:cut])
         assert stream.reassembler is not None and not stream.problems
-        exact_roi = set(np.flatnonzero(stream.reassembler.roi_exact_slices))
-        applied = cut - 1
-        # The first 2 x |ROI slices| chunks make exactly the ROI slices exact, in order.
-        if applied >= 2 * len(roi_slices):
-            assert roi_slices <= exact_roi
+        if cut - 1 >= roi_done:
+            assert stream.reassembler.roi_complete
 
 
-def test_plan_orders_most_roi_blocks_first_then_outwards_then_layer_2():
+def test_plan_orders_bases_roi_first_then_outwards_then_roi_then_layer_2():
     roi = np.zeros((10, 4, 4), bool)
     roi[5, :2] = True  # 8 voxels
     roi[6] = True  # 16 voxels
     plan = [(c.layer, c.z0) for c in plan_chunks(roi, 1, (0, 1, 2))]
-    assert plan[:4] == [(0, 6), (1, 6), (0, 5), (1, 5)]
-    assert [z for layer, z in plan[4:12]] == [4, 7, 3, 8, 2, 9, 1, 0]
+    assert plan[:10] == [(0, 6), (0, 5), (0, 4), (0, 7), (0, 3), (0, 8), (0, 2), (0, 9), (0, 1),
+                         (0, 0)]
+    assert plan[10:12] == [(1, 6), (1, 5)]
     assert all(layer == 2 for layer, _ in plan[12:]) and (2, 6) not in plan  # slice 6 all ROI
+
+
+def base_and_residual(chunks):
+    """The first base sent and the ROI residual of its block."""
+    base = next(c for c in chunks if c.layer == 0)
+    return base, next(c for c in chunks if c.layer == 1 and (c.z0, c.z1) == (base.z0, base.z1))
+
+
+def _sent(frames):
+    return [parse_frame(frame) for frame in list(frames)[1:-1]]
+
+
+def test_the_whole_volume_is_viewable_before_the_roi_when_that_costs_the_roi_little(rng):
+    study = prepared_study(rng, shape=(12, 64, 64), extremes=False)
+    study.volume.data[:4] = study.diffused[:4] = -1000  # air: previews cost next to nothing
+    study.volume.data[8:] = study.diffused[8:] = 40
+    study.roi[:] = False
+    study.roi[4:8] = True
+    study.diffused = np.where(study.roi, study.volume.data, study.diffused)
+    # --exact: the plain blocks' bases are cheap previews and all go before the ROI residual.
+    chunks = _sent(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2)).frames())
+    first_roi = next(i for i, c in enumerate(chunks) if c.layer == 1)
+    assert {c.layer for c in chunks[:first_roi]} == {0} and first_roi == 6
+    previews = [c for c in chunks if c.layer == 0 and not study.roi[c.z0:c.z1].any()]
+    assert previews and all(c.params["quality"]["preview"] for c in previews)
+    # Lossless bases of plain blocks would cost the ROI more than PREVIEW_SHARE: after it.
+    chunks = _sent(StudyEncoder(study, EncodeSettings(codec="zstd", group_slices=2)).frames())
+    roi_blocks = {(c.z0, c.z1) for c in chunks if study.roi[c.z0:c.z1].any()}
+    assert {(c.z0, c.z1) for c in chunks[:len(roi_blocks)]} == roi_blocks == {(4, 6), (6, 8)}
+    noisy = prepared_study(rng, shape=(12, 64, 64), extremes=False)
+    noisy.roi[:] = False
+    noisy.roi[4:8, 20:40, 20:40] = True
+    noisy.diffused = np.where(noisy.roi, noisy.volume.data, noisy.diffused)
+    chunks = _sent(StudyEncoder(noisy, EncodeSettings(codec="zstd", group_slices=2)).frames())
+    assert [(c.z0, c.z1) for c in chunks[:2]] in ([(4, 6), (6, 8)], [(6, 8), (4, 6)])
+    assert len(chunks) == 6  # and the other four after them
+
+
+def test_exact_plain_blocks_send_original_voxels_and_any_order_rebuilds_the_volume(rng):
+    study = prepared_study(rng, shape=(12, 24, 24))
+    study.roi[8:] = False
+    study.diffused = np.where(study.roi, study.volume.data, study.diffused)
+    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=4)).frames())
+    chunks = _sent(frames)
+    plain = [c for c in chunks if c.layer == 2 and not study.roi[c.z0:c.z1].any()]
+    assert plain and {c.params.get("reference", "base") for c in plain} <= {"base", "none"}
+    # Any arrival order: the exact layer of a plain block before its preview, residuals first.
+    for order in (chunks[::-1], sorted(chunks, key=lambda c: -c.layer)):
+        reassembler = Reassembler(parse_frame(frames[0]))
+        for chunk in order:
+            reassembler.apply(chunk)
+        assert reassembler.verified is True
+        np.testing.assert_array_equal(reassembler.volume, study.volume.data)
+    bad = DataChunk(**{**vars(plain[0]), "params": {**plain[0].params, "reference": "other"}})
+    with pytest.raises(ChunkRejected, match="reference"):
+        Reassembler(parse_frame(frames[0])).apply(bad)
+    roi_chunk = next(c for c in chunks if c.layer == 1)
+    bad = DataChunk(**{**vars(roi_chunk), "params": {**roi_chunk.params, "reference": "none"}})
+    with pytest.raises(ChunkRejected, match="reference"):
+        Reassembler(parse_frame(frames[0])).apply(bad)
 
 
 def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
@@ -87,24 +147,24 @@ def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
     header = parse_frame(frames[0])
     chunks = [parse_frame(f) for f in frames[1:-1]]
     reassembler = Reassembler(header)
-    base, residual = chunks[0], chunks[1]
-    assert (base.layer, residual.layer) == (0, 1)
+    base, residual = base_and_residual(chunks)
     assert reassembler.apply(residual) == []  # before its base: held, not applied yet
     assert reassembler.holds(residual.seq) and not reassembler.applied
     assert reassembler.progress().chunks_applied == 0
     assert reassembler.apply(base) == [base, residual]  # the base brings the held residual
     assert {base.seq, residual.seq} <= reassembler.applied
     assert reassembler.apply(base) == []  # duplicate: ignored, never applied twice
+    other_residual = next(c for c in chunks if c.layer > 0 and c.seq != residual.seq)
     bad = [DataChunk(**{**vars(base), "study_id": "other"}),
            DataChunk(**{**vars(base), "seq": 999}),
            DataChunk(**{**vars(base), "z1": base.z1 + 1}),
            DataChunk(**{**vars(base), "codec": "zstd"}),
-           DataChunk(**{**vars(chunks[2]), "payload": chunks[2].payload[:-7]})]
+           DataChunk(**{**vars(other_residual), "payload": other_residual.payload[:-7]})]
     for chunk in bad:
         with pytest.raises(ChunkRejected):
             reassembler.apply(chunk)
-    wrong_base = DataChunk(**{**vars(chunks[3]), "params": {**chunks[3].params,
-                                                             "base_digest": bytes(16)}})
+    wrong_base = DataChunk(**{**vars(other_residual), "params": {**other_residual.params,
+                                                                 "base_digest": bytes(16)}})
     fresh = Reassembler(header)
     fresh.apply(next(c for c in chunks if c.layer == 0 and (c.z0, c.z1) ==
                      (wrong_base.z0, wrong_base.z1)))
@@ -160,15 +220,15 @@ def test_feed_returns_and_status_counts_only_applied_chunks(rng):
     as applied until the base comes (the cause of a flaky fuzz test)."""
     study = prepared_study(rng)
     frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2)).frames())
-    base, residual = parse_frame(frames[1]), parse_frame(frames[2])
-    assert (base.layer, residual.layer) == (0, 1)
+    base, residual = base_and_residual([parse_frame(frame) for frame in frames[1:-1]])
+    base_frame, residual_frame = base.to_frame(), residual.to_frame()
     stream = StudyStream()
-    assert stream.feed(frames[0] + frames[2]) == []
+    assert stream.feed(frames[0] + residual_frame) == []
     status = stream.status()
     assert status["chunks_applied"] == 0 and status["duplicates"] == 0
-    assert [(c.seq, c.layer) for c in stream.feed(frames[1])] == [(base.seq, 0), (residual.seq, 1)]
+    assert [(c.seq, c.layer) for c in stream.feed(base_frame)] == [(base.seq, 0), (residual.seq, 1)]
     assert stream.status()["chunks_applied"] == 2
-    assert stream.feed(frames[2] + frames[1]) == []
+    assert stream.feed(residual_frame + base_frame) == []
     status = stream.status()
     assert status["chunks_applied"] == 2 and status["duplicates"] == 2 and not stream.problems
 
@@ -227,6 +287,6 @@ def test_each_residual_chunk_uses_the_smallest_of_the_layers_codecs(rng):
     assert used  # and the stream decodes exactly whatever mix was chosen
     stream = decode(frames)
     assert stream.reassembler.verified is True and not stream.problems
-    rejected = DataChunk(**{**vars(chunks[1]), "codec": "htj2k"})
+    rejected = DataChunk(**{**vars(next(c for c in chunks if c.layer == 1)), "codec": "htj2k"})
     with pytest.raises(ChunkRejected, match="not one the header names"):
         Reassembler(header).apply(rejected)
