@@ -47,8 +47,11 @@ Header body (kind 1):
                    voxels hash to this; a mismatch drops the block's chunks (re-requested live).
                    Blocks are disjoint; at most one per slice. Optional for parsing (streams
                    before it): without it no ROI is ever reported exact
-``roi``            ``{"encoding": "packbits-zstd", "data": bytes, "voxels": int}``: the ROI mask
-                   (bit-packed, zstd), and its voxel count as a check
+``roi``            ``{"encoding", "data": bytes, "voxels": int}``: the ROI mask and its voxel
+                   count as a check; encoding ``"packbits-zstd"`` (the slice-major mask
+                   bit-packed, zstd) or ``"row-runs-zstd"`` (each row's switch columns, coded
+                   against the row above: :mod:`shared.roimask`; streams before 2026-12 use
+                   packed bits only); the sender writes the smaller
 ``layers``         map ``"0"|"1"|"2"`` -> ``{"codec", "codecs", "lossless", "region"}``:
                    ``codecs`` the registry names of every codec the layer's chunks may use
                    (1 to :data:`MAX_LAYER_CODECS`; the sender picks one per chunk, the smallest
@@ -106,6 +109,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from shared.roimask import MaskError, decode_runs, encode_runs
 from shared.volume import representation_problem
 
 MAGIC = b"DLAD"
@@ -355,9 +359,7 @@ class StreamHeader:
             "spacing": [float(v) for v in self.spacing], "source_dtype": self.source_dtype,
             "rescale": [float(v) for v in self.rescale],
             "value_range": [int(v) for v in self.value_range], "sha256": self.sha256,
-            "roi": {"encoding": "packbits-zstd",
-                    "data": zstandard.ZstdCompressor(level=9).compress(self.roi_bits.tobytes()),
-                    "voxels": self.roi_voxels},
+            "roi": self._roi_field(),
             "layers": {str(k): v for k, v in self.layers.items()},
             "plan": [list(map(int, entry)) for entry in self.plan],
             "provenance": self.provenance,
@@ -367,6 +369,14 @@ class StreamHeader:
         if self.roi_digests:
             body["roi_digests"] = [[z0, z1, digest] for z0, z1, digest in self.roi_digests]
         return frame(KIND_HEADER, body)
+
+    def _roi_field(self) -> dict:
+        """The header's ``roi``: the smaller of the mask's two encodings (:mod:`shared.roimask`)."""
+        packed = zstandard.ZstdCompressor(level=9).compress(self.roi_bits.tobytes())
+        runs = encode_runs(lambda z: self.roi_slices(z, z + 1)[0], self.shape)
+        if runs is not None and len(runs) < len(packed):
+            return {"encoding": "row-runs-zstd", "data": runs, "voxels": self.roi_voxels}
+        return {"encoding": "packbits-zstd", "data": packed, "voxels": self.roi_voxels}
 
     @classmethod
     def from_body(cls, body: dict) -> StreamHeader:
@@ -464,18 +474,25 @@ def _count_bits(packed: np.ndarray) -> int:
 
 def _decode_roi(roi_field: dict, shape) -> np.ndarray:
     """The packed ROI mask of the header's ``roi`` field (never unpacked: 1/8 byte per voxel)."""
-    if roi_field.get("encoding") != "packbits-zstd" or not isinstance(roi_field.get("data"), bytes):
+    encoding = roi_field.get("encoding")
+    if encoding not in ("packbits-zstd", "row-runs-zstd") or not isinstance(roi_field.get("data"), bytes):
         raise WireError("header: unsupported ROI encoding")
     total = int(np.prod(shape))
     expected = (total + 7) // 8
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(roi_field["data"]) as reader:
-            packed = reader.read(expected + 1)
-    except zstandard.ZstdError:
-        raise WireError("header: corrupt ROI mask") from None
-    if len(packed) != expected:
-        raise WireError("header: ROI mask has the wrong size")
-    roi_bits = np.frombuffer(packed, np.uint8).copy()
+    if encoding == "row-runs-zstd":
+        try:
+            roi_bits = decode_runs(roi_field["data"], shape)
+        except MaskError as error:
+            raise WireError(f"header: {error}") from None
+    else:
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(roi_field["data"]) as reader:
+                packed = reader.read(expected + 1)
+        except zstandard.ZstdError:
+            raise WireError("header: corrupt ROI mask") from None
+        if len(packed) != expected:
+            raise WireError("header: ROI mask has the wrong size")
+        roi_bits = np.frombuffer(packed, np.uint8).copy()
     if total % 8:
         # Bits past the last voxel are no voxels: cleared, so that they count nowhere and the
         # mask packs to the same bytes as the unpacked mask would (the stream key hashes them).

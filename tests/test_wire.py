@@ -232,3 +232,41 @@ def test_headers_with_impossible_geometry_are_refused(field, value):
     body[field] = value
     with pytest.raises(WireError, match="affine must be invertible"):
         parse_frame(wire.frame(wire.KIND_HEADER, body))
+
+
+def test_roi_masks_travel_as_row_runs_when_smaller_and_any_mask_round_trips(rng):
+    # A liver-like mask: one run per row whose ends move a little from row to row.
+    shape = (6, 40, 50)
+    y = np.arange(40)[:, None]
+    x = np.arange(50)[None, :]
+    liver = np.stack([(x - 20) ** 2 / 300 + (y - 18 - z) ** 2 / 150 < 1 for z in range(6)])
+    header = make_header(shape=shape)
+    header.roi_bits = np.packbits(liver.ravel())
+    body = msgpack.unpackb(header.to_frame()[wire.PREFIX_BYTES:], raw=False)
+    assert body["roi"]["encoding"] == "row-runs-zstd"
+    np.testing.assert_array_equal(parse_frame(header.to_frame()).roi, liver)
+    for shape in ((3, 5, 7), (3, 1, 1), (9, 4, 3), (17, 3, 9)):
+        for density in (0.0, 0.1, 0.5, 1.0):
+            roi = rng.random(shape) < density
+            header = make_header(shape=shape)
+            header.roi_bits = np.packbits(roi.ravel())
+            np.testing.assert_array_equal(parse_frame(header.to_frame()).roi, roi)
+
+
+def test_hostile_row_runs_are_refused():
+    from shared.roimask import _varints, decode_runs
+
+    def runs(values):
+        return zstandard.ZstdCompressor().compress(_varints(values))
+
+    shape = (1, 2, 8)
+    # row 0: run [1, 4) as gaps 1, 3; row 1: as many switches, so differences 0 and +1 (zigzag 2)
+    assert decode_runs(runs([2, 1, 3, 2, 0, 2]), shape).tolist() == [0b01110000, 0b01111000]
+    for values in ([2, 1, 3], [3, 1, 1, 1, 0], [2, 5, 5, 0], [2, 0, 9, 0], [2, 3, 0, 0],
+                   [0, 0, 0], [0], [12] + [1] * 12 + [0], [2, 1, 1, 0, 7]):
+        with pytest.raises(ValueError):
+            decode_runs(runs(values), shape)
+    with pytest.raises(ValueError, match="larger"):
+        decode_runs(zstandard.ZstdCompressor().compress(bytes(64 * 1024)), shape)
+    with pytest.raises(ValueError, match="too many rows"):
+        decode_runs(runs([0]), (1 << 11, 1 << 10, 1))

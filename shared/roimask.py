@@ -1,0 +1,151 @@
+"""The two encodings of the ROI mask in a stream header: packed bits, or row runs.
+
+* ``packbits-zstd``: ``np.packbits`` of the slice-major bool mask, zstd-compressed.
+* ``row-runs-zstd``: for every row of every slice (slice-major, then row by row), the columns
+  where the mask switches on or off: ``k`` (their count, even), then the ``k`` switch columns in
+  ``[0, nx]`` (a run ``[a, b)`` switches on at ``a`` and off at ``b``), coded either as gaps
+  (the first column, then each minus the one before) or, when the row above in the same slice
+  has as many switches, as their signed differences from that row's (zigzag), the choice
+  following from the counts; every number an unsigned LEB128 varint; the whole zstd-compressed.
+  A liver mask's edges move a few columns from row to row, so most numbers fit in a byte and
+  repeat: 1.1-1.4 kB for the shared studies against 4.2-4.4 kB of packed bits.
+
+The sender writes the smaller encoding. Both decoders are bounded: packed bits by the voxel
+count; row runs by the rows (:data:`MAX_RUN_ROWS`) and by the size of the packed bits (a mask
+whose runs take more than that is always sent packed), and every switch column is checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+#: Rows (slices x rows per slice) beyond which the mask always travels as packed bits: row runs
+#: are decoded row by row.
+MAX_RUN_ROWS = 1 << 20
+_LEVEL = 19
+
+
+class MaskError(ValueError):
+    """An encoded ROI mask that does not decode to a mask of the announced shape."""
+
+
+def _varints(values: list[int]) -> bytes:
+    out = bytearray()
+    for value in values:
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def _row_switches(mask: np.ndarray) -> list[list[int]]:
+    """Per row of a 2D bool slice, the columns where the mask switches (even count)."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = mask
+    rows, columns = np.nonzero(np.diff(padded, axis=1))
+    bounds = np.searchsorted(rows, np.arange(mask.shape[0] + 1)).tolist()
+    columns = columns.tolist()
+    return [columns[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def encode_runs(mask_slices, shape) -> bytes | None:
+    """The ``row-runs-zstd`` bytes of a mask given slice by slice (``mask_slices(z)`` -> bool
+    ``(ny, nx)``), or None when it has more rows than :data:`MAX_RUN_ROWS`."""
+    nz, ny, _ = shape
+    if nz * ny > MAX_RUN_ROWS:
+        return None
+    values: list[int] = []
+    for z in range(nz):
+        above: list[int] = []
+        for index, switches in enumerate(_row_switches(mask_slices(z))):
+            values.append(len(switches))
+            if index and switches and len(switches) == len(above):
+                values.extend(_zigzag(b - a) for a, b in zip(above, switches))
+            else:
+                values.extend(b - a for a, b in zip([0] + switches, switches))
+            above = switches
+    return zstandard.ZstdCompressor(level=_LEVEL).compress(_varints(values))
+
+
+def _read_varints(raw: bytes) -> np.ndarray:
+    """Every LEB128 varint of ``raw`` (int64); the stream must end on a complete one."""
+    data = np.frombuffer(raw, np.uint8)
+    if data.size and data[-1] & 0x80:
+        raise MaskError("ROI runs end inside a number")
+    ends = np.flatnonzero(data < 0x80)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if (ends - starts).max(initial=0) > 4:  # no switch column or count needs 5 bytes
+        raise MaskError("ROI runs hold a number out of range")
+    position = np.arange(data.size) - np.repeat(starts, ends - starts + 1)
+    shifted = (data & 0x7F).astype(np.int64) << (7 * position)
+    return np.add.reduceat(shifted, starts) if data.size else np.zeros(0, np.int64)
+
+
+def decode_runs(data: bytes, shape) -> np.ndarray:
+    """The packed bits (``np.packbits`` of the slice-major mask) of ``row-runs-zstd`` bytes.
+
+    Raises:
+        MaskError: more rows than :data:`MAX_RUN_ROWS`, a stream larger than the packed mask,
+            or switch columns that are not an even, increasing list in ``[0, nx]``.
+    """
+    nz, ny, nx = shape
+    if nz * ny > MAX_RUN_ROWS:
+        raise MaskError("too many rows for the row-runs encoding")
+    total = nz * ny * nx
+    limit = max(4096, (total + 7) // 8)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            raw = reader.read(limit + 1)
+    except zstandard.ZstdError:
+        raise MaskError("corrupt ROI runs") from None
+    if len(raw) > limit:
+        raise MaskError("ROI runs larger than the mask they describe")
+    values = _read_varints(raw).tolist()
+    packed = np.zeros((total + 7) // 8, np.uint8)
+    # Slices are unpacked 8 at a time: 8 slices always fill whole bytes of the packed mask.
+    group, position, index = 8, 0, 0
+    for z0 in range(0, nz, group):
+        count = min(group, nz - z0)
+        starts: list[int] = []
+        stops: list[int] = []
+        for z in range(count):
+            above: list[int] = []
+            for y in range(ny):
+                if index >= len(values):
+                    raise MaskError("ROI runs end early")
+                k = values[index]
+                numbers = values[index + 1:index + 1 + k]
+                index += 1 + k
+                if k % 2 or k > nx + 1 or len(numbers) != k:
+                    raise MaskError("ROI runs: invalid switch count")
+                if y and k and k == len(above):
+                    switches = [a + (n >> 1 if not n & 1 else -((n + 1) >> 1))
+                                for a, n in zip(above, numbers)]
+                else:
+                    switches, column = [], 0
+                    for n in numbers:
+                        column += n
+                        switches.append(column)
+                if k and (switches[0] < 0 or switches[-1] > nx
+                          or any(b <= a for a, b in zip(switches, switches[1:]))):
+                    raise MaskError("ROI runs: switch columns out of order or range")
+                row = (z * ny + y) * nx
+                starts.extend(row + column for column in switches[::2])
+                stops.extend(row + column for column in switches[1::2])
+                above = switches
+        steps = np.zeros(count * ny * nx + 1, np.int8)
+        np.add.at(steps, np.array(starts, np.int64), 1)
+        np.add.at(steps, np.array(stops, np.int64), -1)
+        mask = np.cumsum(steps[:-1], dtype=np.int8).astype(bool)
+        bits = np.packbits(mask)
+        packed[position:position + bits.size] |= bits
+        position += mask.size // 8
+    if index != len(values):
+        raise MaskError("ROI runs: data after the last row")
+    return packed
