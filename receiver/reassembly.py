@@ -41,6 +41,10 @@ from shared.wire import DataChunk, StreamHeader, layer_codecs, voxel_sha256
 #: Bits of :meth:`Reassembler.slice_layers` (and of status.json's ``slice_layers``): the slice's
 #: base, its ROI residual, its rest residual, and its ROI verified against the sender's digest.
 HAS_BASE, HAS_ROI_RESIDUAL, HAS_REST_RESIDUAL, ROI_VERIFIED = 1, 2, 4, 8
+#: Further bits: the slice's ROI (layer 1) or rest (layer 2) voxels arrived as original voxels
+#: (a chunk with ``reference: none``), so they need no base.
+ROI_FROM_VOXELS, REST_FROM_VOXELS = 16, 32
+_VOXELS_BIT = {1: ROI_FROM_VOXELS, 2: REST_FROM_VOXELS}
 _LAYER_BIT = {0: HAS_BASE, 1: HAS_ROI_RESIDUAL, 2: HAS_REST_RESIDUAL}
 
 
@@ -198,7 +202,7 @@ class Reassembler:
             applied = self._apply_base(chunk, codec)
         else:
             reference = chunk.params.get("reference", "base")
-            if reference not in ("base", "none") or (reference == "none" and chunk.layer != 2):
+            if reference not in ("base", "none"):
                 raise ChunkRejected(f"chunk {chunk.seq}: invalid reference {reference!r}")
             block = self._decode_residual(chunk, codec)
             if reference == "none":
@@ -233,9 +237,9 @@ class Reassembler:
         # Decoded straight into the volume: no block-sized buffer beside the decoder's own. The
         # slices hold the fill value until their base arrives, so a payload that fails to decode
         # is undone by filling them again (apply() has refused a second base for a slice).
-        if (self._slice_state[chunk.z0:chunk.z1] & HAS_REST_RESIDUAL).any():
-            # The block's exact layer came first, as original voxels: the base may only fill in
-            # its ROI voxels (decoded aside, a case no sender's order makes).
+        if (self._slice_state[chunk.z0:chunk.z1] & (ROI_FROM_VOXELS | REST_FROM_VOXELS)).any():
+            # Original voxels of the block came first (its ROI, or its rest): the base may
+            # only fill in the others (decoded aside).
             return self._apply_late_base(chunk, codec)
         block = self.volume[chunk.z0:chunk.z1]
         try:
@@ -281,7 +285,14 @@ class Reassembler:
             raise ChunkRejected(f"chunk {chunk.seq}: lossless base with voxels outside the "
                                 f"header's range {low}..{high}")
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
-            np.copyto(self.volume[z], block[index], where=self._region(z, 1))
+            state = self._slice_state[z]
+            roi = self._region(z, 1)
+            keep = np.zeros_like(roi)
+            if state & ROI_FROM_VOXELS:
+                keep |= roi
+            if state & REST_FROM_VOXELS:
+                keep |= ~roi
+            np.copyto(self.volume[z], block[index], where=~keep)
         # Residuals are computed against the base as decoded, whatever the volume holds now.
         key = (chunk.z0, chunk.z1)
         self._base_digest[key] = block_digest(block)
@@ -303,8 +314,9 @@ class Reassembler:
         return applied
 
     def _apply_voxels(self, chunk: DataChunk, block: np.ndarray) -> None:
-        """A layer-2 chunk of original voxels (``reference: none``): they replace the volume's
-        outside the ROI, whatever base the block has."""
+        """A chunk of original voxels (``reference: none``): they replace the volume's in the
+        layer's region (layer 1: the ROI, layer 2: the rest), whatever base the block has, or
+        none yet."""
         low, high = self.header.value_range
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
             region = self._region(z, chunk.layer)
@@ -315,6 +327,8 @@ class Reassembler:
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
             np.copyto(self.volume[z], block[index], where=self._region(z, chunk.layer))
         self._mark(chunk)
+        self._slice_state[chunk.z0:chunk.z1] |= _VOXELS_BIT[chunk.layer]
+        self._verify_roi(chunk.z0, chunk.z1)
 
     def _region(self, z: int, layer: int) -> np.ndarray:
         """The voxels of slice ``z`` that a residual of ``layer`` covers (one slice unpacked)."""
@@ -395,10 +409,14 @@ class Reassembler:
 
     def _roi_layers_in(self, z0: int, z1: int) -> bool:
         """Whether every slice of ``[z0, z1)`` has what makes its ROI exact."""
-        state = self._slice_state[z0:z1]
+        return bool(self._roi_ready(self._slice_state[z0:z1], self._roi_per_slice[z0:z1]).all())
+
+    def _roi_ready(self, state: np.ndarray, roi_voxels: np.ndarray) -> np.ndarray:
+        """Slices whose ROI voxels have all their layers: none to have, original voxels, or a
+        base with its ROI residual (or a lossless base)."""
         has_base = (state & HAS_BASE) > 0
-        roi_done = ((state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice[z0:z1] == 0)
-        return bool((has_base & (roi_done | self._base_lossless)).all())
+        residual = ((state & HAS_ROI_RESIDUAL) > 0) | self._base_lossless
+        return (roi_voxels == 0) | ((state & ROI_FROM_VOXELS) > 0) | (has_base & residual)
 
     def _drop(self, z0: int, z1: int) -> list[int]:
         """Undo every applied chunk that touches ``[z0, z1)`` (and the slices those touch)."""
@@ -459,15 +477,13 @@ class Reassembler:
         """Slices whose ROI voxels are proven exact (digest checked); slices without ROI voxels
         count once they have their base."""
         has_base = (self._slice_state & HAS_BASE) > 0
-        return has_base & (self.roi_verified | (self._roi_per_slice == 0))
+        return self.roi_verified | (has_base & (self._roi_per_slice == 0))
 
     @property
     def exact_layer_slices(self) -> np.ndarray:
         """Slices with every layer applied (exact once the volume's SHA-256 says so)."""
-        has_base = (self._slice_state & HAS_BASE) > 0
-        roi_done = ((self._slice_state & HAS_ROI_RESIDUAL) > 0) | (self._roi_per_slice == 0)
         rest_done = ((self._slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
-        return has_base & (roi_done | self._base_lossless) & rest_done
+        return self._roi_ready(self._slice_state, self._roi_per_slice) & rest_done
 
     @property
     def exact_slices(self) -> np.ndarray:

@@ -58,6 +58,7 @@ from shared.atomic import write_json_atomic
 from shared.codecs import codec_names, get_codec
 from shared.metrics import ssim
 from shared.volume import Volume
+from shared.wire import parse_frame
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STUDIES = ("abdomen", "torso_ct_sm", "torso_ct_3mm", "head-phantom", "low-dose-phantom")
@@ -255,10 +256,12 @@ def dlad_case(name: str, prepared: PreparedStudy, settings: EncodeSettings) -> C
                 lossless=settings.exact or settings.codec != LAYERED)
 
 
-def bytes_to_roi_complete(plan, frames) -> int:
-    """Bytes of a layered stream up to its last ROI-residual chunk (header included; just the
-    header when the study has no ROI)."""
-    last = max((i for i, chunk in enumerate(plan) if chunk.layer == 1), default=-1)
+def bytes_to_roi_complete(frames) -> int:
+    """Bytes of a layered stream up to its last ROI-residual chunk as sent (header included;
+    just the header when the study has no ROI). The frames' own order: the sender may send a
+    chunk elsewhere than the plan says."""
+    layers = [parse_frame(frame).layer for frame in frames[1:-1]]
+    last = max((i for i, layer in enumerate(layers) if layer == 1), default=-1)
     return sum(len(frame) for frame in frames[:last + 2])
 
 
@@ -388,9 +391,9 @@ def bench_study(study: Study, args, log) -> dict:
     layered_row = rows[layered.name]
     layered_row["roi_exact"] = bool(np.array_equal(layered.decoded[roi], original[roi]))
     layered_row["ssim"] = fast_ssim(original, layered.decoded)
-    layered_row["roi_complete_bytes"] = bytes_to_roi_complete(*layered.payload)
+    layered_row["roi_complete_bytes"] = bytes_to_roi_complete(layered.payload[1])
     exact_case = next(c for c in cases if c.name == "dlad --exact")
-    rows["dlad --exact"]["roi_complete_bytes"] = bytes_to_roi_complete(*exact_case.payload)
+    rows["dlad --exact"]["roi_complete_bytes"] = bytes_to_roi_complete(exact_case.payload[1])
 
     peer = jxl_lossy_with_roi_residual(values, original, roi, layered_row["ssim"], log)
     peers = [name for name in peer_codecs(values.bits)]

@@ -186,9 +186,12 @@ class StudyEncoder:
         self.group = settings.group_slices or auto_group(study.volume.shape)
         self.plan: list[PlannedChunk] = plan_chunks(study.roi, self.group, settings.layers)
         self._roi_voxels = {(c.z0, c.z1): int(study.roi[c.z0:c.z1].sum()) for c in self.plan}
-        #: Layer 2 of plain blocks with a preview base: "none" (the original voxels) or "base"
-        #: (a residual), whichever the first such block coded smaller.
-        self._plain_reference: str | None = None
+        #: The ROI layer as residuals ("base") or original voxels ("none"): see
+        #: :meth:`_choose_roi_reference`.
+        self._roi_reference: str | None = None
+        #: Layer 2 of ROI blocks and of plain blocks ("roi", "plain"): "none" (the original
+        #: voxels) or "base" (a residual), whichever the first block of the kind coded smaller.
+        self._rest_reference: dict[str, str] = {}
         self._codecs = {layer: settings.codecs_of_layer(layer) for layer in settings.layers}
         self._base = np.zeros_like(original)
         self._base_ready: dict[tuple[int, int], tuple[bytes, dict]] = {}
@@ -270,44 +273,98 @@ class StudyEncoder:
 
     def _send_order(self, skip) -> Iterator[DataChunk]:
         pending = [planned for planned in self.plan if planned.seq not in skip]
-        roi_bases = [p for p in pending if p.layer == 0 and self._roi_voxels[(p.z0, p.z1)]]
-        plain_bases = [p for p in pending if p.layer == 0 and not self._roi_voxels[(p.z0, p.z1)]]
         roi_layer = [p for p in pending if p.layer == 1]
-        roi_bytes = 0
-        for planned in roi_bases:
-            chunk = self.encode_chunk(planned)
+        held: dict[int, DataChunk] = {}
+        if roi_layer and self._roi_reference is None:
+            held.update(self._choose_roi_reference(roi_layer[0]))
+        bases = [p for p in pending if p.layer == 0]
+        # The bases the ROI needs (residuals are added to them) go first; the others are a
+        # whole-volume view, sent first as far as the budget allows.
+        needs_base = self._roi_reference == "base" or not roi_layer
+        required = [p for p in bases if needs_base and self._roi_voxels[(p.z0, p.z1)]]
+        optional = [p for p in bases if p not in required]
+        roi_bytes = 0.0
+        for planned in required:
+            chunk = held.pop(planned.seq, None) or self.encode_chunk(planned)
             roi_bytes += len(chunk.payload)
             yield chunk
-        held: list[DataChunk] = []
-        if roi_layer:  # the first ROI residual, encoded ahead to estimate the ROI's bytes
-            first = self.encode_chunk(roi_layer[0])
+        if roi_layer:  # the first ROI chunk, encoded ahead to estimate the ROI's bytes
+            first = held.get(roi_layer[0].seq) or self.encode_chunk(roi_layer[0])
+            held[first.seq] = first
             rate = len(first.payload) / max(1, self._roi_voxels[(first.z0, first.z1)])
             roi_bytes += rate * sum(self._roi_voxels[(p.z0, p.z1)] for p in roi_layer)
-            held.append(first)
-        budget = PREVIEW_SHARE * roi_bytes if (roi_bases or roi_layer) else float("inf")
-        deferred: list = []
-        for planned in plain_bases:
+        budget = PREVIEW_SHARE * roi_bytes if (required or roi_layer) else float("inf")
+        deferred: list[PlannedChunk] = []
+        for planned in optional:
             if deferred:
                 deferred.append(planned)
                 continue
-            chunk = self.encode_chunk(planned)
+            chunk = held.pop(planned.seq, None) or self.encode_chunk(planned)
             if len(chunk.payload) <= budget:
                 budget -= len(chunk.payload)
                 yield chunk
             else:
-                deferred.append(chunk)
-        yield from held
-        for planned in roi_layer[len(held):]:
-            yield self.encode_chunk(planned)
-        for item in deferred:
-            yield item if isinstance(item, DataChunk) else self.encode_chunk(item)
-        for planned in pending:
-            if planned.layer == 2:
-                yield self.encode_chunk(planned)
+                held[planned.seq] = chunk
+                deferred.append(planned)
+        for planned in roi_layer + deferred + [p for p in pending if p.layer == 2]:
+            yield held.pop(planned.seq, None) or self.encode_chunk(planned)
+
+    def _choose_roi_reference(self, probe: PlannedChunk) -> dict[int, DataChunk]:
+        """Code the ROI layer as residuals or as original voxels, by one measured block.
+
+        As residuals, the ROI needs its blocks' bases before it; as original voxels (the ROI
+        region of the original, the rest filled with a constant) it needs nothing else, but
+        the voxels code larger than residuals against a good base. On the block with the most
+        ROI voxels, both ways and the base are coded; scaled to the whole ROI (bases by the
+        blocks' voxels, the ROI layer by the ROI's), original voxels are chosen when they
+        bring the ROI's bytes below (1 - PREVIEW_SHARE - 2 %) of the residual way's: when
+        they save more than the whole-volume view first may cost. Only in the layered default:
+        with ``exact`` the residual way is smaller in all (docs/BENCHMARKS.md).
+
+        Returns the chunks coded on the way, by seq, for the sender to send when their turn
+        comes.
+        """
+        self._roi_reference = "base"
+        if not self._roi_voxels_allowed():
+            return {}
+        z0, z1 = probe.z0, probe.z1
+        base_chunk = next(p for p in self.plan if p.layer == 0 and (p.z0, p.z1) == (z0, z1))
+        base = self.encode_chunk(base_chunk)
+        as_residual = self.encode_chunk(probe)
+        as_voxels = self._roi_voxels_chunk(probe)
+        roi_blocks = [(p.z0, p.z1) for p in self.plan if p.layer == 1]
+        block_share = sum(b - a for a, b in roi_blocks) / (z1 - z0)
+        roi_share = sum(self._roi_voxels[b] for b in roi_blocks) / self._roi_voxels[(z0, z1)]
+        with_residuals = len(base.payload) * block_share + len(as_residual.payload) * roi_share
+        with_voxels = len(as_voxels.payload) * roi_share
+        chosen = as_residual
+        if with_voxels < (1 - PREVIEW_SHARE - 0.02) * with_residuals:
+            self._roi_reference, chosen = "none", as_voxels
+        log.info("ROI layer as %s (probe slices %d-%d: residuals with bases %.0f bytes, "
+                 "original voxels %.0f)", "original voxels" if self._roi_reference == "none"
+                 else "residuals", z0, z1 - 1, with_residuals, with_voxels)
+        return {base.seq: base, chosen.seq: chosen}
+
+    def _roi_voxels_allowed(self) -> bool:
+        """Whether the ROI layer may be original voxels: layered mode without ``exact``."""
+        return self.settings.codec == LAYERED and not self.settings.exact
+
+    def _roi_voxels_chunk(self, planned: PlannedChunk) -> DataChunk:
+        """The ROI layer of a block as original voxels: the ROI's, the rest one constant (the
+        ROI's median: the edge between them costs least)."""
+        z0, z1 = planned.z0, planned.z1
+        original, roi = self.study.volume.data[z0:z1], self.study.roi[z0:z1]
+        fill = np.int16(np.median(original[roi])) if roi.any() else np.int16(0)
+        codec, payload, params = smallest(self._codecs[1], np.where(roi, original, fill))
+        params["reference"] = "none"
+        return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=1, z0=z0, z1=z1,
+                         codec=codec.name, params=params, payload=payload)
 
     def encode_chunk(self, planned: PlannedChunk) -> DataChunk:
         """Encode one planned chunk (its block's base is encoded first if needed)."""
         z0, z1 = planned.z0, planned.z1
+        if planned.layer == 1 and self._roi_reference == "none":
+            return self._roi_voxels_chunk(planned)
         if planned.layer == 0:
             codec = self._codecs[0][0]
             payload, params = self._encode_base(z0, z1)
@@ -318,16 +375,20 @@ class StudyEncoder:
             codec, payload, params = smallest(self._codecs[planned.layer],
                                               residual(original, base, region))
             params["base_digest"] = block_digest(base)
-            if planned.layer == 2 and self._is_preview(z0, z1) and self._plain_reference != "base":
-                # The base of a plain block is a preview: its original voxels may code smaller
-                # than their residual. Both are tried on the first such block; the rest follow
-                # its choice (each costs a lossless encode of the block).
-                replaced = smallest(self._codecs[2], original)
-                if self._plain_reference == "none" or (
-                        coded_size(*replaced[1:]) < coded_size(payload, params)):
-                    codec, payload, params = replaced
+            kind = "plain" if not self._roi_voxels[(z0, z1)] else "roi"
+            if planned.layer == 2 and self._codecs[0][0].lossless is False \
+                    and self._rest_reference.get(kind) != "base":
+                # Outside the ROI the original voxels (the whole block: the ROI's are known
+                # already, but cost less than a residual's loss on some scans) may code smaller
+                # than their residual against the base, a preview for plain blocks. Both are
+                # tried on the first block of each kind; the others follow its choice (each
+                # try costs a lossless encode of the block).
+                voxels = smallest(self._codecs[2], original)
+                if self._rest_reference.get(kind) == "none" or (
+                        coded_size(*voxels[1:]) < coded_size(payload, params)):
+                    codec, payload, params = voxels
                     params["reference"] = "none"
-                self._plain_reference = params.get("reference", "base")
+                self._rest_reference[kind] = params.get("reference", "base")
         return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=planned.layer,
                          z0=z0, z1=z1, codec=codec.name, params=params, payload=payload)
 

@@ -17,6 +17,8 @@ whose runs take more than that is always sent packed), and every switch column i
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import zstandard
 
@@ -108,8 +110,9 @@ def decode_runs(data: bytes, shape) -> np.ndarray:
         raise MaskError("ROI runs larger than the mask they describe")
     values = _read_varints(raw).tolist()
     packed = np.zeros((total + 7) // 8, np.uint8)
-    # Slices are unpacked 8 at a time: 8 slices always fill whole bytes of the packed mask.
-    group, position, index = 8, 0, 0
+    # Slices are unpacked a few at a time, as few as fill whole bytes of the packed mask (one
+    # slice of 512 x 512): the mask is never unpacked whole.
+    group, position, index = 8 // math.gcd(ny * nx, 8), 0, 0
     for z0 in range(0, nz, group):
         count = min(group, nz - z0)
         starts: list[int] = []
@@ -142,10 +145,10 @@ def decode_runs(data: bytes, shape) -> np.ndarray:
         steps = np.zeros(count * ny * nx + 1, np.int8)
         np.add.at(steps, np.array(starts, np.int64), 1)
         np.add.at(steps, np.array(stops, np.int64), -1)
-        mask = np.cumsum(steps[:-1], dtype=np.int8).astype(bool)
-        bits = np.packbits(mask)
+        np.cumsum(steps, out=steps)  # 1 inside a run, 0 outside: a bool mask in place
+        bits = np.packbits(steps[:-1].view(bool))
         packed[position:position + bits.size] |= bits
-        position += mask.size // 8
+        position += (count * ny * nx) // 8
     if index != len(values):
         raise MaskError("ROI runs: data after the last row")
     return packed

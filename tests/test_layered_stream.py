@@ -134,10 +134,34 @@ def test_exact_plain_blocks_send_original_voxels_and_any_order_rebuilds_the_volu
     bad = DataChunk(**{**vars(plain[0]), "params": {**plain[0].params, "reference": "other"}})
     with pytest.raises(ChunkRejected, match="reference"):
         Reassembler(parse_frame(frames[0])).apply(bad)
-    roi_chunk = next(c for c in chunks if c.layer == 1)
-    bad = DataChunk(**{**vars(roi_chunk), "params": {**roi_chunk.params, "reference": "none"}})
-    with pytest.raises(ChunkRejected, match="reference"):
-        Reassembler(parse_frame(frames[0])).apply(bad)
+
+
+def test_an_expensive_base_makes_the_roi_layer_original_voxels_that_need_no_base(rng):
+    # Noise of 60 HU: the quality guard makes the bases cost more than the small ROI itself.
+    study = prepared_study(rng, shape=(8, 64, 64), extremes=False)
+    study.volume.data[:] = rng.normal(40, 60, study.volume.shape).round().astype(np.int16)
+    study.roi[:] = False
+    study.roi[2:6, 24:40, 24:40] = True
+    study.diffused = study.volume.data.copy()
+    frames = list(StudyEncoder(study, EncodeSettings(group_slices=4)).frames())
+    header, chunks = parse_frame(frames[0]), _sent(frames)
+    roi_chunks = [c for c in chunks if c.layer == 1]
+    assert roi_chunks and all(c.params["reference"] == "none" for c in roi_chunks)
+    reassembler = Reassembler(header)
+    for chunk in roi_chunks:  # the ROI is complete and proven before any base arrives
+        reassembler.apply(chunk)
+    assert reassembler.roi_complete and not reassembler.progress().slices_with_base
+    np.testing.assert_array_equal(reassembler.volume[study.roi], study.volume.data[study.roi])
+    for chunk in chunks:  # then the bases: around the ROI, which they leave as it is
+        reassembler.apply(chunk)
+    assert reassembler.roi_complete and reassembler.base_complete and reassembler.complete
+    np.testing.assert_array_equal(reassembler.volume[study.roi], study.volume.data[study.roi])
+    stream = decode(frames)
+    assert stream.reassembler.roi_complete and not stream.problems
+    # With --exact the ROI stays residuals (smaller in all), and the whole volume verifies.
+    exact = list(StudyEncoder(study, EncodeSettings(group_slices=4, exact=True)).frames())
+    assert all(c.params.get("reference", "base") == "base" for c in _sent(exact) if c.layer == 1)
+    assert decode(exact).reassembler.verified is True
 
 
 def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
