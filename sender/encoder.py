@@ -160,6 +160,16 @@ def smallest(codecs: list, block: np.ndarray) -> tuple[object, bytes, dict]:
     return best
 
 
+def fill_region(voxels: np.ndarray, unknown: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """``voxels`` with the ``unknown`` ones set to one constant, the median of the ROI's voxels
+    (the liver's), so that a lossless coder spends little on them and on their edge (measured
+    against the median of the other voxels and against the base's voxels: docs/BENCHMARKS.md)."""
+    if not unknown.any():
+        return voxels
+    fill = np.int16(np.median(voxels[roi])) if roi.any() else np.int16(0)
+    return np.where(unknown, fill, voxels)
+
+
 class StudyEncoder:
     """Builds the header and encodes chunks on demand.
 
@@ -350,12 +360,10 @@ class StudyEncoder:
         return self.settings.codec == LAYERED and not self.settings.exact
 
     def _roi_voxels_chunk(self, planned: PlannedChunk) -> DataChunk:
-        """The ROI layer of a block as original voxels: the ROI's, the rest one constant (the
-        ROI's median: the edge between them costs least)."""
+        """The ROI layer of a block as original voxels: the ROI's, the rest one constant."""
         z0, z1 = planned.z0, planned.z1
         original, roi = self.study.volume.data[z0:z1], self.study.roi[z0:z1]
-        fill = np.int16(np.median(original[roi])) if roi.any() else np.int16(0)
-        codec, payload, params = smallest(self._codecs[1], np.where(roi, original, fill))
+        codec, payload, params = smallest(self._codecs[1], fill_region(original, ~roi, roi))
         params["reference"] = "none"
         return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=1, z0=z0, z1=z1,
                          codec=codec.name, params=params, payload=payload)
@@ -378,12 +386,13 @@ class StudyEncoder:
             kind = "plain" if not self._roi_voxels[(z0, z1)] else "roi"
             if planned.layer == 2 and self._codecs[0][0].lossless is False \
                     and self._rest_reference.get(kind) != "base":
-                # Outside the ROI the original voxels (the whole block: the ROI's are known
-                # already, but cost less than a residual's loss on some scans) may code smaller
-                # than their residual against the base, a preview for plain blocks. Both are
+                # Outside the ROI the original voxels (the ROI, known by then, filled with a
+                # constant) may code smaller than their residual against the base, a preview
+                # for plain blocks: on scans with little noise the residual of a lossy base
+                # codes no smaller than the voxels themselves (docs/BENCHMARKS.md). Both are
                 # tried on the first block of each kind; the others follow its choice (each
                 # try costs a lossless encode of the block).
-                voxels = smallest(self._codecs[2], original)
+                voxels = smallest(self._codecs[2], fill_region(original, ~region, ~region))
                 if self._rest_reference.get(kind) == "none" or (
                         coded_size(*voxels[1:]) < coded_size(payload, params)):
                     codec, payload, params = voxels
