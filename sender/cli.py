@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{','.join(LIVE_RESIDUAL_CODECS)}, see docs/LIVE.md; htj2k decodes "
                              f"fastest; known: {', '.join(lossless)})")
     coding.add_argument("--group-slices", type=int, default=encode_defaults.group_slices,
-                        help="slices per chunk (default: about 2^20 voxels a chunk, at least 4 "
+                        help="slices per chunk (default: about 2^22 voxels a chunk, 4 to 32 "
                              "slices)")
     coding.add_argument("--preview-crf", type=float, default=encode_defaults.preview_crf,
                         help="with --exact: x265 CRF of the bases of slices without ROI, which "

@@ -60,8 +60,8 @@ class EncodeSettings:
     """Lossless codecs of the residual layers in layered mode: every chunk is coded with each
     and the smallest payload is sent (the header lists them all)."""
     group_slices: int | None = None
-    """Slices per chunk (HEVC predicts between the slices of a chunk); ``None``: about 2^20
-    voxels a chunk, at least 4 slices (:func:`sender.scheduler.auto_group`)."""
+    """Slices per chunk (HEVC predicts between the slices of a chunk); ``None``: about 2^22
+    voxels a chunk, 4 to 32 slices (:func:`sender.scheduler.auto_group`)."""
     preview_crf: float = 30.0
     """x265 CRF of the bases of blocks without ROI voxels with ``exact``: there the base is only
     a preview (the exact layer replaces it), so a cheap one lets the whole volume be viewable

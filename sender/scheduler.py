@@ -26,13 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Voxels a block aims at (four 512 x 512 slices): smaller slices are grouped in more slices per
-#: block, so that each chunk's fixed costs (frame, codec headers, context models) are shared by
-#: enough voxels (30 slices of 101 x 122 in one block code 2-4 % smaller than in 4-slice blocks).
-TARGET_BLOCK_VOXELS = 1 << 20
-#: Fewest slices per block: HEVC predicts between the slices of a block.
-MIN_GROUP = 4
-MAX_GROUP = 256
+#: Voxels a block aims at (sixteen 512 x 512 slices). HEVC predicts between the slices of a
+#: block: on the abdomen CT, bases of 10-slice blocks take 48 kB where 4-slice blocks took 62 kB
+#: (the whole volume viewable sooner, the liver complete 2.8 % sooner); smaller slices are
+#: grouped in more slices per block, so that each chunk's fixed costs (frame, codec headers,
+#: context models) are shared by enough voxels (30 slices of 101 x 122 in one block code 2-4 %
+#: smaller than in 4-slice blocks). docs/BENCHMARKS.md has the figures.
+TARGET_BLOCK_VOXELS = 1 << 22
+#: Fewest slices per block, and most: blocks of more slices would make the ROI-first order coarse
+#: (the liver spans a few dozen slices) and the first chunk of a live transfer slow to encode.
+MIN_GROUP, MAX_GROUP = 4, 32
 #: Largest share of the ROI's bytes that bases of plain blocks may take before the ROI residuals
 #: (issue 16: a whole-volume view first where it delays "ROI complete" by under 10 %; 8 % leaves
 #: room for the estimate of the ROI's bytes).
@@ -58,10 +61,13 @@ class PlannedChunk:
 
 def auto_group(shape: tuple[int, int, int]) -> int:
     """Slices per block for a volume of ``shape``: about :data:`TARGET_BLOCK_VOXELS` voxels,
-    at least :data:`MIN_GROUP` slices, the volume cut into blocks of nearly equal size.
+    :data:`MIN_GROUP` to :data:`MAX_GROUP` slices, the volume cut into blocks of nearly equal
+    size.
 
     >>> auto_group((20, 512, 512)), auto_group((30, 101, 122)), auto_group((112, 101, 122))
-    (4, 30, 56)
+    (10, 30, 28)
+    >>> auto_group((300, 512, 512)), auto_group((40, 1024, 1024))
+    (16, 4)
     """
     nz, ny, nx = shape
     group = min(MAX_GROUP, max(MIN_GROUP, round(TARGET_BLOCK_VOXELS / (ny * nx))))
