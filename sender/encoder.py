@@ -264,12 +264,13 @@ class StudyEncoder:
     def frames(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[bytes]:
         """Header frame, every planned chunk not in ``skip`` (by seq), then the end frame.
 
-        The chunks go in the plan's order, except that the bases of plain blocks (no ROI
-        voxels) go before the ROI residuals only while their bytes stay within
-        :data:`~sender.scheduler.PREVIEW_SHARE` of the ROI's: of the ROI blocks' bases sent
-        plus the ROI residuals, estimated from the first one encoded (its bytes per ROI voxel
-        for every ROI voxel still to send). The others follow the ROI residuals. So the whole
-        volume is viewable before the liver is exact wherever that costs the liver little.
+        The chunks go: the bases the ROI needs (those of blocks with ROI voxels when the ROI
+        layer is residuals: :meth:`_choose_roi_reference`); the other bases, the plan's order
+        (nearest the ROI first), while their bytes stay within
+        :data:`~sender.scheduler.PREVIEW_SHARE` of the ROI's (the bases it needs plus the ROI
+        layer, estimated from its first chunk: its bytes per ROI voxel for every ROI voxel
+        to send); the ROI layer; the bases left; the exact layer. So the whole volume is
+        viewable before the liver is exact wherever that costs the liver little.
         """
         header = self.header.to_frame()
         yield header
