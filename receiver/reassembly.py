@@ -204,6 +204,7 @@ class Reassembler:
             reference = chunk.params.get("reference", "base")
             if reference not in ("base", "none"):
                 raise ChunkRejected(f"chunk {chunk.seq}: invalid reference {reference!r}")
+            self._box(chunk)  # validated before anything is decoded
             block = self._decode_residual(chunk, codec)
             if reference == "none":
                 self._apply_voxels(chunk, block)
@@ -222,8 +223,22 @@ class Reassembler:
         self._update_milestones()
         return applied
 
+    def _box(self, chunk: DataChunk) -> tuple[slice, slice]:
+        """The rows and columns a layer-1 chunk covers (``params["box"]``: ``[y0, y1, x0,
+        x1]``, the bounding box of its block's ROI; the whole slice without it)."""
+        ny, nx = self.header.shape[1:]
+        box = chunk.params.get("box")
+        if box is None:
+            return slice(0, ny), slice(0, nx)
+        if (chunk.layer != 1 or not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+                or not (0 <= box[0] < box[1] <= ny and 0 <= box[2] < box[3] <= nx)):
+            raise ChunkRejected(f"chunk {chunk.seq}: invalid box {box!r}")
+        return slice(box[0], box[1]), slice(box[2], box[3])
+
     def _decode_residual(self, chunk: DataChunk, codec: Codec) -> np.ndarray:
-        shape = (chunk.z1 - chunk.z0,) + tuple(self.header.shape[1:])
+        rows, columns = self._box(chunk)
+        shape = (chunk.z1 - chunk.z0, rows.stop - rows.start, columns.stop - columns.start)
         try:
             return codec.decode(chunk.payload, shape, chunk.params)
         except CodecError as error:
@@ -318,14 +333,16 @@ class Reassembler:
         layer's region (layer 1: the ROI, layer 2: the rest), whatever base the block has, or
         none yet."""
         low, high = self.header.value_range
+        rows, columns = self._box(chunk)
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
-            region = self._region(z, chunk.layer)
+            region = self._region(z, chunk.layer)[rows, columns]
             if (block[index].min(where=region, initial=high) < low
                     or block[index].max(where=region, initial=low) > high):
                 raise ChunkRejected(f"chunk {chunk.seq}: voxels outside the header's range "
                                     f"{low}..{high} in slice {z}")
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
-            np.copyto(self.volume[z], block[index], where=self._region(z, chunk.layer))
+            np.copyto(self.volume[z, rows, columns], block[index],
+                      where=self._region(z, chunk.layer)[rows, columns])
         self._mark(chunk)
         self._slice_state[chunk.z0:chunk.z1] |= _VOXELS_BIT[chunk.layer]
         self._verify_roi(chunk.z0, chunk.z1)
@@ -347,16 +364,18 @@ class Reassembler:
                                 "base than the one received (sender changed, or a damaged "
                                 f"base?); chunks {', '.join(f'#{seq}' for seq in dropped)} of "
                                 "its block dropped and missing again")
-        target = self.volume[chunk.z0:chunk.z1]
+        rows, columns = self._box(chunk)
+        target = self.volume[chunk.z0:chunk.z1, rows, columns]
         # base + residual, wrapping modulo 2^16, formed in the decoded block (used once). The
         # base is the volume's voxels, or ``base`` when the volume holds exact voxels instead.
         summed = block.view(np.uint16)
-        np.add(summed, (target if base is None else base).view(np.uint16), out=summed)
+        base = target if base is None else base[:, rows, columns]
+        np.add(summed, base.view(np.uint16), out=summed)
         low, high = self.header.value_range
         # Every original voxel lies in the header's range: a sum outside it is a wrong residual
         # (or base), refused before anything changes. Slice by slice: one mask slice unpacked.
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
-            region = self._region(z, chunk.layer)  # min/max in place: no copy of the voxels
+            region = self._region(z, chunk.layer)[rows, columns]  # min/max in place: no copy
             if (block[index].min(where=region, initial=high) < low
                     or block[index].max(where=region, initial=low) > high):
                 # As for a digest mismatch: the base or the residual is wrong, and nothing
@@ -369,7 +388,8 @@ class Reassembler:
                                     f"{', '.join(f'#{seq}' for seq in dropped) or 'none'} of its "
                                     "block dropped and missing again")
         for index, z in enumerate(range(chunk.z0, chunk.z1)):
-            np.copyto(target[index], block[index], where=self._region(z, chunk.layer))
+            np.copyto(target[index], block[index],
+                      where=self._region(z, chunk.layer)[rows, columns])
         self._mark(chunk)
         # The voxels changed, so what was proven of them before is not any more: a lossless base
         # proves its ROI by itself, and a layer-1 residual applied over it afterwards (a plan

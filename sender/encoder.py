@@ -360,12 +360,24 @@ class StudyEncoder:
         """Whether the ROI layer may be original voxels: layered mode without ``exact``."""
         return self.settings.codec == LAYERED and not self.settings.exact
 
+    def _roi_box(self, z0: int, z1: int) -> tuple[slice, slice]:
+        """Rows and columns of the bounding box of the ROI of slices ``[z0, z1)``: the ROI
+        layer codes only that (zeros cost little to code, but as much as any voxel to
+        decode)."""
+        rows = np.flatnonzero(self.study.roi[z0:z1].any(axis=(0, 2)))
+        columns = np.flatnonzero(self.study.roi[z0:z1].any(axis=(0, 1)))
+        return (slice(int(rows[0]), int(rows[-1]) + 1),
+                slice(int(columns[0]), int(columns[-1]) + 1))
+
     def _roi_voxels_chunk(self, planned: PlannedChunk) -> DataChunk:
         """The ROI layer of a block as original voxels: the ROI's, the rest one constant."""
         z0, z1 = planned.z0, planned.z1
-        original, roi = self.study.volume.data[z0:z1], self.study.roi[z0:z1]
+        rows, columns = self._roi_box(z0, z1)
+        original = self.study.volume.data[z0:z1, rows, columns]
+        roi = self.study.roi[z0:z1, rows, columns]
         codec, payload, params = smallest(self._codecs[1], fill_region(original, ~roi, roi))
         params["reference"] = "none"
+        params["box"] = [rows.start, rows.stop, columns.start, columns.stop]
         return DataChunk(study_id=self.study.study_id, seq=planned.seq, layer=1, z0=z0, z1=z1,
                          codec=codec.name, params=params, payload=payload)
 
@@ -381,9 +393,12 @@ class StudyEncoder:
             base = self._decoded_base(z0, z1)
             original = self.study.volume.data[z0:z1]
             region = self.study.roi[z0:z1] if planned.layer == 1 else ~self.study.roi[z0:z1]
+            box = self._roi_box(z0, z1) if planned.layer == 1 else (slice(None), slice(None))
             codec, payload, params = smallest(self._codecs[planned.layer],
-                                              residual(original, base, region))
+                                              residual(original, base, region)[:, box[0], box[1]])
             params["base_digest"] = block_digest(base)
+            if planned.layer == 1:
+                params["box"] = [box[0].start, box[0].stop, box[1].start, box[1].stop]
             kind = "plain" if not self._roi_voxels[(z0, z1)] else "roi"
             if planned.layer == 2 and self._codecs[0][0].lossless is False \
                     and self._rest_reference.get(kind) != "base":

@@ -80,10 +80,13 @@ Data chunk body (kind 2): ``study_id``; ``seq`` (index into the plan); ``layer``
 1 ROI residual, 2 the voxels outside the ROI); ``z0``, ``z1`` (slice range, ``z1`` exclusive);
 ``codec`` (registry name, one of the header's ``layers[layer].codecs``; the receiver refuses any
 other); ``params`` (the codec's decode parameters; a residual's also hold ``base_digest``,
-BLAKE2b-128 of the decoded base block it was computed against, and a layer-2 chunk may hold
-``reference``: ``"base"``, the default, a residual added to the block's base, or ``"none"``,
-the original voxels themselves, which replace the block's outside-ROI voxels whatever its base:
-what a sender sends where the base is only a preview); ``payload`` (bytes). A checksum
+BLAKE2b-128 of the decoded base block it was computed against, and a layer-1 or layer-2 chunk
+may hold ``reference``: ``"base"``, the default, a residual added to the block's base, or
+``"none"``, the original voxels themselves, which replace the block's voxels of the layer's
+region (the ROI, or the rest) whatever its base, and need none:
+what a sender sends where the base is only a preview); a layer-1 chunk may hold ``box``,
+``[y0, y1, x0, x1]``: it covers only those rows and columns of its slices (the bounding box of
+the block's ROI), decoded as a block of that size; ``payload`` (bytes). A checksum
 proves a frame arrived as sent, not that its voxels are right: what the receiver reports exact
 is proven by the header's ``roi_digests`` and ``sha256``.
 

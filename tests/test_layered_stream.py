@@ -314,3 +314,24 @@ def test_each_residual_chunk_uses_the_smallest_of_the_layers_codecs(rng):
     rejected = DataChunk(**{**vars(next(c for c in chunks if c.layer == 1)), "codec": "htj2k"})
     with pytest.raises(ChunkRejected, match="not one the header names"):
         Reassembler(header).apply(rejected)
+
+
+def test_roi_chunks_cover_the_bounding_box_of_their_roi_and_bad_boxes_are_refused(rng):
+    study = prepared_study(rng, shape=(6, 40, 48), extremes=False)
+    frames = list(StudyEncoder(study, EncodeSettings(group_slices=3, exact=True)).frames())
+    header, chunks = parse_frame(frames[0]), _sent(frames)
+    for chunk in (c for c in chunks if c.layer == 1):
+        y0, y1, x0, x1 = chunk.params["box"]
+        roi = study.roi[chunk.z0:chunk.z1]
+        assert roi[:, y0:y1, x0:x1].sum() == roi.sum()  # all of the block's ROI, and no more:
+        assert roi[:, y0].any() and roi[:, y1 - 1].any() and roi[:, :, x0].any()
+    assert "box" not in {key for c in chunks if c.layer != 1 for key in c.params}
+    roi_chunk = next(c for c in chunks if c.layer == 1)
+    rest_chunk = next(c for c in chunks if c.layer == 2)
+    for chunk, box in ((roi_chunk, [0, 41, 0, 48]), (roi_chunk, [5, 5, 0, 48]),
+                       (roi_chunk, [0, 40, -1, 48]), (roi_chunk, "all"), (roi_chunk, [0, 40, 0]),
+                       (rest_chunk, [0, 40, 0, 48])):
+        bad = DataChunk(**{**vars(chunk), "params": {**chunk.params, "box": box}})
+        with pytest.raises(ChunkRejected, match="box"):
+            Reassembler(header).apply(bad)
+    assert decode(frames).reassembler.verified is True

@@ -64,15 +64,23 @@ def flip_bits(block: np.ndarray, region: np.ndarray, rng) -> None:
         flat[pick] ^= np.int16(1 << int(rng.integers(0, 15)))
 
 
+def box_of(header: StreamHeader, chunk: DataChunk) -> tuple[slice, slice]:
+    """The rows and columns a chunk covers (a ROI chunk: its ``box``)."""
+    y0, y1, x0, x1 = chunk.params.get("box", [0, header.shape[1], 0, header.shape[2]])
+    return slice(y0, y1), slice(x0, x1)
+
+
 def block_of(header: StreamHeader, chunk: DataChunk) -> tuple:
-    return (chunk.z1 - chunk.z0,) + tuple(header.shape[1:])
+    rows, columns = box_of(header, chunk)
+    return (chunk.z1 - chunk.z0, rows.stop - rows.start, columns.stop - columns.start)
 
 
 def tamper_residual(chunk: DataChunk, header: StreamHeader, rng) -> DataChunk:
     """The same residual chunk with a few bits flipped inside its region, re-encoded."""
     codec = get_codec(chunk.codec)
     block = codec.decode(chunk.payload, block_of(header, chunk), chunk.params)
-    roi = header.roi_slices(chunk.z0, chunk.z1)
+    rows, columns = box_of(header, chunk)
+    roi = header.roi_slices(chunk.z0, chunk.z1)[:, rows, columns]
     flip_bits(block, roi if chunk.layer == 1 else ~roi, rng)
     payload, params = codec.encode(block)
     return DataChunk(chunk.study_id, chunk.seq, chunk.layer, chunk.z0, chunk.z1, chunk.codec,

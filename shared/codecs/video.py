@@ -27,6 +27,12 @@ av.logging.set_level(av.logging.ERROR)
 TWELVE_BIT_LEVELS = 4096
 #: x265 refuses pictures smaller than this on either side; smaller slices are edge-padded.
 MIN_HEVC_SIDE = 16
+#: Frame widths on which the x265 of PyAV's wheels (4.x, 12-bit) corrupts its heap and aborts
+#: the process when a block has 3 frames or more (measured: every width from 33 to 48, any
+#: preset, thread layout or rate; 32 and 49 are fine): such slices are edge-padded to
+#: :data:`SAFE_HEVC_WIDTH`.
+UNSAFE_HEVC_WIDTHS = range(33, 49)
+SAFE_HEVC_WIDTH = 64
 
 
 def encode_frames(encoder: str, pix_fmt: str, frames: np.ndarray, options: dict
@@ -138,7 +144,9 @@ def _x265_options(params: str, preset: str) -> dict:
 
 
 def _padded_shape(shape) -> tuple[int, int, int]:
-    return (shape[0], max(shape[1], MIN_HEVC_SIDE), max(shape[2], MIN_HEVC_SIDE))
+    """The frame size a block of ``shape`` is coded at (its slices edge-padded to it)."""
+    width = SAFE_HEVC_WIDTH if shape[2] in UNSAFE_HEVC_WIDTHS else max(shape[2], MIN_HEVC_SIDE)
+    return (shape[0], max(shape[1], MIN_HEVC_SIDE), width)
 
 
 class _Hevc12Bit(Codec):
@@ -158,7 +166,7 @@ class _Hevc12Bit(Codec):
         padded = _padded_shape(out.shape)
         if padded == tuple(out.shape):
             planes = decode_frames("hevc", payload, padded, params, out.view(np.uint16))
-        else:  # slices under MIN_HEVC_SIDE were edge-padded: decode aside and crop
+        else:  # slices under MIN_HEVC_SIDE (or of unsafe widths) were edge-padded: crop
             planes = decode_frames("hevc", payload, padded, params)[:, :out.shape[1], :out.shape[2]]
         if offset + TWELVE_BIT_LEVELS - 1 <= 32767:
             # No int16 overflow possible: int16 arithmetic in place, no int32 copies.
