@@ -275,14 +275,16 @@ class StudyEncoder:
         header = self.header.to_frame()
         yield header
         sent, total = 0, len(header)
-        for chunk in self._send_order(skip):
+        for chunk in self.chunks(skip):
             data = chunk.to_frame()
             sent += 1
             total += len(data)
             yield data
         yield StreamEnd(self.study.study_id, sent, total).to_frame()
 
-    def _send_order(self, skip) -> Iterator[DataChunk]:
+    def chunks(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[DataChunk]:
+        """Every planned chunk not in ``skip``, encoded one at a time in the sending order of
+        :meth:`frames` (which the transport sends too)."""
         pending = [planned for planned in self.plan if planned.seq not in skip]
         roi_layer = [p for p in pending if p.layer == 1]
         held: dict[int, DataChunk] = {}

@@ -15,7 +15,8 @@ block* otherwise. The plan (the header's, in this order):
 
 The encoder sends the bases of step 2 before step 3 only as far as they delay the ROI by at most
 :data:`PREVIEW_SHARE` of its bytes (measured, see :meth:`sender.encoder.StudyEncoder.frames`);
-the others follow step 3. Any prefix of what is sent decodes to a usable volume: a chunk needs
+the others follow step 3. ``dlad-send --out`` writes that order and the transport sends it, live
+and replayed (:mod:`sender.transport`). Any prefix of what is sent decodes to a usable volume: a chunk needs
 at most its own block's base, which always comes earlier.
 """
 

@@ -3,7 +3,8 @@
 One attempt: create a peer connection with one ordered, reliable data channel ``dlad``; POST
 the SDP offer to the receiver with the bearer token (WHIP-style) and apply the answer; send the
 hello and the header frame; read the receiver's inventory; send the frames of every planned
-chunk it lacks, then an end frame; wait for its ``done``. Chunks are encoded one at a time in
+chunk it lacks, in the encoder's sending order (:meth:`sender.encoder.StudyEncoder.frames`, also
+a replayed file's), then an end frame; wait for its ``done``. Chunks are encoded one at a time in
 a worker thread while the previous one is on the wire, so the first ROI chunk leaves before the
 rest of the volume is encoded. Two limits bound memory: the data channel's ``bufferedAmount``
 (pause above ``high_water``, resume on ``bufferedamountlow``) and the receiver's credit window
@@ -32,6 +33,7 @@ import math
 import ssl
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +192,12 @@ class FrameSource:
     def frame(self, seq: int) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def frames(self, todo: list[int]) -> Iterator[tuple[int, bytes]]:
+        """``(seq, frame)`` of every chunk of ``todo``, in sending order, made one at a time
+        (each ``next`` runs in the encoding thread)."""
+        for seq in todo:
+            yield seq, self.frame(seq)
+
 
 class EncoderSource(FrameSource):
     """Frames encoded on demand by a :class:`~sender.encoder.StudyEncoder` (pipelined).
@@ -213,6 +221,17 @@ class EncoderSource(FrameSource):
         if future is not None:
             return future.result()
         return self.encoder.encode_chunk(self._planned[seq]).to_frame()
+
+    def frames(self, todo: list[int]) -> Iterator[tuple[int, bytes]]:
+        """The chunks of ``todo`` in the encoder's sending order
+        (:meth:`sender.encoder.StudyEncoder.frames`: whole-volume bases first where they delay
+        the ROI little), the same order ``dlad-send --out`` writes."""
+        wanted = set(todo)
+        skip = {planned.seq for planned in self.encoder.plan if planned.seq not in wanted}
+        for chunk in self.encoder.chunks(skip):
+            # A base encoded ahead is the encoder's own (cached) one: the future is done with.
+            self._ahead.pop(chunk.seq, None)
+            yield chunk.seq, chunk.to_frame()
 
     def encode_ahead(self, skip: set[int] = frozenset()) -> None:
         """Start encoding the bases (layer 0) of every block, in plan order, in ``workers``
@@ -266,10 +285,15 @@ class FileSource(FrameSource):
         if header is None:
             raise ValueError(f"{path} holds no dlad-stream header")
         self.header = header
-        self.order = [entry[0] for entry in header.plan]
-        absent = [seq for seq in self.order if seq not in self._frames]
+        planned = [entry[0] for entry in header.plan]
+        absent = [seq for seq in planned if seq not in self._frames]
         if absent:
             raise ValueError(f"{path} lacks {len(absent)} planned chunks (first: {absent[0]})")
+        # Replayed in the order they were written: the encoder's sending order (whole-volume
+        # bases first where they delay the ROI little), which may differ from the plan's.
+        wanted = set(planned)
+        self.order = [seq for seq in sorted(self._frames, key=lambda seq: self._frames[seq][0])
+                      if seq in wanted]
 
     def frame(self, seq: int) -> bytes:
         offset, size = self._frames[seq]
@@ -536,10 +560,10 @@ class _Connection:
 
         async def produce():
             try:
-                for seq in todo:
-                    frame = await loop.run_in_executor(self.link.encode_pool, s.source.frame,
-                                                       seq)
-                    await queue.put((seq, frame))
+                frames = s.source.frames(todo)
+                while (item := await loop.run_in_executor(self.link.encode_pool, next, frames,
+                                                          None)) is not None:
+                    await queue.put(item)
                 await queue.put(None)
             except Exception as error:  # an encoder failure ends the pass with it
                 await queue.put(error)

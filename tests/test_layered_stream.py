@@ -116,6 +116,38 @@ def test_the_whole_volume_is_viewable_before_the_roi_when_that_costs_the_roi_lit
     assert len(chunks) == 6  # and the other four after them
 
 
+def test_the_transport_sends_in_the_encoders_order_live_and_replayed(rng, tmp_path):
+    from sender.transport import EncoderSource, FileSource
+
+    # Noisy slices around a small flat ROI: their bases would cost the ROI more than
+    # PREVIEW_SHARE, so they follow it, unlike in the plan (every base first).
+    study = prepared_study(rng, shape=(12, 64, 64), extremes=False)
+    study.volume.data[:] = rng.normal(40, 60, study.volume.shape).round().astype(np.int16)
+    study.roi[:] = False
+    study.roi[4:8, 24:40, 24:40] = True
+    study.volume.data[study.roi] = 40
+    study.diffused = study.volume.data.copy()
+    settings = EncodeSettings(group_slices=2)
+    frames = list(StudyEncoder(study, settings).frames())
+    sent = [chunk.seq for chunk in _sent(frames)]
+    plan = [entry[0] for entry in parse_frame(frames[0]).plan]
+    assert sorted(sent) == plan and sent != plan
+    path = tmp_path / "study.dlad"
+    path.write_bytes(b"".join(frames))
+    assert FileSource(path).order == sent
+    source = EncoderSource(StudyEncoder(study, settings))
+    source.encode_ahead()
+    try:
+        live = list(source.frames(plan))
+        assert [seq for seq, _ in live] == sent
+        assert [frame for _, frame in live] == frames[1:-1]
+        # A resumed transfer: what the receiver has is left out, the order kept.
+        rest = [seq for seq, _ in source.frames([seq for seq in plan if seq not in sent[:2]])]
+        assert rest == sent[2:]
+    finally:
+        source.close()
+
+
 def test_exact_plain_blocks_send_original_voxels_and_any_order_rebuilds_the_volume(rng):
     study = prepared_study(rng, shape=(12, 24, 24))
     study.roi[8:] = False
