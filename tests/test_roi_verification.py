@@ -260,7 +260,8 @@ def test_file_mode_exits_0_only_for_what_is_proven(tmp_path, capsys):
     chunk = parse_frame(frames[index])
     codec = get_codec(chunk.codec)
     block = codec.decode(chunk.payload, block_of(header, chunk), chunk.params)
-    block[header.roi_slices(chunk.z0, chunk.z1)] ^= 1  # every ROI voxel 1 HU off, in range
+    rows, columns = box_of(header, chunk)
+    block[header.roi_slices(chunk.z0, chunk.z1)[:, rows, columns]] ^= 1  # every ROI voxel 1 HU off
     payload, params = codec.encode(block)
     bad = DataChunk(**{**vars(chunk), "params": {**chunk.params, **params}, "payload": payload})
     path = tmp_path / "unproven.dlad"
