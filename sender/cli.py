@@ -48,9 +48,11 @@ EXAMPLES = """examples:
       --ca-file hospital-ca.pem --ice-server turn:turn.example.org:3478 \\
       --ice-credentials turn.txt
   # live session: a DICOM node (AE title DLAD, port 11112) the scanner pushes each series to;
-  # every complete series is streamed over one warm connection (docs/LIVE.md)
+  # every complete series is streamed over one warm connection (docs/LIVE.md); only the CT
+  # room's scanner (its address and calling AE title) may push
   dlad-send --dicom-listen 0.0.0.0:11112 --ae-title DLAD --to https://expert.example:8700 \\
-      --ca-file hospital-ca.pem --token-file token.txt --deidentify
+      --ca-file hospital-ca.pem --token-file token.txt --deidentify \\
+      --dicom-allow-hosts 10.20.0.15 --dicom-allow-ae CT_ROOM3
   # live session from a folder the scanner exports into (files taken once finished)
   dlad-send --watch /srv/ct-export --to http://127.0.0.1:8700 --token-file token.txt
 
@@ -150,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--dicom-listen", metavar="HOST:PORT",
                       help="run a DICOM node (C-STORE SCP for CT images, C-ECHO) on this "
                            "address; the scanner or PACS pushes series to it")
+    live.add_argument("--dicom-allow-hosts", metavar="CIDR[,CIDR]",
+                      help="hosts that may push to the DICOM node (addresses or networks; "
+                           "default: any); others are closed before any DICOM is read")
+    live.add_argument("--dicom-allow-ae", metavar="AE[,AE]",
+                      help="calling AE titles accepted by the DICOM node (default: any); "
+                           "others are rejected in the association")
     live.add_argument("--ae-title", default="DLAD",
                       help="AE title of the DICOM node (default %(default)s)")
     live.add_argument("--watch", type=Path, metavar="DIR",
@@ -495,12 +503,21 @@ def main_live(args, parser) -> int:
         check_url(args.to, args.allow_plain_http)
     except ValueError as error:
         parser.error(str(error))
-    listen = None
+    listen = allow_hosts = allow_calling_ae = None
     if args.dicom_listen is not None:
+        from sender.dicom_node import check_ae_title, parse_ae_titles, parse_hosts
+
         try:
             listen = parse_host_port(args.dicom_listen, "--dicom-listen")
+            check_ae_title(args.ae_title)
+            if args.dicom_allow_hosts is not None:
+                allow_hosts = parse_hosts(args.dicom_allow_hosts)
+            if args.dicom_allow_ae is not None:
+                allow_calling_ae = parse_ae_titles(args.dicom_allow_ae)
         except ValueError as error:
             parser.error(str(error))
+    elif args.dicom_allow_hosts is not None or args.dicom_allow_ae is not None:
+        parser.error("--dicom-allow-hosts and --dicom-allow-ae belong to --dicom-listen")
     try:
         token = read_token_file(args.token_file, role="sender")
         servers = ice_servers(args.ice_server, args.ice_credentials)
@@ -522,7 +539,8 @@ def main_live(args, parser) -> int:
         sender = LiveSender(pipeline, spool, args.to, token, options, listen=listen,
                             ae_title=args.ae_title, watch=args.watch, settle=args.watch_settle,
                             series_timeout=args.series_timeout, series_count=args.series_count,
-                            session_log=args.session_log)
+                            session_log=args.session_log, allow_hosts=allow_hosts,
+                            allow_calling_ae=allow_calling_ae)
     except ValueError as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
@@ -566,7 +584,7 @@ def main(argv=None) -> int:
         return main_live(args, parser)
     if args.input is None:
         parser.error("give an INPUT (or --dicom-listen / --watch for a live session)")
-    for option in ("series_count", "session_log"):
+    for option in ("series_count", "session_log", "dicom_allow_hosts", "dicom_allow_ae"):
         if getattr(args, option) is not None:
             parser.error(f"--{option.replace('_', '-')} belongs to --dicom-listen / --watch")
     if args.to is not None:

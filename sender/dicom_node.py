@@ -22,10 +22,17 @@ For each C-STORE, in order (the status the scanner gets, and the log line the ad
 Associations proposing other SOP classes (MR, PET, secondary capture, enhanced CT...) get those
 presentation contexts rejected by the negotiation ("abstract syntax not supported"), and a log
 line names them and the calling AE: the scanner's own log says the same.
+
+Who may push: any host and calling AE title unless the administrator narrows it, as for any DICOM
+node of a hospital network: ``--dicom-allow-hosts`` (addresses or CIDR networks; a connection
+from elsewhere is closed before any DICOM is read, and logged) and ``--dicom-allow-ae`` (calling
+AE titles; an association from another title is rejected, "calling AE title not recognised",
+and logged).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -65,6 +72,50 @@ TRANSFER_SYNTAXES = (
 )
 #: Largest encoded instance accepted (bytes): a 1024 x 1024 16-bit slice is 2 MiB uncompressed.
 MAX_INSTANCE_BYTES = 64 * 1024 * 1024
+
+
+def parse_hosts(text: str) -> tuple:
+    """``"10.1.2.0/24,10.1.3.7"`` -> networks (``--dicom-allow-hosts``); ValueError names the
+    bad part."""
+    networks = []
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"--dicom-allow-hosts: {part!r} is not an address or CIDR "
+                             "network") from None
+    if not networks:
+        raise ValueError("--dicom-allow-hosts needs at least one address or CIDR network")
+    return tuple(networks)
+
+
+def check_ae_title(title: str, option: str = "--ae-title") -> str:
+    """``title`` if it is a valid AE title (1 to 16 printable characters, no backslash)."""
+    if not 0 < len(title.strip()) <= 16 or not title.isprintable() or "\\" in title:
+        raise ValueError(f"{option}: an AE title has 1 to 16 printable characters, got "
+                         f"{title!r}")
+    return title.strip()
+
+
+def parse_ae_titles(text: str) -> list[str]:
+    """``"CT01,CT02"`` -> AE titles (``--dicom-allow-ae``)."""
+    titles = [check_ae_title(part, "--dicom-allow-ae") for part in text.split(",") if part]
+    if not titles:
+        raise ValueError("--dicom-allow-ae needs at least one AE title")
+    return titles
+
+
+def host_allowed(host: str, networks: tuple | None) -> bool:
+    """Whether a peer at ``host`` may connect (an IPv4-mapped IPv6 address counts as IPv4)."""
+    if networks is None:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -144,6 +195,8 @@ class NodeStatistics:
     refused: int = 0
     echoes: int = 0
     associations: int = 0
+    hosts_refused: int = 0
+    """Connections closed because their host is not in ``--dicom-allow-hosts``."""
 
 
 class DicomNode:
@@ -156,18 +209,21 @@ class DicomNode:
         spool: where instances go before they are acknowledged.
         collector: who groups them into series.
         max_associations: associations served at once.
+        allow_hosts: the networks peers may connect from (None: any; :func:`parse_hosts`).
+        allow_calling_ae: the calling AE titles accepted (None: any).
     """
 
     def __init__(self, host: str, port: int, ae_title: str, spool: Spool,
-                 collector: SeriesCollector, max_associations: int = 8):
+                 collector: SeriesCollector, max_associations: int = 8,
+                 allow_hosts: tuple | None = None, allow_calling_ae: list[str] | None = None):
         try:
             from pynetdicom import AE, evt
         except ImportError:
             raise ValueError("--dicom-listen needs pynetdicom: pip install "
                              "'dlad-stream[sender]'") from None
-        if not 0 < len(ae_title) <= 16 or not ae_title.isprintable() or "\\" in ae_title:
-            raise ValueError(f"an AE title has 1 to 16 printable characters, got {ae_title!r}")
+        ae_title = check_ae_title(ae_title)
         self.host, self.port, self.ae_title = host, port, ae_title
+        self.allow_hosts = allow_hosts
         self.spool, self.collector = spool, collector
         self.statistics = NodeStatistics()
         self.syntaxes = accepted_transfer_syntaxes()
@@ -179,6 +235,10 @@ class DicomNode:
         ae.network_timeout = 60
         ae.add_supported_context(CT_IMAGE_STORAGE, self.syntaxes)
         ae.add_supported_context(VERIFICATION)
+        if allow_calling_ae:
+            # pynetdicom rejects the association itself (A-ASSOCIATE-RJ, "calling AE title not
+            # recognised"); _on_rejected logs it.
+            ae.require_calling_aet = list(allow_calling_ae)
         self.ae = ae
         self._handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                           (evt.EVT_ACCEPTED, self._on_accepted),
@@ -187,12 +247,40 @@ class DicomNode:
 
     def start(self) -> tuple[str, int]:
         """Start listening (in pynetdicom's threads); return the bound address."""
+        import socketserver
+        import threading
+
+        from pynetdicom.transport import ThreadedAssociationServer
+
+        node = self
+
+        class ScreenedServer(ThreadedAssociationServer):
+            """pynetdicom's server, closing connections from hosts not allowed before any
+            DICOM is read (socketserver's verify_request)."""
+
+            def verify_request(self, request, client_address) -> bool:
+                if host_allowed(client_address[0], node.allow_hosts):
+                    return True
+                node.statistics.hosts_refused += 1
+                log.warning("DICOM connection from %s:%d closed: not in --dicom-allow-hosts",
+                            client_address[0], client_address[1])
+                return False
+
+            def shutdown(self) -> None:
+                # pynetdicom's shutdown also unregisters a server that start_server made; this
+                # one is made with make_server and served by the thread below.
+                socketserver.BaseServer.shutdown(self)
+                self.server_close()
+
         try:
-            self.server = self.ae.start_server((self.host, self.port), block=False,
-                                               evt_handlers=self._handlers)
+            self.server = self.ae.make_server((self.host, self.port),
+                                              evt_handlers=self._handlers,
+                                              server_class=ScreenedServer)
         except OSError as error:
             raise OSError(f"cannot listen for DICOM on {self.host}:{self.port}: "
                           f"{error.strerror or error}") from None
+        threading.Thread(target=self.server.serve_forever, name="dlad-dicom-node",
+                         daemon=True).start()
         self.address = self.server.server_address[:2]
         log.info("DICOM node %s listening on %s:%d (C-STORE CT Image Storage in %d transfer "
                  "syntaxes, C-ECHO)", self.ae_title, *self.address, len(self.syntaxes))
@@ -203,8 +291,9 @@ class DicomNode:
             self.server.shutdown()
             self.server = None
         log.info("DICOM node %s stopped: %d image(s) stored, %d refused, %d echo(es), "
-                 "%d association(s)", self.ae_title, self.statistics.stored,
-                 self.statistics.refused, self.statistics.echoes, self.statistics.associations)
+                 "%d association(s), %d connection(s) from hosts not allowed", self.ae_title,
+                 self.statistics.stored, self.statistics.refused, self.statistics.echoes,
+                 self.statistics.associations, self.statistics.hosts_refused)
 
     # --- handlers (pynetdicom threads) -------------------------------------------------------
 
@@ -240,8 +329,11 @@ class DicomNode:
                 log.debug("declined %d other SOP classes: %s", len(rejected), ", ".join(rejected))
 
     def _on_rejected(self, event) -> None:
-        log.warning("association from %s rejected (%s)", self._peer(event),
-                    getattr(event.assoc, "reject_reason", "negotiation failed"))
+        allowed = self.ae.require_calling_aet
+        calling = event.assoc.requestor.ae_title
+        reason = (f"calling AE title {calling!r} is not in --dicom-allow-ae"
+                  if allowed and calling not in allowed else "negotiation failed")
+        log.warning("association from %s rejected (%s)", self._peer(event), reason)
 
     def _on_echo(self, event) -> int:
         self.statistics.echoes += 1

@@ -214,6 +214,8 @@ class LiveSender:
         settle: seconds a watched file must stay unchanged when inotify cannot tell.
         series_timeout, series_count: when a series is complete (:class:`SeriesCollector`).
         session_log: JSON lines, one per series.
+        allow_hosts, allow_calling_ae: who may push to the node
+            (:class:`~sender.dicom_node.DicomNode`).
     """
 
     def __init__(self, pipeline, spool: Spool, url: str, token: str, options=None, *,
@@ -221,7 +223,8 @@ class LiveSender:
                  watch: Path | None = None, settle: float = 2.0, series_timeout: float = 5.0,
                  series_count: int | None = None, session_log: Path | None = None,
                  on_report: Callable[[SeriesReport], None] | None = None,
-                 max_associations: int = 8):
+                 max_associations: int = 8, allow_hosts: tuple | None = None,
+                 allow_calling_ae: list[str] | None = None):
         from sender.transport import Link, StreamOptions
 
         if listen is None and watch is None:
@@ -241,7 +244,8 @@ class LiveSender:
             from sender.dicom_node import DicomNode
 
             self.node = DicomNode(listen[0], listen[1], ae_title, spool, self.collector,
-                                  max_associations)
+                                  max_associations, allow_hosts=allow_hosts,
+                                  allow_calling_ae=allow_calling_ae)
         if watch is not None:
             from sender.watch import FolderWatcher
 

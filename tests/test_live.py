@@ -563,3 +563,63 @@ def test_live_session_to_an_https_receiver_checks_its_certificate(phantoms, tmp_
     (line,) = [json.loads(text) for text in (tmp_path / "session.jsonl").read_text().splitlines()]
     assert line["outcome"] == "delivered", line
     check_received(series_folders(tmp_path / "out")[series_uid], phantoms[0], 10)
+
+
+def test_node_takes_only_the_hosts_and_calling_ae_titles_allowed(tmp_path):
+    """``--dicom-allow-ae``: an association from another calling AE title is rejected (the
+    scanner sees the rejection, the log says why); ``--dicom-allow-hosts``: a connection from a
+    host outside the networks is closed before any DICOM; the allowed peer is served."""
+    from pynetdicom import AE
+
+    from sender.dicom_node import DicomNode, parse_hosts
+    from sender.series import SeriesCollector
+
+    def echo(port: int, calling: str) -> tuple[bool, bool]:
+        """(established, rejected) of an association for a C-ECHO from ``calling``."""
+        ae = AE(ae_title=calling)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="DLAD")
+        established, rejected = assoc.is_established, assoc.is_rejected
+        if established:
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+        return established, rejected
+
+    spool = Spool(tmp_path / "spool")
+    outcomes = {}
+    for label, hosts, titles in (("by AE", None, ["CT01", "CT02"]),
+                                 ("by host", parse_hosts("10.0.0.0/8,192.168.7.7"), None),
+                                 ("loopback", parse_hosts("127.0.0.1"), ["CT01"])):
+        node = DicomNode("127.0.0.1", 0, "DLAD", spool, SeriesCollector(60.0), allow_hosts=hosts,
+                         allow_calling_ae=titles)
+        port = node.start()[1]
+        try:
+            outcomes[label] = (echo(port, "CT01"), echo(port, "INTRUDER"),
+                               node.statistics.hosts_refused)
+        finally:
+            node.stop()
+    assert outcomes["by AE"] == ((True, False), (False, True), 0)
+    assert outcomes["by host"] == ((False, False), (False, False), 2)  # closed, no DICOM
+    assert outcomes["loopback"] == ((True, False), (False, True), 0)
+    with pytest.raises(ValueError, match="--dicom-allow-hosts: 'not-a-host'"):
+        parse_hosts("10.0.0.0/8,not-a-host")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--dicom-allow-hosts", "10.0.0.0/8,nowhere"], "--dicom-allow-hosts: 'nowhere'"),
+    (["--dicom-allow-ae", "CT01,THIS-TITLE-IS-TOO-LONG"], "--dicom-allow-ae: an AE title"),
+    (["--ae-title", "A\\B"], "--ae-title: an AE title"),
+])
+def test_bad_node_access_options_are_one_line_errors(options, message, tmp_path, capsys):
+    from sender.cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--dicom-listen", "127.0.0.1:0", "--to", "http://127.0.0.1:9", "--token-file",
+              str(tmp_path / "missing.txt"), *options])
+    assert exit_status.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--watch", str(tmp_path), "--to", "http://127.0.0.1:9", "--token-file",
+              str(tmp_path / "missing.txt"), "--dicom-allow-ae", "CT01"])
+    assert exit_status.value.code == 2
+    assert "belong to --dicom-listen" in capsys.readouterr().err
