@@ -308,12 +308,19 @@ class LazyDiffusion:
     is the whole volume.
     """
 
-    def __init__(self, volume: np.ndarray, probability: np.ndarray, roi: np.ndarray,
+    def __init__(self, volume: np.ndarray, probability: np.ndarray | None, roi: np.ndarray,
                  settings: DiffusionSettings = DiffusionSettings(), device=None):
         volume = np.asarray(volume)
-        if probability.shape != volume.shape or roi.shape != volume.shape:
-            raise ValueError(f"probability {probability.shape} and ROI {roi.shape} must have the "
-                             f"volume's shape {volume.shape}")
+        if probability is None:
+            # Without iterations nothing is diffused: the steering map is not needed (a live
+            # series skips computing it, sender.roi.steering.steer's need_probability).
+            if settings.iterations:
+                raise ValueError("diffusion needs the steering probability map")
+        elif probability.shape != volume.shape:
+            raise ValueError(f"probability {probability.shape} must have the volume's shape "
+                             f"{volume.shape}")
+        if roi.shape != volume.shape:
+            raise ValueError(f"ROI {roi.shape} must have the volume's shape {volume.shape}")
         self.volume, self.probability, self.roi = volume, probability, roi
         self.settings, self.device = settings, device
         self.shape = volume.shape
@@ -349,7 +356,8 @@ class LazyDiffusion:
             for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1):
                 a, b = int(run[0]), int(run[-1]) + 1
                 block = diffuse(self.volume[a:b], self.probability[a:b], self.settings,
-                                self.device)
+                                self.device) if self.probability is not None \
+                    else self.volume[a:b].astype(np.int16, copy=True)
                 np.copyto(block, self.volume[a:b], where=self.roi[a:b])
                 self._out[a:b] = block
                 self._done[a:b] = True

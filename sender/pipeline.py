@@ -158,7 +158,8 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     steering = steering.for_provider(provider)
     in_plane = provider.in_plane(steering) if probability is raw and hasattr(
         provider, "in_plane") else None
-    steering_map = steer(probability, volume.spacing, steering, in_plane=in_plane)
+    steering_map = steer(probability, volume.spacing, steering, in_plane=in_plane,
+                         need_probability=diffusion.iterations > 0)
     log.info("ROI (%s): %.1f %% of voxels in %.1f s", provider.name,
              100 * steering_map.roi_fraction, time.perf_counter() - started)
     # Diffusion runs block by block as the encoder reaches each block (pipelined with the

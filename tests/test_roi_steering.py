@@ -231,3 +231,42 @@ def test_a_precomputed_in_plane_dilation_is_refused_with_an_uncertainty_margin()
     plain = replace(settings, uncertain_threshold=0.0)
     assert np.array_equal(steer(p, (1.0, 1.0, 1.0), plain, in_plane=stack.copy()).roi,
                           steer(p, (1.0, 1.0, 1.0), plain).roi)
+
+
+@pytest.mark.parametrize("z_margin_mm, fill_holes", [(0.0, True), (2.5, True), (7.5, False),
+                                                     (40.0, True)])
+def test_the_roi_alone_is_the_same_roi(rng, z_margin_mm, fill_holes):
+    """``need_probability=False`` (a sender that does not diffuse): the ROI from the boolean
+    mask in its bounding box equals, voxel for voxel, the one of the whole float map; a map
+    touching the volume's edges, an empty map and a single slice included."""
+    settings = SteeringSettings(dilation_radius_px=2.0, z_margin_mm=z_margin_mm,
+                                fill_holes=fill_holes)
+    spacing = (1.0, 1.0, 2.5)
+    cases = [rng.random((12, 24, 20), dtype=np.float32) ** 8,  # a few peaks anywhere
+             np.zeros((6, 16, 16), np.float32), rng.random((1, 16, 16), dtype=np.float32)]
+    edge = np.zeros((9, 20, 20), np.float32)
+    edge[0, 0, :5] = edge[8, 19, 19] = 0.9
+    edge[4, 5:12, 5:12] = 1.0
+    edge[4, 7:9, 7:9] = 0.0  # a hole
+    cases.append(edge)
+    for probability in cases:
+        whole = steer(probability, spacing, settings)
+        alone = steer(probability, spacing, settings, need_probability=False)
+        assert alone.probability is None
+        np.testing.assert_array_equal(alone.roi, whole.roi)
+        precomputed = in_plane_dilation(probability, spacing, settings)
+        np.testing.assert_array_equal(
+            steer(probability, spacing, settings, in_plane=precomputed,
+                  need_probability=False).roi, whole.roi)
+    assert steer(cases[0], spacing, settings, need_probability=False).roi.any()
+
+
+def test_no_steering_map_is_needed_only_without_diffusion():
+    from sender.diffusion import DiffusionSettings, LazyDiffusion
+
+    volume = np.arange(2 * 4 * 4, dtype=np.int16).reshape(2, 4, 4)
+    roi = np.zeros(volume.shape, bool)
+    lazy = LazyDiffusion(volume, None, roi, DiffusionSettings(iterations=0))
+    np.testing.assert_array_equal(lazy.full(), volume)
+    with pytest.raises(ValueError, match="needs the steering probability"):
+        LazyDiffusion(volume, None, roi, DiffusionSettings(iterations=15))
