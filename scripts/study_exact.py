@@ -4,10 +4,12 @@
 For every study of ``scripts/bench_peers.py`` (the shared scans and synthetic ones), the
 ``--exact`` stream is built by the real encoder and decoded by the real receiver with:
 
-* the shipped settings (blocks of about 2^20 voxels, residuals in JPEG XL or JPEG-LS, the
-  smaller per chunk; previews at CRF 30 and original voxels for blocks without ROI);
+* the shipped settings (blocks of about 2^22 voxels; every base a preview at CRF 30; the ROI
+  and the rest as original voxels or residuals, whichever the first block of the kind codes
+  smaller; JPEG XL or JPEG-LS, the smaller per chunk);
 * one change at a time: 4-slice blocks (the earlier fixed size), the previews at CRF 18 / 36,
-  residuals in JPEG-LS only, or in HTJ2K only (the fastest decoder);
+  the ROI layer as residuals against the previews (``roi_layer="residual"``), lossless layers
+  in JPEG-LS only, or in HTJ2K only (the fastest decoder);
 * a lossless HTJ2K stream of the diffused volume with its exact layer (``--codec htj2k
   --exact``): no lossy base at all.
 
@@ -47,6 +49,7 @@ VARIANTS = {
     "4-slice blocks": replace(SHIPPED, group_slices=4),
     "previews at CRF 18": replace(SHIPPED, preview_crf=18.0),
     "previews at CRF 36": replace(SHIPPED, preview_crf=36.0),
+    "ROI layer as residuals": replace(SHIPPED, roi_layer="residual"),
     "residuals JPEG-LS only": replace(SHIPPED, residual_codecs=("jpegls",)),
     "residuals HTJ2K only": replace(SHIPPED, residual_codecs=("htj2k",)),
     "lossless HTJ2K stream": EncodeSettings(codec="htj2k", exact=True),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings
-from sender.encoder import LAYERED, EncodeSettings, StudyEncoder
+from sender.encoder import LAYERED, ROI_LAYER_CHOICES, EncodeSettings, StudyEncoder
 from sender.pipeline import PHANTOM, default_diffusion
 from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings
 from sender.transport import StreamOptions
@@ -248,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slices per chunk (default: about 2^22 voxels a chunk, 4 to 32 "
                              "slices)")
     coding.add_argument("--preview-crf", type=float, default=encode_defaults.preview_crf,
-                        help="with --exact: x265 CRF of the bases of slices without ROI, which "
+                        help="with --exact: x265 CRF of the bases, which "
                              "are only previews there (default %(default)g)")
+    coding.add_argument("--roi-layer", choices=ROI_LAYER_CHOICES, default=encode_defaults.roi_layer,
+                        help="the ROI layer: a residual against the base, the ROI's original "
+                             "voxels (no base needed before it), or whichever codes smaller on "
+                             "the block with the most ROI voxels (default %(default)s)")
     coding.add_argument("--min-ssim", type=float, default=encode_defaults.min_ssim,
                         help="quality guard: re-code base blocks whose SSIM (L=4095) after the "
                              "ROI layer is below this (default %(default)s; 0 = off; not with "
@@ -284,6 +288,7 @@ def settings_from_args(args, live: bool = False):
                             else LIVE_RESIDUAL_CODECS if live
                             else EncodeSettings().residual_codecs,
                             group_slices=args.group_slices, preview_crf=args.preview_crf,
+                            roi_layer=args.roi_layer,
                             min_ssim=args.min_ssim or None)
     iterations = default_diffusion(encode).iterations if args.iterations is None \
         else args.iterations

@@ -6,9 +6,12 @@ Modes (``EncodeSettings.codec``):
   residual inside the ROI, after which every ROI voxel equals the original; layer 2 (``exact``)
   = the voxels outside the ROI, lossless, after which the whole volume is bit-exact. Residual
   chunks are coded with each of ``residual_codecs`` and sent with the smallest.
-  With ``exact``, the base of a block without ROI voxels is a cheap preview (``preview_crf``)
-  and its layer 2 carries the original voxels themselves (``params["reference"] = "none"``)
-  when they code smaller than their residual against the preview; the quality guard is off.
+  With ``exact`` every base is a cheap preview (``preview_crf``, no quality guard: the exact
+  layer replaces it), and the ROI layer and layer 2 carry the original voxels themselves
+  (``params["reference"] = "none"``) where they code smaller than their residual against the
+  preview (measured on one block of each kind), so the exact stream pays for the volume's
+  noise once, not in a base and again in its residual. Without ``exact`` the ROI layer is
+  original voxels only where that is smaller than the bases it needs plus its residual.
 * any lossless codec name (``jpegxl``, ``jpegls``, ``hevc-lossless``...): layer 0 = that codec on
   the diffused volume (the ROI is already exact: diffusion leaves it untouched); with ``exact``,
   layer 2 = the outside-ROI residual against it, with the same codec.
@@ -36,6 +39,8 @@ from shared.volume import Volume, representation_problem
 from shared.wire import REGION_OF_LAYER, DataChunk, StreamEnd, StreamHeader, voxel_sha256
 
 LAYERED = "layered"
+#: What the ROI layer may be (EncodeSettings.roi_layer).
+ROI_LAYER_CHOICES = ("auto", "residual", "voxels")
 #: CRF/QP decrement of the base quality guard per retry.
 GUARD_STEP = 4
 log = logging.getLogger("dlad.sender")
@@ -63,9 +68,13 @@ class EncodeSettings:
     """Slices per chunk (HEVC predicts between the slices of a chunk); ``None``: about 2^22
     voxels a chunk, 4 to 32 slices (:func:`sender.scheduler.auto_group`)."""
     preview_crf: float = 30.0
-    """x265 CRF of the bases of blocks without ROI voxels with ``exact``: there the base is only
-    a preview (the exact layer replaces it), so a cheap one lets the whole volume be viewable
-    early (layered mode)."""
+    """x265 CRF of the bases with ``exact``: there a base is only a preview (the lossless
+    layers replace it), so a cheap one lets the whole volume be viewable early and costs the
+    exact stream little (layered mode)."""
+    roi_layer: str = "auto"
+    """The ROI layer (layered mode): ``"residual"`` against the base, ``"voxels"`` (the ROI's
+    original voxels, needing no base), or ``"auto"``: whichever codes the ROI's bytes smaller,
+    measured on the block with the most ROI voxels (:meth:`StudyEncoder._choose_roi_reference`)."""
     min_ssim: float | None = 0.99
     """Quality guard of the lossy base: every block's SSIM (L = 4095) after layers 0+1 must
     reach this, else it is re-coded at a lower CRF/QP, and at last without diffusion. Not with
@@ -85,6 +94,9 @@ class EncodeSettings:
             raise ValueError(f"slices per chunk must be in [1, 256], got {self.group_slices}")
         if not 0 <= self.preview_crf <= 51:
             raise ValueError(f"preview CRF must be in [0, 51], got {self.preview_crf}")
+        if self.roi_layer not in ROI_LAYER_CHOICES:
+            raise ValueError(f"ROI layer must be one of {', '.join(ROI_LAYER_CHOICES)}, got "
+                             f"{self.roi_layer!r}")
         if self.codec == LAYERED:
             self.base_codec()  # validates the rate settings
         if self.min_ssim is not None and not 0 < self.min_ssim < 1:
@@ -254,12 +266,12 @@ class StudyEncoder:
 
     @property
     def _previews(self) -> bool:
-        """Whether plain blocks (no ROI voxels) get a preview base: lossy layered mode with the
-        exact layer, which makes those blocks exact whatever their base."""
+        """Whether the bases are previews: lossy layered mode with the exact layer, which
+        makes every block exact whatever its base. On the shared scans and the synthetic ones
+        of scripts/bench_peers.py, previews at CRF 30 with the ROI and the rest as original
+        voxels make the exact stream 1-5 % smaller than a CRF 18 base under residuals, and
+        the ROI complete 6-49 % sooner (docs/BENCHMARKS.md)."""
         return self.settings.codec == LAYERED and self.settings.exact
-
-    def _is_preview(self, z0: int, z1: int) -> bool:
-        return self._previews and not self._roi_voxels[(z0, z1)]
 
     def frames(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[bytes]:
         """Header frame, every planned chunk not in ``skip`` (by seq), then the end frame.
@@ -331,14 +343,17 @@ class StudyEncoder:
         ROI voxels, both ways and the base are coded; scaled to the whole ROI (bases by the
         blocks' voxels, the ROI layer by the ROI's), original voxels are chosen when they
         bring the ROI's bytes below (1 - PREVIEW_SHARE - 2 %) of the residual way's: when
-        they save more than the whole-volume view first may cost. Only in the layered default:
-        with ``exact`` the residual way is smaller in all (docs/BENCHMARKS.md).
+        they save more than the whole-volume view first may cost. With ``exact``, whose bases
+        are previews that the stream sends anyway, the smaller way is chosen.
 
         Returns the chunks coded on the way, by seq, for the sender to send when their turn
         comes.
         """
         self._roi_reference = "base"
-        if not self._roi_voxels_allowed():
+        if not self._roi_voxels_allowed() or self.settings.roi_layer == "residual":
+            return {}
+        if self.settings.roi_layer == "voxels":
+            self._roi_reference = "none"
             return {}
         z0, z1 = probe.z0, probe.z1
         base_chunk = next(p for p in self.plan if p.layer == 0 and (p.z0, p.z1) == (z0, z1))
@@ -351,7 +366,8 @@ class StudyEncoder:
         with_residuals = len(base.payload) * block_share + len(as_residual.payload) * roi_share
         with_voxels = len(as_voxels.payload) * roi_share
         chosen = as_residual
-        if with_voxels < (1 - PREVIEW_SHARE - 0.02) * with_residuals:
+        margin = 1.0 if self.settings.exact else 1 - PREVIEW_SHARE - 0.02
+        if with_voxels < margin * with_residuals:
             self._roi_reference, chosen = "none", as_voxels
         log.info("ROI layer as %s (probe slices %d-%d: residuals with bases %.0f bytes, "
                  "original voxels %.0f)", "original voxels" if self._roi_reference == "none"
@@ -359,8 +375,9 @@ class StudyEncoder:
         return {base.seq: base, chosen.seq: chosen}
 
     def _roi_voxels_allowed(self) -> bool:
-        """Whether the ROI layer may be original voxels: layered mode without ``exact``."""
-        return self.settings.codec == LAYERED and not self.settings.exact
+        """Whether the ROI layer may be original voxels: layered mode (a lossless base makes
+        the ROI exact by itself)."""
+        return self.settings.codec == LAYERED
 
     def _roi_box(self, z0: int, z1: int) -> tuple[slice, slice]:
         """Rows and columns of the bounding box of the ROI of slices ``[z0, z1)``: the ROI
@@ -432,7 +449,7 @@ class StudyEncoder:
         if codec.lossless:
             payload, params = codec.encode(block)
             decoded = block
-        elif self._is_preview(z0, z1):
+        elif self._previews:
             codec = self.settings.base_codec(preview=True)
             payload, params = codec.encode(block)
             decoded = clip_base(codec.decode(payload, block.shape, params), self.value_range)

@@ -190,15 +190,26 @@ def test_an_expensive_base_makes_the_roi_layer_original_voxels_that_need_no_base
     np.testing.assert_array_equal(reassembler.volume[study.roi], study.volume.data[study.roi])
     stream = decode(frames)
     assert stream.reassembler.roi_complete and not stream.problems
-    # With --exact the ROI stays residuals (smaller in all), and the whole volume verifies.
+    # With --exact every base is a cheap preview, the ROI original voxels here too (smaller
+    # than residuals against a preview), and the whole volume verifies.
     exact = list(StudyEncoder(study, EncodeSettings(group_slices=4, exact=True)).frames())
-    assert all(c.params.get("reference", "base") == "base" for c in _sent(exact) if c.layer == 1)
+    sent = _sent(exact)
+    assert all(c.params["quality"]["preview"] for c in sent if c.layer == 0)
+    assert all(c.params["reference"] == "none" for c in sent if c.layer == 1)
     assert decode(exact).reassembler.verified is True
+    # Asked for, the ROI layer is residuals all the same (and verifies).
+    residuals = list(StudyEncoder(study, EncodeSettings(group_slices=4, exact=True,
+                                                        roi_layer="residual")).frames())
+    assert all(c.params.get("reference", "base") == "base" for c in _sent(residuals)
+               if c.layer == 1)
+    assert decode(residuals).reassembler.verified is True
+    with pytest.raises(ValueError, match="ROI layer"):
+        EncodeSettings(roi_layer="both")
 
 
 def test_reassembler_rejects_mismatching_chunks_and_ignores_duplicates(rng):
     study = prepared_study(rng)
-    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2))
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, roi_layer="residual"))
     frames = list(encoder.frames())
     header = parse_frame(frames[0])
     chunks = [parse_frame(f) for f in frames[1:-1]]
@@ -232,7 +243,7 @@ def test_a_base_that_fails_to_decode_leaves_its_slices_as_they_were(rng):
     # Bases are decoded straight into the volume: a payload that fails part-way (after some
     # of its frames were written) must leave no trace, and the real base must apply after it.
     study = prepared_study(rng)
-    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2)).frames())
+    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, roi_layer="residual")).frames())
     header = parse_frame(frames[0])
     chunks = [parse_frame(frame) for frame in frames[1:-1]]
     base = chunks[0]
@@ -275,7 +286,7 @@ def test_feed_returns_and_status_counts_only_applied_chunks(rng):
     """A residual that arrives before its base is held: neither returned by feed nor counted
     as applied until the base comes (the cause of a flaky fuzz test)."""
     study = prepared_study(rng)
-    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2)).frames())
+    frames = list(StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, roi_layer="residual")).frames())
     base, residual = base_and_residual([parse_frame(frame) for frame in frames[1:-1]])
     base_frame, residual_frame = base.to_frame(), residual.to_frame()
     stream = StudyStream()
@@ -291,7 +302,7 @@ def test_feed_returns_and_status_counts_only_applied_chunks(rng):
 
 def test_progress_counts_slices_and_roi_voxels(rng):
     study = prepared_study(rng)  # ROI: slices 1-3 (10 x 12 voxels each) and one more voxel
-    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2))
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, roi_layer="residual"))
     frames = list(encoder.frames())
     reassembler = Reassembler(parse_frame(frames[0]))
     start = reassembler.progress()
@@ -324,7 +335,8 @@ def test_progress_counts_slices_and_roi_voxels(rng):
 
 def test_each_residual_chunk_uses_the_smallest_of_the_layers_codecs(rng):
     study = prepared_study(rng, shape=(8, 24, 20))
-    settings = EncodeSettings(exact=True, group_slices=2, residual_codecs=("zstd", "jpegxl", "jpegls"))
+    settings = EncodeSettings(exact=True, group_slices=2, roi_layer="residual",
+                              residual_codecs=("zstd", "jpegxl", "jpegls"))
     encoder = StudyEncoder(study, settings)
     frames = list(encoder.frames())
     header = parse_frame(frames[0])
@@ -335,7 +347,7 @@ def test_each_residual_chunk_uses_the_smallest_of_the_layers_codecs(rng):
         used.add(chunk.codec)
         sizes = {}
         for name in settings.residual_codecs:  # re-code the chunk's residual with every codec
-            block = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2,
+            block = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, roi_layer="residual",
                                                        residual_codecs=(name,)))
             same = block.encode_chunk(next(p for p in block.plan if p.seq == chunk.seq))
             sizes[name] = len(same.payload) + len(msgpack.packb(same.params))

@@ -44,7 +44,9 @@ def make_study(seed: int = 7, shape=(8, 64, 80)) -> PreparedStudy:
 @pytest.fixture(scope="module")
 def layered():
     study = make_study()
-    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, preset="fast"))
+    # Residuals against lossy bases: what a tampered base could spoil (ROI voxels need no base).
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, preset="fast",
+                                                 roi_layer="residual"))
     return study, list(encoder.frames())
 
 

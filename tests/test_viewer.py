@@ -399,12 +399,16 @@ def test_viewer_in_chromium_during_a_transfer_over_the_link(tmp_path):
     assert late["exact"] > 2000 and late["not yet"] < 300 and late["preview"] < 300, late
     views = final[120:760, 0:1100].astype(float)
     assert views.std() > 20, "no volume on screen"
-    # More of the volume (grey, not a state colour) is on screen at the end than before.
+    # More of the volume (grey, not a state colour) is on screen at the end than before. The
+    # threshold (30 of 255) counts the body down to fat in the viewer's window, not air: a
+    # higher one would count noise, which the early previews (CRF 30) smooth away and the
+    # exact volume brings back.
     def tissue(image):
         views = image[120:760, 0:1100].astype(int)
         grey = views.max(axis=2) - views.min(axis=2) < 8
-        return int((grey & (views.max(axis=2) > 60)).sum())
+        return int((grey & (views.max(axis=2) > 30)).sum())
 
+    print("volume pixels on screen, partial / final:", tissue(first), tissue(final))
     assert tissue(final) > tissue(first) > 0, (tissue(first), tissue(final))
     latencies = sorted(metrics["latencies"])
     print(f"update latency (state on the server -> frame on screen): median "
