@@ -103,6 +103,13 @@ def test_the_whole_volume_is_viewable_before_the_roi_when_that_costs_the_roi_lit
     assert {c.layer for c in chunks[:first_roi]} == {0} and first_roi == 6
     previews = [c for c in chunks if c.layer == 0 and not study.roi[c.z0:c.z1].any()]
     assert previews and all(c.params["quality"]["preview"] for c in previews)
+    # They leave before the ROI layer is chosen (its lossless codings would keep a live
+    # transfer's whole-volume view waiting), in the same order.
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2))
+    live = encoder.chunks()
+    early = [next(live) for _ in range(6)]
+    assert encoder._roi_reference is None and [c.seq for c in early] == [c.seq for c in chunks[:6]]
+    assert [c.seq for c in early + list(live)] == [c.seq for c in chunks]
     # Lossless bases of plain blocks would cost the ROI more than PREVIEW_SHARE: after it.
     chunks = _sent(StudyEncoder(study, EncodeSettings(codec="zstd", group_slices=2)).frames())
     roi_blocks = {(c.z0, c.z1) for c in chunks if study.roi[c.z0:c.z1].any()}
