@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--dicom-allow-ae", metavar="AE[,AE]",
                       help="calling AE titles accepted by the DICOM node (default: any); "
                            "others are rejected in the association")
+    live.add_argument("--dicom-tls-cert", type=Path, metavar="PEM",
+                      help="serve DICOM over TLS (TLS 1.2+) with this certificate chain "
+                           "(with --dicom-tls-key)")
+    live.add_argument("--dicom-tls-key", type=Path, metavar="PEM",
+                      help="private key of --dicom-tls-cert")
+    live.add_argument("--dicom-tls-ca", type=Path, metavar="PEM",
+                      help="with --dicom-tls-cert: accept only peers with a certificate this CA "
+                           "signed (mutual TLS)")
     live.add_argument("--ae-title", default="DLAD",
                       help="AE title of the DICOM node (default %(default)s)")
     live.add_argument("--watch", type=Path, metavar="DIR",
@@ -508,7 +516,8 @@ def main_live(args, parser) -> int:
         check_url(args.to, args.allow_plain_http)
     except ValueError as error:
         parser.error(str(error))
-    listen = allow_hosts = allow_calling_ae = None
+    listen = allow_hosts = allow_calling_ae = tls = None
+    tls_options = (args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
     if args.dicom_listen is not None:
         from sender.dicom_node import check_ae_title, parse_ae_titles, parse_hosts
 
@@ -521,8 +530,22 @@ def main_live(args, parser) -> int:
                 allow_calling_ae = parse_ae_titles(args.dicom_allow_ae)
         except ValueError as error:
             parser.error(str(error))
-    elif args.dicom_allow_hosts is not None or args.dicom_allow_ae is not None:
-        parser.error("--dicom-allow-hosts and --dicom-allow-ae belong to --dicom-listen")
+        if (args.dicom_tls_cert is None) != (args.dicom_tls_key is None):
+            parser.error("--dicom-tls-cert and --dicom-tls-key go together")
+        if args.dicom_tls_ca is not None and args.dicom_tls_cert is None:
+            parser.error("--dicom-tls-ca belongs to --dicom-tls-cert")
+    elif (args.dicom_allow_hosts is not None or args.dicom_allow_ae is not None
+          or any(option is not None for option in tls_options)):
+        parser.error("--dicom-allow-hosts, --dicom-allow-ae and --dicom-tls-* belong to "
+                     "--dicom-listen")
+    if args.dicom_tls_cert is not None:
+        from sender.dicom_node import dicom_tls_context
+
+        try:
+            tls = dicom_tls_context(*tls_options)
+        except ValueError as error:
+            print(f"dlad-send: error: {error}", file=sys.stderr)
+            return 1
     try:
         token = read_token_file(args.token_file, role="sender")
         servers = ice_servers(args.ice_server, args.ice_credentials)
@@ -545,7 +568,7 @@ def main_live(args, parser) -> int:
                             ae_title=args.ae_title, watch=args.watch, settle=args.watch_settle,
                             series_timeout=args.series_timeout, series_count=args.series_count,
                             session_log=args.session_log, allow_hosts=allow_hosts,
-                            allow_calling_ae=allow_calling_ae)
+                            allow_calling_ae=allow_calling_ae, dicom_tls=tls)
     except ValueError as error:
         print(f"dlad-send: error: {error}", file=sys.stderr)
         return 1
@@ -589,7 +612,8 @@ def main(argv=None) -> int:
         return main_live(args, parser)
     if args.input is None:
         parser.error("give an INPUT (or --dicom-listen / --watch for a live session)")
-    for option in ("series_count", "session_log", "dicom_allow_hosts", "dicom_allow_ae"):
+    for option in ("series_count", "session_log", "dicom_allow_hosts", "dicom_allow_ae",
+                   "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca"):
         if getattr(args, option) is not None:
             parser.error(f"--{option.replace('_', '-')} belongs to --dicom-listen / --watch")
     if args.to is not None:

@@ -28,14 +28,22 @@ node of a hospital network: ``--dicom-allow-hosts`` (addresses or CIDR networks;
 from elsewhere is closed before any DICOM is read, and logged) and ``--dicom-allow-ae`` (calling
 AE titles; an association from another title is rejected, "calling AE title not recognised",
 and logged).
+
+DICOM over TLS (PS3.15 Annex B, BCP 195: TLS 1.2 or later): ``--dicom-tls-cert/--dicom-tls-key``,
+and with ``--dicom-tls-ca`` only peers whose certificate that CA signed (mutual TLS, as IHE ATNA
+nodes do). The handshake runs in the association's own thread with a time limit
+(:data:`TLS_HANDSHAKE_S`), after the host check: a peer that connects and stays silent cannot
+hold up the node's accept loop (pynetdicom's own server would do the handshake there).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sender.series import Arrival, SeriesCollector
 from sender.spool import Spool, SpoolError, valid_uid
@@ -72,6 +80,28 @@ TRANSFER_SYNTAXES = (
 )
 #: Largest encoded instance accepted (bytes): a 1024 x 1024 16-bit slice is 2 MiB uncompressed.
 MAX_INSTANCE_BYTES = 64 * 1024 * 1024
+#: Seconds a peer has to complete the TLS handshake: a few round trips on any network.
+TLS_HANDSHAKE_S = 15.0
+
+
+def dicom_tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """The node's TLS context: TLS 1.2 or later (BCP 195), this certificate chain, and with
+    ``client_ca`` a client certificate signed by it required; ValueError in one line."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot use --dicom-tls-cert {cert} / --dicom-tls-key {key}: "
+                         f"{getattr(error, 'strerror', None) or error}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(str(client_ca))
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"cannot use --dicom-tls-ca {client_ca}: "
+                             f"{getattr(error, 'strerror', None) or error}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def parse_hosts(text: str) -> tuple:
@@ -197,6 +227,8 @@ class NodeStatistics:
     associations: int = 0
     hosts_refused: int = 0
     """Connections closed because their host is not in ``--dicom-allow-hosts``."""
+    tls_failed: int = 0
+    """Connections whose TLS handshake failed or timed out."""
 
 
 class DicomNode:
@@ -211,11 +243,13 @@ class DicomNode:
         max_associations: associations served at once.
         allow_hosts: the networks peers may connect from (None: any; :func:`parse_hosts`).
         allow_calling_ae: the calling AE titles accepted (None: any).
+        tls: serve DICOM over TLS with this context (:func:`dicom_tls_context`), or None.
     """
 
     def __init__(self, host: str, port: int, ae_title: str, spool: Spool,
                  collector: SeriesCollector, max_associations: int = 8,
-                 allow_hosts: tuple | None = None, allow_calling_ae: list[str] | None = None):
+                 allow_hosts: tuple | None = None, allow_calling_ae: list[str] | None = None,
+                 tls: ssl.SSLContext | None = None):
         try:
             from pynetdicom import AE, evt
         except ImportError:
@@ -224,6 +258,7 @@ class DicomNode:
         ae_title = check_ae_title(ae_title)
         self.host, self.port, self.ae_title = host, port, ae_title
         self.allow_hosts = allow_hosts
+        self.tls = tls
         self.spool, self.collector = spool, collector
         self.statistics = NodeStatistics()
         self.syntaxes = accepted_transfer_syntaxes()
@@ -266,6 +301,28 @@ class DicomNode:
                             client_address[0], client_address[1])
                 return False
 
+            def get_request(self):
+                client, address = self.socket.accept()
+                if self.ssl_context is not None:
+                    # No handshake here, in the accept loop: see process_request_thread.
+                    client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                          do_handshake_on_connect=False)
+                return client, address
+
+            def process_request_thread(self, request, client_address) -> None:
+                if isinstance(request, ssl.SSLSocket):
+                    try:
+                        request.settimeout(TLS_HANDSHAKE_S)
+                        request.do_handshake()
+                        request.settimeout(None)
+                    except (OSError, ssl.SSLError) as error:
+                        node.statistics.tls_failed += 1
+                        log.warning("DICOM TLS handshake with %s:%d failed: %s",
+                                    client_address[0], client_address[1], error)
+                        self.shutdown_request(request)
+                        return
+                super().process_request_thread(request, client_address)
+
             def shutdown(self) -> None:
                 # pynetdicom's shutdown also unregisters a server that start_server made; this
                 # one is made with make_server and served by the thread below.
@@ -275,15 +332,16 @@ class DicomNode:
         try:
             self.server = self.ae.make_server((self.host, self.port),
                                               evt_handlers=self._handlers,
-                                              server_class=ScreenedServer)
+                                              server_class=ScreenedServer, ssl_context=self.tls)
         except OSError as error:
             raise OSError(f"cannot listen for DICOM on {self.host}:{self.port}: "
                           f"{error.strerror or error}") from None
         threading.Thread(target=self.server.serve_forever, name="dlad-dicom-node",
                          daemon=True).start()
         self.address = self.server.server_address[:2]
-        log.info("DICOM node %s listening on %s:%d (C-STORE CT Image Storage in %d transfer "
-                 "syntaxes, C-ECHO)", self.ae_title, *self.address, len(self.syntaxes))
+        log.info("DICOM node %s listening on %s:%d%s (C-STORE CT Image Storage in %d transfer "
+                 "syntaxes, C-ECHO)", self.ae_title, *self.address,
+                 "" if self.tls is None else " over TLS", len(self.syntaxes))
         return self.address
 
     def stop(self) -> None:

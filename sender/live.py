@@ -216,6 +216,7 @@ class LiveSender:
         session_log: JSON lines, one per series.
         allow_hosts, allow_calling_ae: who may push to the node
             (:class:`~sender.dicom_node.DicomNode`).
+        dicom_tls: the node's TLS context (DICOM over TLS), or None.
     """
 
     def __init__(self, pipeline, spool: Spool, url: str, token: str, options=None, *,
@@ -224,7 +225,7 @@ class LiveSender:
                  series_count: int | None = None, session_log: Path | None = None,
                  on_report: Callable[[SeriesReport], None] | None = None,
                  max_associations: int = 8, allow_hosts: tuple | None = None,
-                 allow_calling_ae: list[str] | None = None):
+                 allow_calling_ae: list[str] | None = None, dicom_tls=None):
         from sender.transport import Link, StreamOptions
 
         if listen is None and watch is None:
@@ -245,7 +246,7 @@ class LiveSender:
 
             self.node = DicomNode(listen[0], listen[1], ae_title, spool, self.collector,
                                   max_associations, allow_hosts=allow_hosts,
-                                  allow_calling_ae=allow_calling_ae)
+                                  allow_calling_ae=allow_calling_ae, tls=dicom_tls)
         if watch is not None:
             from sender.watch import FolderWatcher
 

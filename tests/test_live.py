@@ -609,6 +609,8 @@ def test_node_takes_only_the_hosts_and_calling_ae_titles_allowed(tmp_path):
     (["--dicom-allow-hosts", "10.0.0.0/8,nowhere"], "--dicom-allow-hosts: 'nowhere'"),
     (["--dicom-allow-ae", "CT01,THIS-TITLE-IS-TOO-LONG"], "--dicom-allow-ae: an AE title"),
     (["--ae-title", "A\\B"], "--ae-title: an AE title"),
+    (["--dicom-tls-cert", "cert.pem"], "--dicom-tls-cert and --dicom-tls-key go together"),
+    (["--dicom-tls-ca", "ca.pem"], "--dicom-tls-ca belongs to --dicom-tls-cert"),
 ])
 def test_bad_node_access_options_are_one_line_errors(options, message, tmp_path, capsys):
     from sender.cli import main
@@ -623,3 +625,48 @@ def test_bad_node_access_options_are_one_line_errors(options, message, tmp_path,
               str(tmp_path / "missing.txt"), "--dicom-allow-ae", "CT01"])
     assert exit_status.value.code == 2
     assert "belong to --dicom-listen" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_STORESCU, reason="dcmtk's storescu (apt-get install dcmtk; .ci/run "
+                                              "does) for a TLS client")
+def test_node_over_tls_with_client_certificates(phantoms, tmp_path):
+    """``--dicom-tls-cert/--dicom-tls-key/--dicom-tls-ca``: storescu over TLS with a client
+    certificate the CA signed stores its images, while another peer holds a TCP connection open
+    without ever starting the handshake (the node's accept loop does not wait for it); plain
+    TCP and anonymous TLS (no client certificate) are refused."""
+    import socket
+
+    from attack_helpers import make_certificate
+
+    from sender.dicom_node import DicomNode, dicom_tls_context
+    from sender.series import SeriesCollector
+
+    server_cert, server_key = make_certificate(tmp_path / "server", name="dlad-node")
+    client_cert, client_key = make_certificate(tmp_path / "client", name="ct-room-3")
+    _, _, files = write_series(tmp_path / "s", phantoms[0], transfer_syntax=J2K)
+
+    def storescu(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([STORESCU, "-xv", "-aec", "DLAD", *options, "127.0.0.1",
+                               str(port), *map(str, files[:3])], capture_output=True, text=True,
+                              timeout=60)
+
+    node = DicomNode("127.0.0.1", 0, "DLAD", Spool(tmp_path / "spool"), SeriesCollector(60.0),
+                     tls=dicom_tls_context(server_cert, server_key, client_ca=client_cert))
+    port = node.start()[1]
+    silent = socket.create_connection(("127.0.0.1", port))  # never says a word
+    try:
+        good = storescu("+tls", str(client_key), str(client_cert), "+cf", str(server_cert))
+        stored_after_good = node.statistics.stored
+        plain = storescu()
+        anonymous = storescu("+tla", "+cf", str(server_cert))
+        stored_after_bad = node.statistics.stored
+    finally:
+        silent.close()
+        node.stop()
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert stored_after_good == 3
+    assert plain.returncode != 0 and anonymous.returncode != 0
+    assert stored_after_bad == 3
+    assert node.statistics.tls_failed >= 2
+    with pytest.raises(ValueError, match="cannot use --dicom-tls-cert"):
+        dicom_tls_context(tmp_path / "missing.pem", server_key)
