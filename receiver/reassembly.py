@@ -272,24 +272,7 @@ class Reassembler:
             block.fill(low)
             raise ChunkRejected(f"chunk {chunk.seq}: lossless base with voxels outside the "
                                 f"header's range {low}..{high}")
-        key = (chunk.z0, chunk.z1)
-        self._base_digest[key] = block_digest(block)
-        self._mark(chunk)
-        applied = [chunk]
-        for seq, waiting in list(self._waiting_for_base.items()):
-            if key not in self._base_digest:
-                break  # a residual before this one dropped the base (and the others waiting)
-            if (waiting.z0, waiting.z1) == key and seq in self._waiting_for_base:
-                del self._waiting_for_base[seq]
-                self._waiting_bytes -= len(waiting.payload)
-                try:
-                    self._apply_residual(waiting, self._decode_residual(
-                        waiting, get_codec(waiting.codec)))
-                    applied.append(waiting)
-                except ChunkRejected as error:
-                    self.late_rejections.append(str(error))
-        self._verify_roi(chunk.z0, chunk.z1)
-        return applied
+        return self._base_applied(chunk, block, late=False)
 
     def _apply_late_base(self, chunk: DataChunk, codec: Codec) -> list[DataChunk]:
         block = self._decode_residual(chunk, codec)  # decoded aside, like a residual
@@ -309,6 +292,14 @@ class Reassembler:
                 keep |= ~roi
             np.copyto(self.volume[z], block[index], where=~keep)
         # Residuals are computed against the base as decoded, whatever the volume holds now.
+        return self._base_applied(chunk, block, late=True)
+
+    def _base_applied(self, chunk: DataChunk, block: np.ndarray, late: bool) -> list[DataChunk]:
+        """Record the base of ``chunk``'s block (decoded as ``block``), apply the residuals that
+        waited for it and re-check the block's ROI; the chunks applied, ``chunk`` first.
+
+        A late base (``late``) was not written over voxels the volume already holds exactly, so
+        its waiting residuals are applied against ``block`` rather than the volume."""
         key = (chunk.z0, chunk.z1)
         self._base_digest[key] = block_digest(block)
         self._mark(chunk)
@@ -320,8 +311,8 @@ class Reassembler:
                 del self._waiting_for_base[seq]
                 self._waiting_bytes -= len(waiting.payload)
                 try:
-                    self._apply_residual(waiting, self._decode_residual(
-                        waiting, get_codec(waiting.codec)), base=block)
+                    residual = self._decode_residual(waiting, get_codec(waiting.codec))
+                    self._apply_residual(waiting, residual, base=block if late else None)
                     applied.append(waiting)
                 except ChunkRejected as error:
                     self.late_rejections.append(str(error))

@@ -366,12 +366,7 @@ def test_dicom_listen_process_with_the_real_ct(tmp_path, abdomen_dicom, abdomen_
             assert code == 0, output
             wait_lines(tmp_path / "session.jsonl", 1 if folder.name == "planning" else 2, sender)
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.send_signal(signal.SIGINT)
-            try:
-                sender.wait(30)
-            except subprocess.TimeoutExpired:
-                sender.kill()
+        stop_sender(sender)
         receiver.stop()
         sender_log.close()
     lines = [json.loads(line) for line in (tmp_path / "session.jsonl").read_text().splitlines()]
@@ -397,6 +392,16 @@ def wait_for(log: Path, pattern: str, process, timeout: float = 60) -> str:
         assert process.poll() is None, log.read_text()[-3000:]
         time.sleep(0.1)
     raise AssertionError(f"{pattern!r} not in {log}: {log.read_text()[-3000:]}")
+
+
+def stop_sender(sender: subprocess.Popen | None) -> None:
+    """Stop a live ``dlad-send`` as an operator would (Ctrl-C), killed if it hangs."""
+    if sender is not None and sender.poll() is None:
+        sender.send_signal(signal.SIGINT)
+        try:
+            sender.wait(30)
+        except subprocess.TimeoutExpired:
+            sender.kill()
 
 
 def wait_lines(path: Path, count: int, process, timeout: float = 240) -> None:
@@ -547,12 +552,7 @@ def test_live_session_to_an_https_receiver_checks_its_certificate(phantoms, tmp_
         assert code == 0, output
         wait_lines(tmp_path / "session.jsonl", 1, sender)
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.send_signal(signal.SIGINT)
-            try:
-                sender.wait(30)
-            except subprocess.TimeoutExpired:
-                sender.kill()
+        stop_sender(sender)
         receiver.stop()
         sender_log.close()
     assert refused.returncode == 1, refused.stderr[-3000:]
