@@ -172,3 +172,33 @@ def test_the_bundled_unet_finds_no_liver_in_a_head_from_another_generator(provid
     volume, _ = make_head_phantom((12, 512, 512), spacing=(0.45, 0.45, 5.0), seed=11)
     assert roi_problem(provider.probability(volume), volume) is not None
 
+
+
+@pytest.mark.parametrize("start, stop, expected", [
+    (0, 30, "not liver tissue"),      # pelvis: bowel, bladder wall, muscle
+    (25, 55, "not liver tissue"),     # lower abdomen below the liver: kidney, colon
+])
+def test_right_sided_soft_tissue_below_the_liver_is_rejected(start, stop, expected):
+    """A real patient's slices below the liver (torso_ct_3mm, liver from slice ~61), with
+    what a network trained on one upper abdomen called liver there (held-out fold A: one
+    solid, right-sided region of 0-45 HU, 400-500 mL) taken as the prediction: the HU of the
+    scan's own tissue tell it from a liver."""
+    from scipy.ndimage import label
+
+    volume = load_volume(data_file("torso_ct_3mm.nii.gz"))
+    crop = V.slices(V.Case("t", volume, np.zeros(volume.shape, bool)), start, stop, "c").volume
+    from models.preprocessing import from_canonical, to_canonical
+
+    # Keep the patient's right (canonical columns run from the right to the left) and one
+    # solid region.
+    soft = to_canonical(tissue(crop, 0, 45), crop.affine).copy()
+    soft[:, :, soft.shape[2] // 2:] = 0
+    soft = from_canonical(soft, crop.affine) > 0.5
+    labels, _ = label(soft)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    prediction = (labels == sizes.argmax()).astype(np.float32)
+    findings = P.find(prediction, crop.data, crop.affine, crop.spacing)
+    assert findings.right_share > 0.9 and findings.largest_component_share == 1.0
+    reason = P.problem(findings, thickness(crop))
+    assert reason is not None and expected in reason, reason
