@@ -33,6 +33,13 @@ from shared.atomic import atomic_path
 
 #: The weights shipped with the sender, and their human-readable sidecar.
 BUNDLED_WEIGHTS = Path(__file__).with_name("liver_unet.pt")
+#: The second network of the bundled ensemble: the same data, with the augmentations that
+#: imitate unseen scans (contrast phases, kernels, padding, capsule tumours, liver-free
+#: regions). Held out, the two together (probabilities averaged) kept more liver than either
+#: alone (docs/UNET.md, "Unseen scans").
+BUNDLED_DOMAIN_WEIGHTS = Path(__file__).with_name("liver_unet_dom.pt")
+#: What the sender's U-Net provider runs by default.
+BUNDLED_ENSEMBLE = (BUNDLED_WEIGHTS, BUNDLED_DOMAIN_WEIGHTS)
 #: Bundled weights must stay below this size (the issue's 20 MB).
 MAX_WEIGHTS_BYTES = 20 * 1000 * 1000
 #: Written into every weights file; :func:`load_weights` refuses other formats.

@@ -57,7 +57,7 @@ import numpy as np
 from models import variants as V
 from models.body_phantoms import REGIONS, make_region_phantom
 from models.phantoms import make_head_phantom
-from models.unet import BUNDLED_WEIGHTS
+from models.unet import BUNDLED_ENSEMBLE
 from receiver.stream import StudyStream
 from sender.encoder import EncodeSettings, StudyEncoder
 from sender.io import load_volume
@@ -120,7 +120,10 @@ def model_from_spec(spec: str) -> Model:
             raise SystemExit(f"--model {spec}: {path} not found")
     patients, region_phantoms = set(), False
     for path in weights:
-        sidecar = path.with_name("liver_unet.json")
+        # A weights file's own sidecar (models/liver_unet_dom.json), else its run's (snapshots).
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            sidecar = path.with_name("liver_unet.json")
         if not sidecar.is_file():
             raise SystemExit(f"--model {spec}: no sidecar {sidecar} (needed to know the training "
                              "data, hence what is held out)")
@@ -547,7 +550,7 @@ def parse_args(argv=None):
                                          uncertain_threshold=args.uncertain_threshold)
     except ValueError as error:
         parser.error(str(error))
-    specs = args.model or [f"bundled={BUNDLED_WEIGHTS}"]
+    specs = args.model or ["bundled=" + "+".join(str(path) for path in BUNDLED_ENSEMBLE)]
     args.models = [model_from_spec(spec) for spec in specs]
     return args
 

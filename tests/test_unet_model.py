@@ -19,6 +19,7 @@ from models.preprocessing import (
     window,
 )
 from models.unet import (
+    BUNDLED_ENSEMBLE,
     BUNDLED_WEIGHTS,
     MAX_WEIGHTS_BYTES,
     WEIGHTS_FORMAT,
@@ -27,8 +28,6 @@ from models.unet import (
     load_weights,
     save_weights,
 )
-
-SIDECAR = BUNDLED_WEIGHTS.with_suffix(".json")
 
 
 def test_five_levels_keep_the_input_size():
@@ -88,17 +87,20 @@ def test_loading_refuses_foreign_files(tmp_path):
         load_weights(tmp_path / "missing.pt")
 
 
-def test_bundled_weights_are_small_safe_and_documented():
-    assert BUNDLED_WEIGHTS.is_file(), f"bundled weights missing: {BUNDLED_WEIGHTS}"
-    assert BUNDLED_WEIGHTS.stat().st_size <= MAX_WEIGHTS_BYTES
-    torch.load(BUNDLED_WEIGHTS, map_location="cpu", weights_only=True)
-    model = load_weights()
+@pytest.mark.parametrize("weights", BUNDLED_ENSEMBLE, ids=lambda path: path.name)
+def test_bundled_weights_are_small_safe_and_documented(weights):
+    assert weights.is_file(), f"bundled weights missing: {weights}"
+    assert weights.stat().st_size <= MAX_WEIGHTS_BYTES
+    torch.load(weights, map_location="cpu", weights_only=True)
+    model = load_weights(weights)
     assert len(model.config.widths) == 5
-    sidecar = json.loads(SIDECAR.read_text())
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
     for key in ("sha256", "preprocessing", "training_data", "training", "cross_validation",
                 "retrain"):
         assert key in sidecar, f"sidecar lacks {key!r}"
-    assert sidecar["sha256"] == hashlib.sha256(BUNDLED_WEIGHTS.read_bytes()).hexdigest()
+    assert sidecar["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert sidecar["weights_file"] == weights.name
+    assert BUNDLED_ENSEMBLE[0] == BUNDLED_WEIGHTS
 
 
 #: RAS+ unit vector each axis code points to.

@@ -48,22 +48,37 @@ def test_test_time_flips_average_the_mirrored_prediction(provider, synthetic_abd
     """flips=True is the mean of the map and of the map of the mirrored slices, mirrored
     back; an ensemble of one network twice is that network."""
     from models.inference import predict_probability
+    from models.unet import BUNDLED_WEIGHTS
 
     volume = synthetic_abdomen
-    plain = provider.probability(volume)
-    flipped = UNetProvider(device="cpu", flips=True).probability(volume)
+    single = UNetProvider(weights=BUNDLED_WEIGHTS, device="cpu")
+    plain = single.probability(volume)
+    flipped = UNetProvider(weights=BUNDLED_WEIGHTS, device="cpu", flips=True).probability(volume)
     nz, ny, nx = volume.shape
     mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
     mirror[0, 3] = nx - 1
     # The same voxels with the columns stored in reverse but the affine left as it is: the
     # network sees the patient mirrored.
-    mirrored = predict_probability(provider.model, volume.data[:, :, ::-1].copy(),
+    mirrored = predict_probability(single.model, volume.data[:, :, ::-1].copy(),
                                    volume.affine, volume.spacing)[:, :, ::-1]
     assert np.abs(flipped - (plain + mirrored) / 2).max() < 1e-5
-    twice = predict_probability([provider.model, provider.model], volume.data, volume.affine,
+    twice = predict_probability([single.model, single.model], volume.data, volume.affine,
                                 volume.spacing)
     assert np.abs(twice - plain).max() < 1e-6
     assert UNetProvider(device="cpu", flips=True).describe()["test_time_flips"] is True
+
+
+def test_the_default_is_the_bundled_ensemble_mean(provider, synthetic_abdomen):
+    """Without weights the sender runs both bundled networks and averages them."""
+    from models.unet import BUNDLED_ENSEMBLE
+
+    assert provider.weights == list(BUNDLED_ENSEMBLE) and len(provider.models) == 2
+    members = [UNetProvider(weights=path, device="cpu").probability(synthetic_abdomen)
+               for path in BUNDLED_ENSEMBLE]
+    assert np.abs(members[0] - members[1]).max() > 1e-3  # two different networks
+    assert np.abs(provider.probability(synthetic_abdomen) - sum(members) / 2).max() < 1e-5
+    assert [m["weights"] for m in provider.describe()["ensemble"]] == \
+        [path.name for path in BUNDLED_ENSEMBLE]
 
 
 def test_array_orientation_does_not_change_the_prediction(provider, synthetic_abdomen):

@@ -19,7 +19,7 @@ import numpy as np
 
 from models.device import resolve_device
 from models.inference import predict_probability
-from models.unet import BUNDLED_WEIGHTS, load_weights
+from models.unet import BUNDLED_ENSEMBLE, load_weights
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import DEFAULT_UNCERTAIN_THRESHOLD, DEFAULT_Z_MARGIN_MM
 from shared.volume import Volume
@@ -33,8 +33,9 @@ class UNetProvider(ProbabilityProvider):
 
     Args:
         weights: a weights file written by ``scripts/train_liver_unet.py``, or several (an
-            ensemble: their probabilities are averaged); ``None`` for the weights bundled
-            with the sender (``models/liver_unet.pt``).
+            ensemble: their probabilities are averaged); ``None`` for the ensemble bundled
+            with the sender (``models/liver_unet.pt`` and ``models/liver_unet_dom.pt``,
+            :data:`models.unet.BUNDLED_ENSEMBLE`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
         batch_size: slices per forward pass; memory grows linearly with it.
         flips: test-time augmentation with left-right mirrored slices (twice the cost).
@@ -60,7 +61,7 @@ class UNetProvider(ProbabilityProvider):
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if weights is None:
-            weights = [BUNDLED_WEIGHTS]
+            weights = list(BUNDLED_ENSEMBLE)
         elif isinstance(weights, str | Path):
             weights = [weights]
         self.weights = [Path(path) for path in weights]
