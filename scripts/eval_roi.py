@@ -315,20 +315,24 @@ def truth_roi_fraction(case: V.Case) -> float:
     return float(steer(case.liver.astype(np.float32), case.volume.spacing, paper).roi.mean())
 
 
-def decode(frames) -> Volume:
+def decode(frames) -> tuple[Volume, list[str]]:
+    """The receiver's reassembled volume and the problems it reported (chunks it could not
+    decode: their voxels keep what the earlier layers gave)."""
     stream = StudyStream()
     for frame in frames:
         stream.feed(frame)
     stream.finish()
     if stream.reassembler is None:
         raise RuntimeError(f"nothing decoded: {stream.problems}")
-    return stream.reassembler.to_volume()
+    return stream.reassembler.to_volume(), [str(p) for p in stream.problems]
 
 
-def encode_decode(prepared) -> tuple[np.ndarray, int]:
-    """The decoded voxels of the default stream (layers 0+1) and its size in bytes."""
+def encode_decode(prepared) -> tuple[np.ndarray, int, list[str]]:
+    """The decoded voxels of the default stream (layers 0+1), its size in bytes and the
+    receiver's problems."""
     frames = list(StudyEncoder(prepared, EncodeSettings()).frames())
-    return decode(frames).data, int(sum(len(f) for f in frames))
+    volume, problems = decode(frames)
+    return volume.data, int(sum(len(f) for f in frames)), problems
 
 
 def evaluate(case: EvalCase, probability: np.ndarray, unet_seconds: float, model: Model,
@@ -365,7 +369,7 @@ def evaluate(case: EvalCase, probability: np.ndarray, unet_seconds: float, model
                              roi_check=safety_check(allow_small_roi=False))
     if not np.array_equal(prepared.roi, roi):
         raise RuntimeError(f"{case.case.name}: the sender's ROI differs from the evaluated one")
-    decoded, row["stream_bytes"] = encode_decode(prepared)
+    decoded, row["stream_bytes"], row["decode_problems"] = encode_decode(prepared)
     exact = decoded == volume.data
     row["encode_s"] = round(time.perf_counter() - began, 1)
     row["cr"] = volume.data.nbytes / row["stream_bytes"]
@@ -407,7 +411,9 @@ def print_rows(rows: list[dict]) -> None:
               f"{row.get('cr', float('nan')):>6.2f} "
               f"{row['unet_s'] + row['check_s']:>13.2f}"
               + (f"  (true-liver ROI: CR {row['cr_true_liver']:.2f})"
-                 if "cr_true_liver" in row else ""))
+                 if "cr_true_liver" in row else "")
+              + (f"  RECEIVER PROBLEMS: {'; '.join(row['decode_problems'])}"
+                 if row.get("decode_problems") else ""))
 
 
 def summarise(rows: list[dict]) -> list[str]:
@@ -442,6 +448,10 @@ def summarise(rows: list[dict]) -> list[str]:
             false = [r["case"] for r in negatives if not r["fallback"]]
             parts.append(f"false livers {len(false)}/{len(negatives)}"
                          + (f" ({', '.join(false)})" if false else ""))
+        troubled = [r["case"] for r in group if r.get("decode_problems")]
+        if troubled:
+            parts.append(f"the receiver reported undecodable chunks in {len(troubled)} "
+                         f"({', '.join(troubled)})")
         lines.append(f"{model} [{held}]: " + "; ".join(parts))
     return lines
 

@@ -346,7 +346,9 @@ class SliceProbabilities:
     batches of 1, 3 and 8 and in the whole-volume pass gives the same float32 map). The first
     step of the ROI post-processing, the in-plane disc dilation, is per slice too
     (:func:`~sender.roi.steering.in_plane_dilation`), and done here as well: when the series is
-    complete only the steps across slices remain (margin, threshold, holes).
+    complete only the steps across slices remain (margin, threshold, holes). With an
+    uncertainty margin (the U-Net's default), which joins regions across slices before the
+    dilation, only the maps are done as slices arrive.
     """
 
     def __init__(self, provider, steering: SteeringSettings = SteeringSettings()):
@@ -354,7 +356,8 @@ class SliceProbabilities:
         import threading
 
         self.unet = provider
-        self.steering = steering
+        self.steering = steering.for_provider(provider)
+        self._dilate = not self.steering.uncertain_threshold
         self.batch_size = provider.batch_size
         self._queue: queue.Queue = queue.Queue()
         self._done: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
@@ -449,9 +452,11 @@ class SliceProbabilities:
                         continue
                     hu = np.stack([s[0] for _, s in slices])
                     try:
-                        probability = predict_probability(self.unet.model, hu, affine, spacing,
-                                                          batch_size=self.batch_size)
-                        dilated = in_plane_dilation(probability, spacing, self.steering)
+                        probability = predict_probability(self.unet.models, hu, affine,
+                                                          spacing, batch_size=self.batch_size,
+                                                          flips=self.unet.flips)
+                        dilated = in_plane_dilation(probability, spacing, self.steering) \
+                            if self._dilate else [None] * len(probability)
                     except Exception:  # computed again, whole, when the series completes
                         log.debug("U-Net on arriving slices failed", exc_info=True)
                         continue
@@ -485,19 +490,22 @@ class SliceProbabilities:
                 or self.steering.radii_px(spacing) != self.steering.radii_px(volume.spacing)):
             done = {}  # another in-plane orientation or pixel size: do it whole
         probability = np.empty(volume.shape, dtype=np.float32)
-        in_plane = np.empty(volume.shape, dtype=np.float32)
+        in_plane = np.empty(volume.shape, dtype=np.float32) if self._dilate else None
         missing = []
         for k, name in enumerate(dicom_series.sources):
             if name in done:
-                probability[k], in_plane[k] = done[name]
+                probability[k] = done[name][0]
+                if in_plane is not None:
+                    in_plane[k] = done[name][1]
             else:
                 missing.append(k)
         if missing:
             probability[missing] = predict_probability(
-                self.unet.model, volume.data[missing], volume.affine, volume.spacing,
-                batch_size=self.batch_size)
-            in_plane[missing] = in_plane_dilation(probability[missing], volume.spacing,
-                                                  self.steering)
+                self.unet.models, volume.data[missing], volume.affine, volume.spacing,
+                batch_size=self.batch_size, flips=self.unet.flips)
+            if in_plane is not None:
+                in_plane[missing] = in_plane_dilation(probability[missing], volume.spacing,
+                                                      self.steering)
         return _PrecomputedUNet(self.unet, probability, ready=len(volume.data) - len(missing),
                                 in_plane=in_plane,
                                 radii=self.steering.radii_px(volume.spacing),
@@ -519,7 +527,8 @@ class _PrecomputedUNet(ProbabilityProvider):
     def in_plane(self, steering: SteeringSettings) -> np.ndarray | None:
         """The in-plane dilation for ``steering`` (None if it asks for other radii, or for an
         uncertainty margin, which comes before the dilation)."""
-        if steering.radii_px(self._spacing) != self._radii or steering.uncertain_threshold:
+        if self._in_plane is None or steering.radii_px(self._spacing) != self._radii \
+                or steering.uncertain_threshold:
             return None
         in_plane, self._in_plane = self._in_plane, None  # handed over once: steer() owns it
         return in_plane

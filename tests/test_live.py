@@ -485,20 +485,24 @@ def test_a_dicom_folder_input_carries_its_attributes(phantoms, tmp_path):
     assert isinstance(again, StreamHeader) and again.dicom == hidden.dicom
 
 
-def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path):
-    """The U-Net and the in-plane dilation run on each slice as it arrives; the series' ROI and
-    steering map are then exactly those of the whole-volume path."""
+@pytest.mark.parametrize("uncertain", [None, 0.0], ids=["default margins", "no uncertainty"])
+def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path, uncertain):
+    """The U-Net (the bundled ensemble) and, without an uncertainty margin, the in-plane
+    dilation run on each slice as it arrives; the series' ROI and steering map are then
+    exactly those of the whole-volume path."""
     import pydicom
 
     from sender.pipeline import prepare_study
+    from sender.roi.steering import SteeringSettings
     from sender.roi.unet import UNetProvider
     from sender.series import Arrival, CompleteSeries
 
+    steering = SteeringSettings(uncertain_threshold=uncertain)
     volume = phantoms[1]
     study, series_uid, files = write_series(tmp_path / "s", volume, transfer_syntax=J2K)
     spool = Spool(tmp_path / "spool")
-    live = SeriesPipeline(RoiChoice(), encode=EncodeSettings(group_slices=2, preset="fast"),
-                          spool=spool)
+    live = SeriesPipeline(RoiChoice(), steering=steering,
+                          encode=EncodeSettings(group_slices=2, preset="fast"), spool=spool)
     try:
         arrivals = []
         for path in reversed(files):  # in any order
@@ -516,7 +520,7 @@ def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path
     finally:
         live.close()
     assert timings["unet_slices_ready"] == len(files)
-    whole = prepare_study(dicom_series.volume, UNetProvider(), study_id="whole")
+    whole = prepare_study(dicom_series.volume, UNetProvider(), steering, study_id="whole")
     np.testing.assert_array_equal(encoder.study.roi, whole.roi)
     np.testing.assert_array_equal(encoder.study.diffused.full(), whole.diffused.full())
 
