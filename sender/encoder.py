@@ -160,13 +160,18 @@ def coded_size(payload: bytes, params: dict) -> int:
 def smallest(codecs: list, block: np.ndarray) -> tuple[object, bytes, dict]:
     """``(codec, payload, params)`` of the codec that codes ``block`` in the fewest bytes.
 
-    A codec that cannot code the block (a library refusing it) is skipped; if none can, the
-    last error is raised.
+    Every payload is decoded as the receiver will decode it (with its strict header checks)
+    and must give ``block`` back exactly: libjxl, for one, may start a lossless codestream with
+    a reference-only frame (patches) that the receiver refuses, and a chunk the receiver cannot
+    decode would leave ROI voxels inexact. A codec that cannot code the block, or whose payload
+    fails this check, is skipped; if none is left, the last error is raised.
     """
     best, failure = None, None
     for codec in codecs:
         try:
             payload, params = codec.encode(block)
+            if not np.array_equal(codec.decode(payload, block.shape, dict(params)), block):
+                raise CodecError(f"{codec.name}: its payload does not decode to the block")
         except CodecError as error:
             failure = error
             continue

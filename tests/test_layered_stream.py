@@ -340,6 +340,30 @@ def test_progress_counts_slices_and_roi_voxels(rng):
     assert layered.progress().exact_slices is None and layered.progress().exact_fraction == 0.0
 
 
+def test_a_payload_the_receiver_refuses_is_never_sent():
+    """A residual block met in eval_roi (two near-identical interpolated slices of the torso CT
+    at 1 mm): libjxl codes it losslessly but starts with a frame the receiver's strict header
+    check refuses, which left two slices of ROI inexact. The sender checks every candidate
+    payload as the receiver decodes it and sends another codec's."""
+    from pathlib import Path
+
+    from sender.encoder import smallest
+    from shared.codecs import CodecError, get_codec
+
+    mosaic = np.load(Path(__file__).with_name("data") / "jpegxl_patches_residual.npz")["mosaic"]
+    block = mosaic.reshape(2, 101, 122).astype(np.int16)
+    jpegxl, jpegls = get_codec("jpegxl"), get_codec("jpegls")
+    payload, params = jpegxl.encode(block)
+    try:
+        refused = not np.array_equal(jpegxl.decode(payload, block.shape, params), block)
+    except CodecError:
+        refused = True
+    codec, payload, params = smallest([jpegxl, jpegls], block)
+    assert np.array_equal(codec.decode(payload, block.shape, params), block)
+    if refused:  # this libjxl and header check: the JPEG-LS payload goes instead
+        assert codec is jpegls
+
+
 def test_each_residual_chunk_uses_the_smallest_of_the_layers_codecs(rng):
     study = prepared_study(rng, shape=(8, 24, 20))
     settings = EncodeSettings(exact=True, group_slices=2, roi_layer="residual",
