@@ -99,9 +99,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("Examples:")[1])
-    parser.add_argument("--ct", type=Path, default=DATA / "abdomen_ct_dicom")
-    parser.add_argument("--mask", type=Path, default=DATA / "abdomen_ct_liver.nii.gz")
-    parser.add_argument("--label", type=int)
+    parser.add_argument("--ct", type=Path, default=DATA / "abdomen_ct_dicom",
+                        help="CT volume: NIfTI file or DICOM folder (default: the shared abdomen)")
+    parser.add_argument("--mask", type=Path, default=DATA / "abdomen_ct_liver.nii.gz",
+                        help="liver mask of --ct (default: the shared abdomen's)")
+    parser.add_argument("--label", type=int, help="mask label of the ROI (default: any non-zero)")
     parser.add_argument("--kappas", default="5,10,15,20,25,30,40",
                         help="K values (HU) of the sweep, comma-separated")
     parser.add_argument("--crfs", default="8,12,16,20,24",

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=Path,
-                        default=ROOT.parent / "shared" / "data" / "abdomen_ct_dicom")
-    parser.add_argument("--runs", type=int, default=5)
+                        default=ROOT.parent / "shared" / "data" / "abdomen_ct_dicom",
+                        help="DICOM series folder (default: the shared abdomen)")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved runs per reader (median)")
     args = parser.parse_args(argv)
     import itk  # noqa: F401 - imported once, outside the timings
 

@@ -323,13 +323,17 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example: python scripts/bench_session.py "
                                             "--profiles loopback,wifi-2m --runs 1")
-    parser.add_argument("--profiles", default="loopback,wifi-2m,4g-12m")
+    parser.add_argument("--profiles", default="loopback,wifi-2m,4g-12m",
+                        help="comma-separated: loopback (no link) or dlad-link profiles "
+                             "(default: %(default)s)")
     parser.add_argument("--runs", type=int, default=1, help="sessions per profile")
     parser.add_argument("--large-slices", type=int, default=300,
                         help="slices of the synthetic series (0: skip it)")
-    parser.add_argument("--stage-runs", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--stage-runs", type=int, default=3,
+                        help="repeats of the per-stage CPU timing of the abdomen series, "
+                             "median reported (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the results as Markdown tables here")
     parser.add_argument("--work", type=Path, help="working folder (kept; default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working folder")
     args = parser.parse_args(argv)

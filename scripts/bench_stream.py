@@ -140,10 +140,13 @@ def encode_large_phantom(path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dicom", type=Path, default=DATA / "abdomen_ct_dicom")
-    parser.add_argument("--mask", type=Path, default=DATA / "abdomen_ct_liver.nii.gz")
+    parser.add_argument("--dicom", type=Path, default=DATA / "abdomen_ct_dicom",
+                        help="DICOM series folder (default: the shared abdomen)")
+    parser.add_argument("--mask", type=Path, default=DATA / "abdomen_ct_liver.nii.gz",
+                        help="liver mask of --dicom (default: the shared abdomen's)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each scenario")
-    parser.add_argument("--scenarios", default="live,replay,paced")
+    parser.add_argument("--scenarios", default="live,replay,paced",
+                        help="comma-separated scenarios (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     for path in (args.dicom, args.mask):

@@ -455,7 +455,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each scenario")
     parser.add_argument("--studies", type=int, default=4, help="legitimate studies at once")
-    parser.add_argument("--scenarios", default="flood,slowloris,crowd,offers")
+    parser.add_argument("--scenarios", default="flood,slowloris,crowd,offers",
+                        help="comma-separated scenarios (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-stress-"))

@@ -107,7 +107,7 @@ async def one_run(work: Path, stream: Path, study_id: str, profile: str) -> dict
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="example: python scripts/bench_viewer.py --runs 3")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="runs, each with a fresh receiver (default 3)")
     parser.add_argument("--profile", default="wifi-2m", help="dlad-link profile (default wifi-2m)")
     args = parser.parse_args()
     assets = sorted(p for p in STATIC_DIR.iterdir() if p.is_file())

@@ -258,7 +258,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="Examples:" + __doc__.split("Examples:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES))
+    parser.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES),
+                        help="studies to measure (default: all)")
     parser.add_argument("--synthetic-shape", default="24,256,256",
                         type=lambda s: tuple(int(v) for v in s.split(",")),
                         help="NZ,NY,NX of the synthetic studies (default 24,256,256)")

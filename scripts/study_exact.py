@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("Examples:")[1])
     parser.add_argument("--studies", nargs="+", choices=bench_peers.STUDIES,
-                        default=list(bench_peers.STUDIES))
+                        default=list(bench_peers.STUDIES), help="studies to measure (default: all)")
     parser.add_argument("--synthetic-shape", default="24,256,256",
                         help="nz,ny,nx of the synthetic studies (default 24,256,256)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved decodes (3)")

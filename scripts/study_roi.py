@@ -159,10 +159,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "probmaps",
                         help="folder of the cached maps (default runs/probmaps)")
     steps = parser.add_subparsers(dest="step", required=True)
-    steps.add_parser("maps", help="cache probability maps").add_argument("runs", nargs="+")
-    steps.add_parser("margins", help="recall / ratio table").add_argument("models", nargs="+")
+    steps.add_parser("maps", help="cache probability maps").add_argument(
+        "runs", nargs="+", help="runs/RUN names, or 'bundled'")
+    steps.add_parser("margins", help="recall / ratio table").add_argument(
+        "models", nargs="+", help="runs/RUN names, or 'bundled'")
     lesions = steps.add_parser("lesions", help="lesion cover of the ROI")
-    lesions.add_argument("scan", choices=sorted(SCANS))
+    lesions.add_argument("scan", choices=sorted(SCANS), help="shared scan to paint lesions in")
     lesions.add_argument("runs", nargs="+", help="runs/RUN names, or 'bundled'")
     args = parser.parse_args(argv)
     missing = [name for pair in SCANS.values() for name in pair if not (DATA / name).exists()]
