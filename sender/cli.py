@@ -392,6 +392,21 @@ def write_stream(encoder: StudyEncoder, path: Path, quiet: bool) -> int:
     return written
 
 
+def check_connection_options(parser: argparse.ArgumentParser, args) -> None:
+    """The options of a connection to a receiver (``--to`` and the live modes), checked before
+    anything is loaded; a bad one is a usage error (exit 2)."""
+    from sender.transport import check_url
+
+    if args.retries < 0:
+        parser.error("--retries must be >= 0")
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate must be > 0")
+    try:
+        check_url(args.to, args.allow_plain_http)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def main_to(args, parser, argv: list[str]) -> int:
     """``dlad-send INPUT --to URL``: the network mode."""
     from sender.transport import (
@@ -399,7 +414,6 @@ def main_to(args, parser, argv: list[str]) -> int:
         FileSource,
         Refused,
         TransportError,
-        check_url,
         process_started,
         stream_study,
     )
@@ -411,14 +425,7 @@ def main_to(args, parser, argv: list[str]) -> int:
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     if args.token_file is None:
         parser.error("--to needs --token-file")
-    if args.retries < 0:
-        parser.error("--retries must be >= 0")
-    if args.max_rate is not None and args.max_rate <= 0:
-        parser.error("--max-rate must be > 0")
-    try:
-        check_url(args.to, args.allow_plain_http)
-    except ValueError as error:
-        parser.error(str(error))
+    check_connection_options(parser, args)
     replay = str(args.input).lower().endswith(".dlad")
     if replay:
         fixed = sorted(explicit_options(parser, argv, args) & parser.encoding_options)
@@ -493,7 +500,7 @@ def main_live(args, parser) -> int:
     from sender.live import LiveSender
     from sender.pipeline import RoiChoice, SeriesPipeline
     from sender.spool import Spool, SpoolError
-    from sender.transport import Refused, StreamOptions, check_url
+    from sender.transport import Refused, StreamOptions
     from shared.webrtc.ice import IceConfigError, ice_servers
     from shared.webrtc.signaling import TokenError, read_token_file
 
@@ -508,14 +515,7 @@ def main_live(args, parser) -> int:
         parser.error("--series-count must be >= 1")
     if not args.series_timeout > 0 or not args.watch_settle > 0:
         parser.error("--series-timeout and --watch-settle must be > 0")
-    if args.retries < 0:
-        parser.error("--retries must be >= 0")
-    if args.max_rate is not None and args.max_rate <= 0:
-        parser.error("--max-rate must be > 0")
-    try:
-        check_url(args.to, args.allow_plain_http)
-    except ValueError as error:
-        parser.error(str(error))
+    check_connection_options(parser, args)
     listen = allow_hosts = allow_calling_ae = tls = None
     tls_options = (args.dicom_tls_cert, args.dicom_tls_key, args.dicom_tls_ca)
     if args.dicom_listen is not None:

@@ -59,6 +59,18 @@ def test_a_url_without_an_http_scheme_is_a_bad_argument(capsys, tmp_path, url,
     assert f"--to must be http(s)://HOST:PORT[/PATH], got {url!r}" in err
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (["--to", "127.0.0.1:8700"], "--to must be http(s)://HOST:PORT[/PATH], got '127.0.0.1:8700'"),
+    (["--to", "http://127.0.0.1:9", "--retries", "-1"], "--retries must be >= 0"),
+    (["--to", "http://127.0.0.1:9", "--max-rate", "0"], "--max-rate must be > 0"),
+])
+def test_a_live_session_checks_its_connection_options_as_a_one_off_send(capsys, tmp_path,
+                                                                        options, message):
+    status, err = run_main(capsys, ["--watch", str(tmp_path), "--token-file",
+                                    str(tmp_path / "token.txt"), *options])
+    assert status == 2 and len(err.splitlines()) == 1 and message in err
+
+
 def test_bad_options_fail_before_the_input_is_read(capsys, tmp_path, monkeypatch,
                                                    abdomen_dicom, no_input_reading):
     import torch
