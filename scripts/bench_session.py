@@ -177,6 +177,7 @@ async def session(profile: str, series: list[tuple[str, Path]], work: Path, coun
                 "all_link_s": round(status["bytes_received"] * 8 / rate, 3) if rate else None,
                 "sender_cpu_s": round(cpu, 2), "sender_cpu_per_slice_s": round(cpu / len(files), 4),
                 "verified": status.get("verified_sha256"), "load_avg": round(os.getloadavg()[0], 2),
+                "sender_seconds": _sender_seconds(work / "session.jsonl", series_uid),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -187,6 +188,20 @@ async def session(profile: str, series: list[tuple[str, Path]], work: Path, coun
             await proxy.stop()
         await asyncio.to_thread(receiver.stop)
     return rows
+
+
+def _sender_seconds(session_log: Path, series_uid: str) -> dict:
+    """The sender's own stage seconds of a series (its ``--session-log`` line; the line is
+    written right after the receiver confirmed the series, so wait for it briefly)."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if session_log.exists():
+            for line in session_log.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("series_uid") == series_uid:
+                    return entry.get("seconds", {})
+        time.sleep(0.05)
+    return {}
 
 
 def _series_uid(path: Path) -> str:
@@ -303,6 +318,8 @@ def markdown(sessions: list[dict], stages: dict[str, dict], load: str) -> str:
             f"| {row['roi_s']:.2f} | {link} | {row['all_s']:.2f} | {goal} | "
             f"{'yes' if met else '**no**'} | {row['sender_cpu_s']:.1f} | "
             f"{row['sender_cpu_per_slice_s']:.3f} | {row['verified']} |")
+    if not stages:
+        return "\n".join(lines) + "\n"
     lines += ["", "CPU seconds per slice, medians:", "",
               "| series | slices | decode ITK (warm) | decode pydicom | speed-up | U-Net | ROI | "
               "ROI and steering map | diffusion (15 it.) | encode (--exact, JPEG-LS residuals) | "
@@ -331,7 +348,7 @@ def main(argv=None) -> int:
                         help="slices of the synthetic series (0: skip it)")
     parser.add_argument("--stage-runs", type=int, default=3,
                         help="repeats of the per-stage CPU timing of the abdomen series, "
-                             "median reported (default: %(default)s)")
+                             "median reported (0: skip the stage costs; default: %(default)s)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the results as Markdown tables here")
     parser.add_argument("--work", type=Path, help="working folder (kept; default: a temporary one)")
@@ -368,8 +385,8 @@ def main(argv=None) -> int:
             sessions += asyncio.run(session("loopback", [("synthetic", large)],
                                             work / "large-session", args.large_slices, seed=0))
             loads.append(os.getloadavg()[0])
-        stages = {"abdomen": stage_costs(planning, args.stage_runs)}
-        if args.large_slices:
+        stages = {"abdomen": stage_costs(planning, args.stage_runs)} if args.stage_runs else {}
+        if args.large_slices and args.stage_runs:
             stages[f"synthetic {args.large_slices}"] = stage_costs(large, max(1, args.stage_runs
                                                                               // 3))
         loads.append(os.getloadavg()[0])

@@ -57,8 +57,10 @@ class SeriesReport:
     study_id: str = ""
     folder: str | None = None
     seconds: dict = field(default_factory=dict)
-    """Stage -> seconds: ``decode_cpu`` (on arrival), ``assemble``, ``roi``, ``first_chunk``,
-    ``roi_complete``, ``complete`` (the last three since the series was complete)."""
+    """Stage -> seconds: ``decode_cpu`` (on arrival), ``assemble``, ``roi`` (of which
+    ``unet_rest``: the U-Net's slices not done when the series completed, and
+    ``plausibility``: the anatomical check), ``first_chunk``, ``roi_complete``, ``complete``
+    (the last three since the series was complete)."""
     bytes_sent: int = 0
     verified: bool | None = None
 

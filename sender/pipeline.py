@@ -314,10 +314,21 @@ class SeriesPipeline:
         if self.slices is not None:
             provider = self.slices.provider_for(series.series_uid, dicom_series)
             timings["unet_slices_ready"] = provider.ready
+            timings["unet_rest"] = round(time.perf_counter() - started, 3)
+        roi_check = None
+        if self.automatic:
+            check = safety_check(self.roi.allow_small)
+
+            def roi_check(probability, volume):
+                checked = time.perf_counter()
+                try:
+                    return check(probability, volume)
+                finally:
+                    timings["plausibility"] = round(time.perf_counter() - checked, 3)
+
         prepared = prepare_study(volume, provider, self.steering, self.diffusion,
-                                 device=self.device, study_id=study_id,
-                                 roi_check=safety_check(self.roi.allow_small)
-                                 if self.automatic else None, sha256=digest)
+                                 device=self.device, study_id=study_id, roi_check=roi_check,
+                                 sha256=digest)
         prepared.sha256 = digest
         prepared.dicom = attributes
         timings["roi"] = round(time.perf_counter() - started, 3)
