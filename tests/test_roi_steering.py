@@ -261,6 +261,45 @@ def test_the_roi_alone_is_the_same_roi(rng, z_margin_mm, fill_holes):
     assert steer(cases[0], spacing, settings, need_probability=False).roi.any()
 
 
+@pytest.mark.parametrize("uncertain, radius_mm, radius_px", [
+    (0.03, None, 3.0), (0.2, None, 0.5), (0.03, 2.5, 15.0), (0.0, 3.0, 15.0), (0.03, 0.4, 15.0)])
+def test_the_roi_alone_with_an_uncertainty_margin_is_the_same_roi(rng, uncertain, radius_mm,
+                                                                  radius_px):
+    """The ROI-only path (boolean masks in their bounding boxes: the joined uncertain region,
+    the disc dilation of the mask) equals the float map's ROI voxel for voxel, with an
+    uncertainty margin, elliptical discs (anisotropic pixels), discs under one pixel, and maps
+    with values outside [0, 1] or regions at the volume's edges."""
+    from scipy.ndimage import gaussian_filter
+
+    settings = SteeringSettings(dilation_radius_px=radius_px, dilation_radius_mm=radius_mm,
+                                z_margin_mm=5.0, uncertain_threshold=uncertain)
+    spacing = (0.7, 1.3, 2.5)
+    blobs = gaussian_filter(rng.random((14, 40, 36)).astype(np.float32), 2.0)
+    blobs = (blobs - blobs.min()) / (blobs.max() - blobs.min())  # soft regions, 0 to 1
+    cases = [blobs ** 3, blobs ** 6 * 1.2 - 0.1, rng.random((5, 20, 30), dtype=np.float32) ** 12]
+    corner = np.zeros((6, 20, 20), np.float32)
+    corner[0, 0, 0] = corner[5, 19, 19] = 0.8
+    corner[2, 0:3, 17:20] = 0.1  # uncertain, touching the border and the core below
+    corner[3, 1, 18] = 0.6
+    cases.append(corner)
+    for probability in cases:
+        whole = steer(probability, spacing, settings)
+        alone = steer(probability, spacing, settings, need_probability=False)
+        np.testing.assert_array_equal(alone.roi, whole.roi)
+    assert steer(cases[0], spacing, settings, need_probability=False).roi.any()
+
+
+def test_disc_dilate_mask_is_the_dilation_of_the_whole_mask(rng):
+    from sender.roi.steering import disc_dilate, disc_dilate_mask
+
+    mask = rng.random((4, 30, 25)) > 0.995
+    mask[1, 0, 0] = mask[2, 29, 24] = True
+    for rx, ry in [(3.0, 3.0), (2.5, 4.2), (0.5, 0.5), (0.0, 2.0), (40.0, 40.0)]:
+        np.testing.assert_array_equal(disc_dilate_mask(mask, rx, ry),
+                                      disc_dilate(mask.astype(np.float32), rx, ry) > 0.5)
+    assert not disc_dilate_mask(np.zeros((2, 5, 5), bool), 3.0, 3.0).any()
+
+
 def test_no_steering_map_is_needed_only_without_diffusion():
     from sender.diffusion import DiffusionSettings, LazyDiffusion
 
