@@ -202,3 +202,67 @@ def test_right_sided_soft_tissue_below_the_liver_is_rejected(start, stop, expect
     assert findings.right_share > 0.9 and findings.largest_component_share == 1.0
     reason = P.problem(findings, thickness(crop))
     assert reason is not None and expected in reason, reason
+
+
+def slice_by_slice(probability, volume: Volume, flip_normal: bool = False) -> dict:
+    """The per-slice anatomy a live sender measures as the slices arrive: each slice alone,
+    with its own one-slice affine (its normal the other way round with ``flip_normal``, as
+    DICOM's row x column cross product may give it), only where liver is predicted."""
+    cache = {}
+    for k in range(volume.shape[0]):
+        if not (probability[k] > P.LIVER_THRESHOLD).any():
+            continue
+        affine = volume.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0],
+                                           [0, 0, -1 if flip_normal else 1, k], [0, 0, 0, 1.0]])
+        cache[k] = P.anatomy_of_slice(volume.data[k], affine, volume.spacing)
+    return cache
+
+
+def reversed_slices(volume: Volume) -> Volume:
+    """The same scan stored with its slices in the other order (affine adjusted)."""
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, volume.shape[0] - 1
+    return Volume(np.ascontiguousarray(volume.data[::-1]), volume.affine @ flip, volume.spacing)
+
+
+def test_anatomy_measured_slice_by_slice_gives_the_same_findings(torso_case, abdomen_case):
+    """Incremental plausibility: the per-slice anatomy measured as slices arrive (each slice
+    alone) and the series' aggregation give the findings, and so the verdict, of the check
+    over the whole series, exactly: real scans and their variants (padding, pixel sizes, slice
+    order reversed), and head, neck, chest and pelvis phantoms with tissue called liver."""
+    cases = []
+    for case in (torso_case, abdomen_case):
+        for variant in (case, V.field_of_view(case, -3024.0, 0.95, "fill -3024"),
+                        V.field_of_view(case, 0.0, 0.95, "fill 0"),
+                        V.pixel_size(case, 5.0, "5 mm pixels")):
+            cases.append((variant.liver.astype(np.float32), variant.volume))
+    for region, low, high in [("head", 15, 50), ("neck", 30, 140), ("thorax", 20, 90),
+                              ("pelvis", -10, 70)]:
+        volume, _ = make_region_phantom(region, shape=(12, 256, 256), seed=3)
+        cases.append((tissue(volume, low, high), volume))
+    cases.append((cases[0][0][::-1].copy(), reversed_slices(cases[0][1])))
+    verdicts = set()
+    for probability, volume in cases:
+        whole = P.find(probability, volume.data, volume.affine, volume.spacing)
+        for flip_normal in (False, True):
+            cache = slice_by_slice(probability, volume, flip_normal)
+            assert cache
+            assert P.find(probability, volume.data, volume.affine, volume.spacing,
+                          anatomy=cache) == whole
+        verdicts.add(roi_problem(probability, volume) is None)
+        assert roi_problem(probability, volume, anatomy=cache) == roi_problem(probability,
+                                                                             volume)
+    assert verdicts == {True, False}  # plausible livers and implausible ones among the cases
+
+
+def test_anatomy_of_other_pixels_is_not_used(abdomen_case):
+    """A cached slice whose working-grid values differ from the series' slice (another
+    decoding, a replaced instance) is measured again: the findings stay those of the scan."""
+    volume, probability = abdomen_case.volume, abdomen_case.liver.astype(np.float32)
+    whole = P.find(probability, volume.data, volume.affine, volume.spacing)
+    cache = slice_by_slice(probability, volume)
+    wrong = {k: P.anatomy_of_slice(np.full_like(volume.data[k], 40), volume.affine,
+                                   volume.spacing) for k in cache}
+    assert P.find(probability, volume.data, volume.affine, volume.spacing,
+                  anatomy=wrong) == whole
+    assert whole.fat_share > 0.01  # a body of 40 HU everywhere would hold no fat

@@ -158,8 +158,91 @@ def lung_mask(section: np.ndarray, body: np.ndarray, pixel_mm: float) -> np.ndar
     return keep[labels]
 
 
-def find(probability: np.ndarray, hu: np.ndarray, affine: np.ndarray, spacing
-         ) -> AnatomyFindings | None:
+@dataclass(frozen=True)
+class SliceAnatomy:
+    """What :func:`find` measures of one slice's own anatomy, whatever the liver: computed
+    once per slice, as a live series' slices arrive (:func:`slice_anatomy`), so that only the
+    liver's share of each remains when the series is complete. All on the working grid."""
+
+    source: np.ndarray
+    """The slice's HU on the working grid (canonical orientation) it was computed from: a
+    cached entry is used only for a slice with exactly these values."""
+    pixel_mm: float
+    """The working pixel it was computed for."""
+    section: np.ndarray
+    """``source`` with the padding outside the field of view turned into air."""
+    centre: float
+    """Column of the body's centre line (its mean column)."""
+    enclosed: np.ndarray
+    """Pixels inside a closed ring of bone (:func:`enclosed_by_bone`)."""
+    fat: float
+    """Fat pixels in the body."""
+    lung: float
+    """Lung pixels in the body (:func:`lung_mask`)."""
+    body: float
+    """Pixels of the body outline."""
+
+
+def working_steps(spacing_xy) -> tuple[int, int]:
+    """``(step_y, step_x)``: every n-th row and column for pixels of about
+    :data:`WORK_PIXEL_MM` (``spacing_xy``: the canonical in-plane spacing)."""
+    sx, sy = (float(v) for v in spacing_xy)
+    return max(1, round(WORK_PIXEL_MM / sy)), max(1, round(WORK_PIXEL_MM / sx))
+
+
+def slice_anatomy(source: np.ndarray, pixel_mm: float) -> SliceAnatomy:
+    """:class:`SliceAnatomy` of one slice on the working grid (``source``: canonical
+    orientation, every n-th row and column, :func:`working_steps`)."""
+    from models.preprocessing import suppress_padding
+
+    section = suppress_padding(source)
+    body = body_outline(section)
+    centre = float(np.nonzero(body)[1].mean()) if body.any() else (section.shape[1] - 1) / 2
+    return SliceAnatomy(
+        source=source, pixel_mm=pixel_mm, section=section, centre=centre,
+        enclosed=enclosed_by_bone(section, body, pixel_mm),
+        fat=float((body & (section >= FAT_HU[0]) & (section <= FAT_HU[1])).sum()),
+        lung=float(lung_mask(section, body, pixel_mm).sum()), body=float(body.sum()))
+
+
+def anatomy_of_slice(hu: np.ndarray, affine: np.ndarray, spacing) -> SliceAnatomy:
+    """:class:`SliceAnatomy` of one axial slice ``hu`` (2D, the array orientation of
+    ``affine``'s grid, a one-slice volume's affine), as :func:`find` computes it for that
+    slice of a volume with the same in-plane orientation and pixel size."""
+    from models.preprocessing import canonical_spacing, to_canonical
+
+    sx, sy, _ = canonical_spacing(spacing, affine)
+    step_y, step_x = working_steps((sx, sy))
+    section = to_canonical(np.asarray(hu)[None], affine)[0]
+    return slice_anatomy(np.ascontiguousarray(section[::step_y, ::step_x]),
+                         float(np.sqrt(sx * step_x * sy * step_y)))
+
+
+def _canonical_slice_sources(affine: np.ndarray, slices: int) -> np.ndarray | None:
+    """For each slice of the canonical array, the array slice it is (``None`` when the
+    canonical slices are not the array's slices: a sagittal or coronal stack)."""
+    from models.preprocessing import to_canonical
+
+    index = np.broadcast_to(np.arange(slices).reshape(slices, 1, 1), (slices, 2, 2))
+    canonical = to_canonical(index, affine)
+    if canonical.shape[0] != slices or not (canonical == canonical[:, :1, :1]).all():
+        return None
+    return np.asarray(canonical[:, 0, 0])
+
+
+def _largest_component_share(mask: np.ndarray) -> float:
+    """Share of ``mask`` in its largest 3D connected component (labelled in its bounding box,
+    which holds every component)."""
+    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+             for axis in range(3)]
+    if any(w.size == 0 for w in where):
+        return 0.0
+    box = mask[tuple(slice(int(w[0]), int(w[-1]) + 1) for w in where)]
+    return float(_largest_component(box).sum()) / max(1.0, float(box.sum()))
+
+
+def find(probability: np.ndarray, hu: np.ndarray, affine: np.ndarray, spacing,
+         anatomy=None) -> AnatomyFindings | None:
     """Findings of the predicted liver ``probability > 0.5`` in the scan ``hu``.
 
     Args:
@@ -167,11 +250,15 @@ def find(probability: np.ndarray, hu: np.ndarray, affine: np.ndarray, spacing
         hu: the scan, slice-major HU.
         affine: its voxel-to-RAS+ matrix.
         spacing: ``(sx, sy, sz)`` in mm.
+        anatomy: optional ``{array slice index: SliceAnatomy}`` computed beforehand
+            (:func:`anatomy_of_slice`, as a live series' slices arrive); an entry is used only
+            where its ``source`` equals the slice's working grid value for value (and its
+            pixel size matches), so the findings are those computed without it.
 
     Returns:
         the findings, or ``None`` when nothing is predicted.
     """
-    from models.preprocessing import canonical_spacing, suppress_padding, to_canonical
+    from models.preprocessing import canonical_spacing, to_canonical
 
     liver = to_canonical(np.asarray(probability) > LIVER_THRESHOLD, affine)
     if not liver.any():
@@ -183,32 +270,33 @@ def find(probability: np.ndarray, hu: np.ndarray, affine: np.ndarray, spacing
     volume_ml = float(per_slice.sum()) * voxel_ml
     largest_section_cm2 = float(per_slice.max()) * sx * sy / 100.0
     occupied = np.flatnonzero(per_slice)
-    step_y = max(1, round(WORK_PIXEL_MM / sy))
-    step_x = max(1, round(WORK_PIXEL_MM / sx))
+    step_y, step_x = working_steps((sx, sy))
     coarse = liver[:, ::step_y, ::step_x]
-    component_share = float(_largest_component(coarse).sum()) / max(1.0, float(coarse.sum()))
+    component_share = _largest_component_share(coarse)
     pixel_mm = float(np.sqrt(sx * step_x * sy * step_y))
     area_cm2 = sx * step_x * sy * step_y / 100.0
+    sources = _canonical_slice_sources(affine, liver.shape[0]) if anatomy else None
     right = total = enclosed = fat = lung = body_area = 0.0
     sections, shares, values = [], [], []
     for k in occupied:
-        section = suppress_padding(hu[k, ::step_y, ::step_x])
-        mask = liver[k, ::step_y, ::step_x]
+        mask = coarse[k]
         count = float(mask.sum())
         if count == 0:
             continue
-        body = body_outline(section)
-        centre = float(np.nonzero(body)[1].mean()) if body.any() else (section.shape[1] - 1) / 2
-        right += float(mask[:, : int(np.floor(centre)) + 1].sum())
+        source = hu[k, ::step_y, ::step_x]
+        known = anatomy.get(int(sources[k])) if sources is not None else None
+        if known is None or known.pixel_mm != pixel_mm or \
+                known.source.dtype != source.dtype or not np.array_equal(known.source, source):
+            known = slice_anatomy(source, pixel_mm)
+        right += float(mask[:, : int(np.floor(known.centre)) + 1].sum())
         total += count
-        enclosed += float((mask & enclosed_by_bone(section, body, pixel_mm)).sum())
-        inside = float(body.sum())
-        fat += float((body & (section >= FAT_HU[0]) & (section <= FAT_HU[1])).sum())
-        lung += float(lung_mask(section, body, pixel_mm).sum())
-        body_area += inside
-        sections.append(inside * area_cm2)
-        shares.append(count / inside if inside else 1.0)
-        values.append(section[mask])
+        enclosed += float((mask & known.enclosed).sum())
+        fat += known.fat
+        lung += known.lung
+        body_area += known.body
+        sections.append(known.body * area_cm2)
+        shares.append(count / known.body if known.body else 1.0)
+        values.append(known.section[mask])
     return AnatomyFindings(
         volume_ml=volume_ml, largest_section_cm2=largest_section_cm2,
         slices=int(len(occupied)), scan_slices=int(liver.shape[0]),

@@ -57,7 +57,7 @@ def fallback_probability(volume: Volume) -> np.ndarray:
     return np.ones(volume.shape, dtype=np.float32)
 
 
-def roi_problem(steering_map_or_probability, volume: Volume) -> str | None:
+def roi_problem(steering_map_or_probability, volume: Volume, anatomy=None) -> str | None:
     """What is implausible about the predicted liver, else ``None``.
 
     Args:
@@ -66,6 +66,9 @@ def roi_problem(steering_map_or_probability, volume: Volume) -> str | None:
             the :class:`SteeringMap` made from it (then only the size of the dilated ROI is
             checked, a weaker test).
         volume: the CT the map belongs to.
+        anatomy: the per-slice anatomy computed beforehand, ``{slice index:
+            SliceAnatomy}`` (:func:`sender.roi.plausibility.find`; a live series' slices as
+            they arrived): the same finding, sooner.
     """
     if isinstance(steering_map_or_probability, SteeringMap):
         roi = steering_map_or_probability.roi
@@ -86,7 +89,7 @@ def roi_problem(steering_map_or_probability, volume: Volume) -> str | None:
     if probability.shape != volume.shape:
         raise ValueError(f"probability map shape {probability.shape} does not match the "
                          f"volume {volume.shape}")
-    findings = find(probability, volume.data, volume.affine, volume.spacing)
+    findings = find(probability, volume.data, volume.affine, volume.spacing, anatomy=anatomy)
     return problem(findings, thickness_mm=volume.shape[0] * float(volume.spacing[2]))
 
 
