@@ -93,12 +93,15 @@ def make_provider(choice: RoiChoice, device: str | None = None, phantom_mask=Non
     return BoxProvider.from_spec(spec.removeprefix("box:"))  # RoiChoice checked the spec
 
 
-def safety_check(allow_small_roi: bool):
-    """The U-Net's plausibility check: warn, and fall back to the safe policy unless allowed."""
+def safety_check(allow_small_roi: bool, anatomy: dict | None = None):
+    """The U-Net's plausibility check: warn, and fall back to the safe policy unless allowed.
+
+    ``anatomy``: per-slice anatomy measured beforehand (a live series' slices as they
+    arrived; :func:`sender.roi.safety.roi_problem`)."""
     from sender.roi.safety import FALLBACK_ADVICE, fallback_probability, roi_problem
 
     def check(probability, volume):
-        problem = roi_problem(probability, volume)
+        problem = roi_problem(probability, volume, anatomy=anatomy)
         if problem is None:
             return probability
         if allow_small_roi:
@@ -314,10 +317,11 @@ class SeriesPipeline:
         if self.slices is not None:
             provider = self.slices.provider_for(series.series_uid, dicom_series)
             timings["unet_slices_ready"] = provider.ready
+            timings["anatomy_slices_ready"] = len(provider.anatomy)
             timings["unet_rest"] = round(time.perf_counter() - started, 3)
         roi_check = None
         if self.automatic:
-            check = safety_check(self.roi.allow_small)
+            check = safety_check(self.roi.allow_small, getattr(provider, "anatomy", None))
 
             def roi_check(probability, volume):
                 checked = time.perf_counter()
@@ -341,16 +345,40 @@ def _read_instance(path):
     return pydicom.dcmread(path)
 
 
+#: Slices per forward pass of a worker that runs the U-Net on a live series' slices as they
+#: arrive. With one intra-op thread a batch of 4 or 8 costs the same per slice as a batch of 2
+#: (0.111 against 0.116 CPU s on this machine), and a small batch is what the series'
+#: completion may have to wait for.
+ARRIVAL_BATCH = 2
+
+
+def arrival_workers(device: str, cores: int) -> int:
+    """Worker threads that run the U-Net while a series arrives, each with one torch thread:
+    one per core on CPU (``cores``: torch's default thread count), one on CUDA.
+
+    Independent single-threaded workers instead of one worker with all cores: measured on this
+    2-core machine (docs/BENCHMARKS.md, "Where the seconds go"), a slice took 0.064-0.085 s per
+    network on one thread but 0.12-0.31 s on two while another process kept a core busy (every
+    parallel region waits for its share on the busy core), and a live sender always has other
+    work then: the DICOM node receives, decodes and spools the next slices. On a quiet machine
+    two single-threaded workers also do more than one with two threads (0.111 against 0.124
+    CPU s per slice).
+    """
+    return 1 if str(device).startswith("cuda") else max(1, int(cores))
+
+
 class SliceProbabilities:
     """The U-Net's liver probability of each slice of a live series, computed as it arrives.
 
     The network is 2D: a slice's map depends on that slice alone (and on the in-plane
     orientation and pixel size, which every slice of a series shares). So while the scanner is
-    still pushing a series, a worker thread runs the U-Net on the slices already there, in
-    batches, and when the series is complete only the slices not done yet remain: the ROI of a
-    300-slice series is ready seconds after its last image instead of after a whole-volume pass.
-    Only axial stacks are done this way (their slice axis stays the slice axis in the network's
-    orientation, :mod:`models.preprocessing`); other series are done whole at the end.
+    still pushing a series, worker threads (:func:`arrival_workers`, one torch thread each)
+    run the U-Net on the slices already there, in small batches (:data:`ARRIVAL_BATCH`), and
+    when the series is complete the workers finish the slices still queued and only those
+    they could not do remain: the ROI of a 300-slice series is ready seconds after its last
+    image instead of after a whole-volume pass. Only axial stacks are done this way (their
+    slice axis stays the slice axis in the network's orientation, :mod:`models.preprocessing`);
+    other series are done whole at the end.
 
     The map of a slice does not depend on the slices batched with it (evaluation-mode batch
     normalisation, per-sample convolutions; checked bit for bit on this CPU: the same slice in
@@ -359,43 +387,64 @@ class SliceProbabilities:
     (:func:`~sender.roi.steering.in_plane_dilation`), and done here as well: when the series is
     complete only the steps across slices remain (margin, threshold, holes). With an
     uncertainty margin (the U-Net's default), which joins regions across slices before the
-    dilation, only the maps are done as slices arrive.
+    dilation, only the maps are done as slices arrive. So is the per-slice anatomy the
+    plausibility check measures (:func:`sender.roi.plausibility.anatomy_of_slice`: body
+    outline, bone rings, fat, lungs) of every slice with predicted liver: at completion only
+    the check's aggregation over the series remains.
     """
 
     def __init__(self, provider, steering: SteeringSettings = SteeringSettings()):
         import queue
         import threading
+        from collections import Counter
+
+        import torch
 
         self.unet = provider
         self.steering = steering.for_provider(provider)
         self._dilate = not self.steering.uncertain_threshold
         self.batch_size = provider.batch_size
+        self.workers = arrival_workers(getattr(provider.device, "type", "cpu"),
+                                       torch.get_num_threads())
         self._queue: queue.Queue = queue.Queue()
-        self._done: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        """Per series, per SOPInstanceUID: the slice's probability and its in-plane dilation."""
-        self._geometry: dict[str, np.ndarray] = {}
+        self._done: dict[str, dict[str, tuple]] = {}
+        """Per series, per SOPInstanceUID: the slice's probability, its in-plane dilation and
+        its anatomy (None where not computed)."""
+        self._geometry: dict[str, tuple] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._working_on: str | None = None
+        self._queued: dict[str, set[str]] = {}
+        """Per series: SOPInstanceUIDs submitted and not yet taken by a worker."""
+        self._in_flight: Counter = Counter()
+        """Per series: batches the workers are computing right now."""
         self._taken: set[str] = set()
         """Series already complete: slices of theirs still queued are not worth computing."""
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="dlad-unet-slices", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name=f"dlad-unet-slices-{n}",
+                                          daemon=True) for n in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, arrival) -> None:
         if arrival.dataset is not None and not self._closed:
+            with self._lock:
+                if arrival.series_uid in self._taken:
+                    return
+                self._queued.setdefault(arrival.series_uid, set()).add(arrival.sop_uid)
             self._queue.put(arrival)
 
     def close(self) -> None:
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def forget(self, series_uid: str) -> None:
         with self._lock:
             self._done.pop(series_uid, None)
             self._geometry.pop(series_uid, None)
+            self._queued.pop(series_uid, None)
             self._taken.add(series_uid)
 
     @staticmethod
@@ -429,14 +478,16 @@ class SliceProbabilities:
     def _work(self) -> None:
         import queue
 
-        from models.inference import predict_probability
+        import torch
 
+        # Per thread (OpenMP): the process's other threads keep its default.
+        torch.set_num_threads(1)
         while True:
             first = self._queue.get()
             if first is None:
                 return
             batch = [first]
-            while len(batch) < self.batch_size:
+            while len(batch) < ARRIVAL_BATCH:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -450,48 +501,66 @@ class SliceProbabilities:
                 groups.setdefault(arrival.series_uid, []).append(arrival)
             for series_uid, arrivals in groups.items():
                 with self._lock:
+                    queued = self._queued.get(series_uid, set())
+                    queued.difference_update(a.sop_uid for a in arrivals)
                     if series_uid in self._taken:
-                        continue  # the series is complete: its map is made whole by now
-                    self._working_on = series_uid
+                        self._idle.notify_all()
+                        continue  # forgotten: its map is not needed
+                    self._in_flight[series_uid] += 1
                 try:
-                    slices = [(a.sop_uid, self._slice(a.dataset)) for a in arrivals]
-                    slices = [(uid, s) for uid, s in slices if s is not None]
-                    if not slices:
-                        continue
-                    affine, spacing = slices[0][1][1], slices[0][1][2]
-                    if not self._axial(affine):
-                        continue
-                    hu = np.stack([s[0] for _, s in slices])
-                    try:
-                        probability = predict_probability(self.unet.models, hu, affine,
-                                                          spacing, batch_size=self.batch_size,
-                                                          flips=self.unet.flips)
-                        dilated = in_plane_dilation(probability, spacing, self.steering) \
-                            if self._dilate else [None] * len(probability)
-                    except Exception:  # computed again, whole, when the series completes
-                        log.debug("U-Net on arriving slices failed", exc_info=True)
-                        continue
-                    with self._lock:
-                        done = self._done.setdefault(series_uid, {})
-                        self._geometry[series_uid] = (affine, spacing)
-                        for (uid, _), p, q in zip(slices, probability, dilated):
-                            done[uid] = (p, q)
+                    self._compute(series_uid, arrivals)
                 finally:
                     with self._lock:
-                        self._working_on = None
+                        self._in_flight[series_uid] -= 1
+                        if self._in_flight[series_uid] <= 0:
+                            del self._in_flight[series_uid]
                         self._idle.notify_all()
 
+    def _compute(self, series_uid: str, arrivals) -> None:
+        """The U-Net (and what else is per slice) on some arriving slices of one series."""
+        from models.inference import predict_probability
+        from sender.roi.plausibility import LIVER_THRESHOLD, anatomy_of_slice
+
+        slices = [(a.sop_uid, self._slice(a.dataset)) for a in arrivals]
+        slices = [(uid, s) for uid, s in slices if s is not None]
+        if not slices:
+            return
+        affine, spacing = slices[0][1][1], slices[0][1][2]
+        if not self._axial(affine):
+            return
+        hu = np.stack([s[0] for _, s in slices])
+        try:
+            probability = predict_probability(self.unet.models, hu, affine, spacing,
+                                              batch_size=self.batch_size,
+                                              flips=self.unet.flips)
+            dilated = in_plane_dilation(probability, spacing, self.steering) \
+                if self._dilate else [None] * len(probability)
+            # Only slices with predicted liver are measured by the check.
+            anatomy = [anatomy_of_slice(section, affine, spacing)
+                       if (p > LIVER_THRESHOLD).any() else None
+                       for section, p in zip(hu, probability)]
+        except Exception:  # computed again, whole, when the series completes
+            log.debug("U-Net on arriving slices failed", exc_info=True)
+            return
+        with self._lock:
+            done = self._done.setdefault(series_uid, {})
+            self._geometry[series_uid] = (affine, spacing)
+            for (uid, _), p, q, a in zip(slices, probability, dilated, anatomy):
+                done[uid] = (p, q, a)
+
     def provider_for(self, series_uid: str, dicom_series) -> _PrecomputedUNet:
-        """The U-Net's map of a complete series: the slices done as they arrived, the others
-        now (in slice order, whole-volume geometry)."""
+        """The U-Net's map of a complete series: the slices done as they arrived or still
+        queued (the workers finish them), the others now (in slice order, whole-volume
+        geometry)."""
         import nibabel as nib
 
         from models.inference import predict_probability
 
         volume = dicom_series.volume
         with self._lock:
-            while self._working_on == series_uid:
+            while self._queued.get(series_uid) or self._in_flight.get(series_uid):
                 self._idle.wait()
+            self._queued.pop(series_uid, None)
             done = self._done.pop(series_uid, None) or {}
             affine, spacing = self._geometry.pop(series_uid, (None, None))
             self._taken.add(series_uid)
@@ -502,12 +571,15 @@ class SliceProbabilities:
             done = {}  # another in-plane orientation or pixel size: do it whole
         probability = np.empty(volume.shape, dtype=np.float32)
         in_plane = np.empty(volume.shape, dtype=np.float32) if self._dilate else None
+        anatomy = {}
         missing = []
         for k, name in enumerate(dicom_series.sources):
             if name in done:
                 probability[k] = done[name][0]
                 if in_plane is not None:
                     in_plane[k] = done[name][1]
+                if done[name][2] is not None:
+                    anatomy[k] = done[name][2]
             else:
                 missing.append(k)
         if missing:
@@ -520,7 +592,7 @@ class SliceProbabilities:
         return _PrecomputedUNet(self.unet, probability, ready=len(volume.data) - len(missing),
                                 in_plane=in_plane,
                                 radii=self.steering.radii_px(volume.spacing),
-                                spacing=volume.spacing)
+                                spacing=volume.spacing, anatomy=anatomy)
 
 
 class _PrecomputedUNet(ProbabilityProvider):
@@ -528,9 +600,12 @@ class _PrecomputedUNet(ProbabilityProvider):
     and the map's in-plane dilation for the radii it was made with."""
 
     def __init__(self, unet, probability: np.ndarray, ready: int, in_plane: np.ndarray,
-                 radii: tuple[float, float], spacing):
+                 radii: tuple[float, float], spacing, anatomy: dict | None = None):
         self.unet, self._probability, self.ready = unet, probability, ready
         self._in_plane, self._radii, self._spacing = in_plane, radii, spacing
+        self.anatomy = anatomy or {}
+        """``{slice index: SliceAnatomy}`` of the slices measured as they arrived (for the
+        plausibility check, :func:`sender.roi.plausibility.find`)."""
         self.name = unet.name
         self.z_margin_mm = unet.z_margin_mm
         self.uncertain_threshold = unet.uncertain_threshold

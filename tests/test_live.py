@@ -485,11 +485,15 @@ def test_a_dicom_folder_input_carries_its_attributes(phantoms, tmp_path):
     assert isinstance(again, StreamHeader) and again.dicom == hidden.dicom
 
 
-@pytest.mark.parametrize("uncertain", [None, 0.0], ids=["default margins", "no uncertainty"])
-def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path, uncertain):
-    """The U-Net (the bundled ensemble) and, without an uncertainty margin, the in-plane
-    dilation run on each slice as it arrives; the series' ROI and steering map are then
-    exactly those of the whole-volume path."""
+@pytest.mark.parametrize("uncertain, wait", [(None, True), (0.0, True), (None, False)],
+                         ids=["default margins", "no uncertainty", "complete at once"])
+def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path, uncertain,
+                                                              wait):
+    """The U-Net (the bundled ensemble), the anatomy the plausibility check measures and,
+    without an uncertainty margin, the in-plane dilation run on each slice as it arrives; the
+    series' ROI and steering map are then exactly those of the whole-volume path, also when
+    the series completes while the worker still holds slices of it (``wait`` False: the rest
+    is computed beside the worker's batch in hand)."""
     import pydicom
 
     from sender.pipeline import prepare_study
@@ -512,14 +516,16 @@ def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path
             arrivals.append(arrival)
             live.observe(arrival)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(
+        while wait and time.monotonic() < deadline and len(
                 live.slices._done.get(series_uid, {})) < len(files):
             time.sleep(0.05)
         encoder, dicom_series, timings = live(CompleteSeries(study, series_uid, arrivals,
                                                              "count"))
     finally:
         live.close()
-    assert timings["unet_slices_ready"] == len(files)
+    if wait:
+        assert timings["unet_slices_ready"] == len(files)
+        assert timings["anatomy_slices_ready"] > 0  # the phantom's liver slices
     whole = prepare_study(dicom_series.volume, UNetProvider(), steering, study_id="whole")
     np.testing.assert_array_equal(encoder.study.roi, whole.roi)
     np.testing.assert_array_equal(encoder.study.diffused.full(), whole.diffused.full())
