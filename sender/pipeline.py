@@ -363,6 +363,9 @@ def arrival_workers(device: str, cores: int) -> int:
     work then: the DICOM node receives, decodes and spools the next slices. On a quiet machine
     two single-threaded workers also do more than one with two threads (0.111 against 0.124
     CPU s per slice).
+
+    >>> arrival_workers("cpu", 2), arrival_workers("cuda:0", 16)
+    (2, 1)
     """
     return 1 if str(device).startswith("cuda") else max(1, int(cores))
 
@@ -380,9 +383,9 @@ class SliceProbabilities:
     slice axis stays the slice axis in the network's orientation, :mod:`models.preprocessing`);
     other series are done whole at the end.
 
-    The map of a slice does not depend on the slices batched with it (evaluation-mode batch
-    normalisation, per-sample convolutions; checked bit for bit on this CPU: the same slice in
-    batches of 1, 3 and 8 and in the whole-volume pass gives the same float32 map). The first
+    The map of a slice does not depend on the slices batched with it nor on the threads that
+    compute it, bit for bit: on CPU every slice passes through the networks alone, on one torch
+    thread (:mod:`models.inference`), in the workers as in a whole-volume pass. The first
     step of the ROI post-processing, the in-plane disc dilation, is per slice too
     (:func:`~sender.roi.steering.in_plane_dilation`), and done here as well: when the series is
     complete only the steps across slices remain (margin, threshold, holes). With an

@@ -485,6 +485,13 @@ def test_a_dicom_folder_input_carries_its_attributes(phantoms, tmp_path):
     assert isinstance(again, StreamHeader) and again.dicom == hidden.dicom
 
 
+def test_arrival_workers_one_per_core_on_cpu_one_on_cuda():
+    from sender.pipeline import arrival_workers
+
+    assert [arrival_workers("cpu", n) for n in (0, 1, 2, 16)] == [1, 1, 2, 16]
+    assert arrival_workers("cuda", 16) == arrival_workers("cuda:1", 2) == 1
+
+
 @pytest.mark.parametrize("uncertain, wait", [(None, True), (0.0, True), (None, False)],
                          ids=["default margins", "no uncertainty", "complete at once"])
 def test_slices_done_as_they_arrive_give_the_whole_series_roi(phantoms, tmp_path, uncertain,

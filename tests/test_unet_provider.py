@@ -92,6 +92,36 @@ def test_array_orientation_does_not_change_the_prediction(provider, synthetic_ab
                           provider.probability(synthetic_abdomen))
 
 
+def test_the_map_does_not_depend_on_threads_or_batches(provider, synthetic_abdomen):
+    """On CPU each batch runs on one torch thread, batches side by side: the map is the same
+    bit for bit whatever the number of workers, the calling thread's torch threads or the
+    batch size (a live sender's slices, computed as they arrive in batches of one or two,
+    equal a whole-volume pass)."""
+    import torch
+
+    from models.inference import predict_probability
+
+    volume = synthetic_abdomen
+    args = (provider.models, volume.data, volume.affine, volume.spacing)
+    reference = predict_probability(*args, batch_size=2, workers=1)
+    threads = torch.get_num_threads()
+    try:
+        for torch_threads in (1, 2):
+            torch.set_num_threads(torch_threads)
+            for workers, batch_size in [(None, 8), (2, 1), (3, 2), (1, 5)]:
+                np.testing.assert_array_equal(
+                    predict_probability(*args, batch_size=batch_size, workers=workers),
+                    reference)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(predict_probability(
+        provider.models, volume.data[2:4], volume.affine, volume.spacing, workers=2),
+        reference[2:4])
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            predict_probability(*args, workers=bad)
+
+
 def test_arguments_are_checked(tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size"):

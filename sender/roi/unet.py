@@ -6,8 +6,10 @@ affine, never interpolated); its probabilities are resampled back to the native 
 (:mod:`models.inference`). Slices are processed in batches of ``batch_size``.
 
 Determinism: the same input gives the same map on the same device (evaluation-mode batch
-normalisation, no dropout, no sampling). CPU and CUDA agree to within
-:data:`CPU_CUDA_TOLERANCE` per voxel (float32 on both; CUDA may use TF32 convolutions).
+normalisation, no dropout, no sampling); on CPU bit for bit whatever the batch size and the
+number of threads (one slice per forward pass, one torch thread per worker:
+:mod:`models.inference`). CPU and CUDA agree to within :data:`CPU_CUDA_TOLERANCE` per voxel
+(float32 on both; CUDA may use TF32 convolutions).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class UNetProvider(ProbabilityProvider):
             with the sender (``models/liver_unet.pt`` and ``models/liver_unet_dom.pt``,
             :data:`models.unet.BUNDLED_ENSEMBLE`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
-        batch_size: slices per forward pass; memory grows linearly with it.
+        batch_size: slices per forward pass on CUDA (memory grows linearly with it); on CPU,
+            slices per worker's turn (each forward pass takes one).
         flips: test-time augmentation with left-right mirrored slices (twice the cost).
 
     Example:
