@@ -457,11 +457,14 @@ def _set(ds, keyword: str, value) -> None:
 
 
 def build_segmentation(snapshot: SeriesSnapshot, version: str, datasets: list):
-    """The ROI as a binary DICOM Segmentation referencing ``datasets`` (None if the ROI is empty)."""
+    """The ROI as a binary DICOM Segmentation referencing ``datasets`` (None if the ROI is empty
+    or not known yet)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     header = snapshot.header
+    if not header.roi_known:
+        return None  # announced as pending, its frame not received: no ROI to describe yet
     mask = header.roi
     if not mask.any():
         return None

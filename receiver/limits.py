@@ -35,7 +35,13 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from shared.wire import PREFIX, StreamHeader, max_data_frame_bytes
+from shared.wire import (
+    PREFIX,
+    StreamHeader,
+    max_data_frame_bytes,
+    max_frame_bytes,
+    max_roi_frame_bytes,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -141,11 +147,15 @@ def study_cost(header: StreamHeader, window: int) -> StudyCost:
     volume = 2 * voxels
     plane = int(header.shape[1]) * int(header.shape[2])
     block = 2 * plane * max((z1 - z0 for _, _, z0, z1 in header.plan), default=1)
-    frame = max_data_frame_bytes(header)
+    frame = max_frame_bytes(header)
     memory = (volume + voxels // 8 + max(4 * MiB, volume // 4) + 3 * block + DECODER_MEMORY
               + 2 * frame + 2 * window)
-    stream = sum(min(frame, 2 * 2 * plane * (z1 - z0) + 64 * 1024)
-                 for _, _, z0, z1 in header.plan)
+    # A header whose ROI is pending: every chunk its ROI frame may add, and that frame.
+    plan = header.planned_bound()
+    stream = sum(min(max_data_frame_bytes(header), 2 * 2 * plane * (z1 - z0) + 64 * 1024)
+                 for _, _, z0, z1 in plan)
+    if not header.roi_known:
+        stream += max_roi_frame_bytes(header)
     try:
         itemsize = np.dtype(header.source_dtype).itemsize
     except TypeError:  # a dtype name numpy does not know: the snapshot is written as int16
@@ -193,8 +203,9 @@ def check_header(header: StreamHeader, limits: Limits, window: int) -> StudyCost
     if voxels > limits.max_voxels:
         raise LimitExceeded(f"the study has {voxels} voxels, more than this receiver takes "
                             f"({limits.max_voxels}, --max-voxels)")
-    if len(header.plan) > limits.max_plan_entries:
-        raise LimitExceeded(f"the plan has {len(header.plan)} chunks, more than this receiver "
+    plan = header.planned_bound()  # with a pending ROI, what its frame may add too
+    if len(plan) > limits.max_plan_entries:
+        raise LimitExceeded(f"the plan has {len(plan)} chunks, more than this receiver "
                             f"takes ({limits.max_plan_entries}, --max-plan-entries)")
     covered: dict[int, np.ndarray] = {}
     for seq, layer, z0, z1 in header.plan:

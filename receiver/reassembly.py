@@ -36,7 +36,7 @@ import numpy as np
 from shared.codecs import Codec, CodecError, get_codec
 from shared.layers import block_digest, clip_base, roi_digest
 from shared.volume import Volume
-from shared.wire import DataChunk, StreamHeader, layer_codecs, voxel_sha256
+from shared.wire import DataChunk, RoiFrame, StreamHeader, WireError, layer_codecs, voxel_sha256
 
 #: Bits of :meth:`Reassembler.slice_layers` (and of status.json's ``slice_layers``): the slice's
 #: base, its ROI residual, its rest residual, and its ROI verified against the sender's digest.
@@ -93,10 +93,15 @@ class Progress:
     exact layer."""
     roi_mismatches: int = 0
     """ROI digest checks that failed (each dropped its block)."""
+    roi_known: bool = True
+    """False while the ROI is pending (its frame not received): no ROI voxel counts yet."""
 
     @property
     def roi_fraction(self) -> float:
-        """Share of the ROI's voxels that are exact (1.0 for an empty ROI)."""
+        """Share of the ROI's voxels that are exact (1.0 for an empty ROI, 0.0 while the ROI
+        is pending)."""
+        if not self.roi_known:
+            return 0.0
         return self.roi_voxels_exact / self.roi_voxels if self.roi_voxels else 1.0
 
     @property
@@ -130,19 +135,19 @@ class Reassembler:
         self._waiting_bytes = 0
         self.max_waiting_bytes = max(4 << 20, 2 * int(np.prod(header.shape)) // 4)
         """Coded bytes of early residuals held at most (more are rejected: resent later)."""
-        # Slice by slice: the whole mask unpacked would take a byte per voxel.
-        self._roi_per_slice = np.array([np.count_nonzero(header.roi_slices(z, z + 1))
-                                        for z in range(nz)], dtype=np.int64)
-        self._rest_per_slice = header.shape[1] * header.shape[2] - self._roi_per_slice
         self._base_lossless = bool(header.layers.get(0, {}).get("lossless", False))
         #: Whole-volume SHA-256 check: None until every layer of every slice is in.
         self.verified: bool | None = None
-        #: The sender's ROI digest of each block, and which slices passed their block's check.
-        self._roi_digests = {(z0, z1): digest for z0, z1, digest in header.roi_digests}
+        # Per slice: ROI voxels and the others; the block of the sender's ROI digest (-1: none).
+        # All zero / none while the ROI is pending (attach_roi fills them in).
+        self._roi_per_slice = np.zeros(nz, dtype=np.int64)
+        self._rest_per_slice = np.zeros(nz, dtype=np.int64)
+        self._roi_digests: dict[tuple[int, int], bytes] = {}
         self._digest_block = np.full(nz, -1, dtype=np.int64)
-        self._digest_ranges = list(self._roi_digests)
-        for index, (z0, z1) in enumerate(self._digest_ranges):
-            self._digest_block[z0:z1] = index
+        self._digest_ranges: list[tuple[int, int]] = []
+        if header.roi_known:
+            self._init_roi()
+        #: Which slices passed their block's ROI digest check.
         self.roi_verified = np.zeros(nz, dtype=bool)
         #: ROI digest checks that failed (each dropped its block).
         self.roi_mismatches = 0
@@ -152,6 +157,48 @@ class Reassembler:
         #: Residuals queued before their base arrived and rejected once it did, and blocks
         #: dropped after a failed ROI check: messages for the stream's problems.
         self.late_rejections: list[str] = []
+
+    def _init_roi(self) -> None:
+        """The per-slice ROI counts and the digest blocks of the (now known) ROI."""
+        header = self.header
+        nz = header.shape[0]
+        # Slice by slice: the whole mask unpacked would take a byte per voxel.
+        self._roi_per_slice = np.array([np.count_nonzero(header.roi_slices(z, z + 1))
+                                        for z in range(nz)], dtype=np.int64)
+        self._rest_per_slice = header.shape[1] * header.shape[2] - self._roi_per_slice
+        self._roi_digests = {(z0, z1): digest for z0, z1, digest in header.roi_digests}
+        self._digest_ranges = list(self._roi_digests)
+        for index, (z0, z1) in enumerate(self._digest_ranges):
+            self._digest_block[z0:z1] = index
+
+    @property
+    def roi_known(self) -> bool:
+        """Whether the ROI is known (in the header, or from the stream's ROI frame)."""
+        return self.header.roi_known
+
+    def attach_roi(self, roi: RoiFrame) -> None:
+        """The ROI frame of a stream whose header announced the ROI as pending: checked against
+        the header (:meth:`~shared.wire.StreamHeader.with_roi`), then its plan entries join the
+        plan and the ROI's voxels are counted; nothing applied so far changes (only bases can
+        have come: layer-1/2 chunks are refused before the ROI).
+
+        Raises:
+            WireError: the frame does not fit the header, or the ROI is known already.
+        """
+        if self.roi_known:
+            raise WireError("ROI frame: the ROI of this stream is known already")
+        self.header = self.header.with_roi(roi)
+        self.plan.update({seq: (layer, z0, z1) for seq, layer, z0, z1 in roi.plan})
+        self._init_roi()
+        self._verify_roi(0, self.header.shape[0])
+        self._update_milestones()
+
+    @property
+    def roi_voxels_per_slice(self) -> np.ndarray:
+        """ROI voxels of each slice (int64, a read-only view; zeros while the ROI is pending)."""
+        view = self._roi_per_slice.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def volume(self) -> np.ndarray:
@@ -179,6 +226,9 @@ class Reassembler:
         if chunk.study_id != self.header.study_id:
             raise ChunkRejected(f"chunk for study {chunk.study_id!r}, expected "
                                 f"{self.header.study_id!r}")
+        if chunk.layer != 0 and not self.roi_known:
+            raise ChunkRejected(f"chunk {chunk.seq}: layer {chunk.layer} before the ROI frame "
+                                "(the header announced the ROI as pending)")
         expected = self.plan.get(chunk.seq)
         if expected is None:
             raise ChunkRejected(f"chunk {chunk.seq} is not in the plan")
@@ -481,18 +531,23 @@ class Reassembler:
             roi_voxels_exact=int(self._roi_per_slice[roi_exact].sum()),
             exact_layer_slices=(int(self.exact_layer_slices.sum()) if self.exact_expected
                                 else None),
-            roi_mismatches=self.roi_mismatches)
+            roi_mismatches=self.roi_mismatches, roi_known=self.roi_known)
 
     @property
     def roi_exact_slices(self) -> np.ndarray:
         """Slices whose ROI voxels are proven exact (digest checked); slices without ROI voxels
-        count once they have their base."""
+        count once they have their base. None of them while the ROI is pending."""
+        if not self.roi_known:
+            return np.zeros(len(self._slice_state), dtype=bool)
         has_base = (self._slice_state & HAS_BASE) > 0
         return self.roi_verified | (has_base & (self._roi_per_slice == 0))
 
     @property
     def exact_layer_slices(self) -> np.ndarray:
-        """Slices with every layer applied (exact once the volume's SHA-256 says so)."""
+        """Slices with every layer applied (exact once the volume's SHA-256 says so); none
+        while the ROI is pending (the layers that need it are still to come)."""
+        if not self.roi_known:
+            return np.zeros(len(self._slice_state), dtype=bool)
         rest_done = ((self._slice_state & HAS_REST_RESIDUAL) > 0) | (self._rest_per_slice == 0)
         return self._roi_ready(self._slice_state, self._roi_per_slice) & rest_done
 
@@ -506,7 +561,7 @@ class Reassembler:
 
     @property
     def roi_complete(self) -> bool:
-        return bool(self.roi_exact_slices[self._roi_per_slice > 0].all())
+        return self.roi_known and bool(self.roi_exact_slices[self._roi_per_slice > 0].all())
 
     @property
     def base_complete(self) -> bool:
@@ -524,8 +579,8 @@ class Reassembler:
 
     @property
     def complete(self) -> bool:
-        """Every planned chunk applied."""
-        return len(self.applied) == len(self.plan)
+        """Every planned chunk applied (the ROI known: its frame plans the layers after 0)."""
+        return self.roi_known and len(self.applied) == len(self.plan)
 
     def missing(self) -> list[tuple[int, int, int, int]]:
         """Planned chunks not applied yet, as ``(seq, layer, z0, z1)``."""

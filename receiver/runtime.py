@@ -27,6 +27,7 @@ from receiver.events import StudyUpdate
 from receiver.limits import StudyCost
 from receiver.store import StoreError, StoreWriteError, StudyRecord
 from shared.webrtc.protocol import MILESTONE_TEXT
+from shared.wire import DataChunk
 
 log = logging.getLogger("dlad.receiver")
 
@@ -35,8 +36,8 @@ log = logging.getLogger("dlad.receiver")
 #: studies arriving together take turns often.
 BATCH_BYTES = 256 * 1024
 
-#: Milestones that always trigger a snapshot.
-MILESTONES = ("roi_complete", "base_complete", "exact_complete", "complete")
+#: Milestones that always trigger a snapshot (``roi_known``: status.json says the ROI is there).
+MILESTONES = ("roi_known", "roi_complete", "base_complete", "exact_complete", "complete")
 
 
 @dataclass
@@ -160,7 +161,8 @@ class StudyRuntime:
         record = self.record
         stream = record.stream
         bad, junk = stream.bad_frames, stream.bad_bytes
-        applied = stream.feed(data, max_bad_frames=max_bad_frames)
+        applied = stream.feed(data, max_bad_frames=max_bad_frames)  # chunks, and a ROI frame
+        chunks = [chunk for chunk in applied if isinstance(chunk, DataChunk)]
         record.counters["network_bytes"] += len(data)
         r = record.reassembler
         found = dict(bad_frames=stream.bad_frames - bad, junk_bytes=stream.bad_bytes - junk)
@@ -183,7 +185,7 @@ class StudyRuntime:
             record.snapshot_written = False
         return Progress(consumed=len(data), applied=len(r.applied), planned=len(r.plan),
                         reached=reached, ended=ended, new_chunks=len(applied),
-                        changed=[(chunk.z0, chunk.z1) for chunk in applied],
+                        changed=[(chunk.z0, chunk.z1) for chunk in chunks],
                         snapshot=record.snapshot_written, **found)
 
     def _finish_pass(self) -> dict | None:
@@ -264,7 +266,7 @@ class StudyRuntime:
                              exact_complete=r.exact_complete,
                              duplicates=self.record.stream.duplicates,
                              problems=self.record.stream.problem_count,
-                             roi_mismatches=r.roi_mismatches,
+                             roi_mismatches=r.roi_mismatches, roi_known=r.roi_known,
                              folder=self.record.name)
 
     def _store_failed(self, session, reason: str) -> None:

@@ -31,14 +31,8 @@ STATE_NAMES = ("not yet", "preview", "liver exact", "exact")
 
 
 def roi_voxels_per_slice(reassembler: Reassembler) -> np.ndarray:
-    """ROI voxels of each slice (int64, one entry per slice), unpacking one slice at a time."""
-    cached = getattr(reassembler, "_dlad_roi_per_slice", None)
-    if cached is None:
-        header = reassembler.header
-        cached = np.array([np.count_nonzero(header.roi_slices(z, z + 1))
-                           for z in range(header.shape[0])], dtype=np.int64)
-        reassembler._dlad_roi_per_slice = cached
-    return cached
+    """ROI voxels of each slice (int64, one entry per slice; zeros while the ROI is pending)."""
+    return reassembler.roi_voxels_per_slice
 
 
 def volume_verified(reassembler: Reassembler) -> bool:

@@ -10,9 +10,11 @@ Layout of ``OUT_DIR`` (one folder per study stream)::
                                    ``dicom`` map (see stream_location), so that the series of
                                    one study sit side by side
         header.dlad                the stream's header frame, written once (atomically)
-        chunks.dlad                append-only log of the data-chunk frames applied, in order;
-                                   written and fsync'd after every batch, before anything
-                                   about that batch is told to the sender
+        chunks.dlad                append-only log of the data-chunk frames applied, in order,
+                                   and of the ROI frame where the header announced the ROI
+                                   as pending (logged when accepted, before the chunks that
+                                   need it); written and fsync'd after every batch, before
+                                   anything about that batch is told to the sender
         status.json                progress report, atomically replaced (see StudyRecord.status)
         volume.nii                 NIfTI snapshot of the reassembled volume, atomically replaced
                                    (volume.nii.gz with --snapshot-format nii.gz)
@@ -65,7 +67,7 @@ from receiver.stream import StudyStream
 from shared.atomic import write_json_atomic
 from shared.nifti import write_nifti
 from shared.webrtc.protocol import stream_key
-from shared.wire import DataChunk, FrameReader, StreamHeader, WireError, parse_frame
+from shared.wire import DataChunk, FrameReader, RoiFrame, StreamHeader, WireError, parse_frame
 
 log = logging.getLogger("dlad.receiver")
 
@@ -196,7 +198,7 @@ class StudyRecord:
         self.folder = folder
         self.name = "/".join(folder.parts[-len(stream_location(header)):])
         """The folder's path below ``OUT_DIR`` (``study/series`` for a DICOM series)."""
-        self.header = header
+        self._header = header
         self.key = key
         self.disk = disk
         self.stream = StudyStream(name=header.study_id)
@@ -212,6 +214,12 @@ class StudyRecord:
         """Whether the last :meth:`write_snapshot` wrote a new volume."""
         self._log: int | None = None  # file descriptor of the chunk log, opened for appending
         self._log_bytes = 0
+
+    @property
+    def header(self) -> StreamHeader:
+        """The stream's header, completed by its ROI frame once that arrived (a header that
+        announced the ROI as pending)."""
+        return self.stream.reassembler.header
 
     @property
     def snapshot_path(self) -> Path:
@@ -290,8 +298,10 @@ class StudyRecord:
             return {}
         return value if isinstance(value, dict) else {}
 
-    def append(self, chunks: list[DataChunk]) -> None:
-        """Add applied chunks to the log, durably (write + fsync) before returning.
+    def append(self, chunks: list[DataChunk | RoiFrame]) -> None:
+        """Add applied chunks to the log, durably (write + fsync) before returning; the
+        stream's ROI frame (a header that announced the ROI as pending) is logged the same way,
+        in its place, so that the log replays it before the chunks that need it.
 
         Raises :class:`StoreWriteError` when they cannot all be stored (quota, reserve, disk
         full, I/O error); the log is then cut back to where it was, so it never ends in a torn
@@ -372,7 +382,9 @@ class StudyRecord:
         """Record the wall time of milestones reached since the last call; return their names."""
         r = self.reassembler
         reached = []
-        for name, done in (("first_chunk", bool(r.applied)), ("roi_complete", r.roi_complete),
+        for name, done in (("first_chunk", bool(r.applied)),
+                           ("roi_known", r.roi_known and self._header.roi_pending),
+                           ("roi_complete", r.roi_complete),
                            ("base_complete", r.base_complete),
                            ("exact_complete", r.exact_complete), ("complete", r.complete)):
             if done and name not in self.times:

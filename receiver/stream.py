@@ -18,7 +18,16 @@ import time
 from collections import deque
 
 from receiver.reassembly import ChunkRejected, Reassembler
-from shared.wire import DataChunk, FrameEvent, FrameReader, StreamEnd, StreamHeader, max_data_frame_bytes
+from shared.wire import (
+    DataChunk,
+    FrameEvent,
+    FrameReader,
+    RoiFrame,
+    StreamEnd,
+    StreamHeader,
+    WireError,
+    max_frame_bytes,
+)
 
 log = logging.getLogger("dlad.receiver")
 
@@ -59,8 +68,11 @@ class StudyStream:
         note = [f"... {left_out} more problems not kept ..."] if left_out > 0 else []
         return self._first_problems + note + list(self._latest_problems)
 
-    def feed(self, data: bytes, max_bad_frames: int | None = None) -> list[DataChunk]:
-        """Consume bytes; return the data chunks applied by this call.
+    def feed(self, data: bytes, max_bad_frames: int | None = None
+             ) -> list[DataChunk | RoiFrame]:
+        """Consume bytes; return the data chunks applied by this call, and the stream's ROI frame
+        where this call accepted it (in stream order: it comes before the chunks that need it,
+        and is logged with them).
 
         A residual that arrives before its base is held (not applied, not returned, not counted
         in :meth:`status`) and returned by the call that brings its base. With
@@ -71,7 +83,7 @@ class StudyStream:
         self.bytes_received += len(data)
         return self._handle(self._reader.feed(data), max_bad_frames)
 
-    def finish(self) -> list[DataChunk]:
+    def finish(self) -> list[DataChunk | RoiFrame]:
         """End of input: report an incomplete trailing frame, recover frames behind it."""
         return self._handle(self._reader.finish())
 
@@ -84,11 +96,34 @@ class StudyStream:
             return
         self.header = header
         self.reassembler = Reassembler(header, clock=self._clock, started=self.started)
-        self._reader.max_body_bytes = max_data_frame_bytes(header)
+        self._reader.max_body_bytes = max_frame_bytes(header)
         self._reader.headers_allowed = False  # another one is a bad frame, never parsed again
 
+    def _accept_roi(self, offset: int, roi: RoiFrame) -> list[RoiFrame]:
+        """The stream's ROI frame: ``[roi]`` when it completes the header (the caller logs it
+        before the chunks that follow), ``[]`` when it is the known one again or is refused."""
+        r = self.reassembler
+        if r is None:
+            self._problem(f"at byte {offset}: ROI frame before any header, skipped")
+            return []
+        if r.header.roi_frame is roi:
+            self.duplicates += 1  # a resumed sender sends it again in every pass
+            return []
+        if not self.header.roi_pending:
+            self._problem(f"at byte {offset}: an ROI frame in a stream whose header carries "
+                          "the ROI, ignored")
+            return []
+        try:
+            r.attach_roi(roi)
+        except WireError as error:
+            self._problem(f"at byte {offset}: {error}")
+            return []
+        self._reader.known_roi = roi
+        self._reader.max_body_bytes = max_frame_bytes(r.header)
+        return [roi]
+
     def _handle(self, events: list[FrameEvent], max_bad_frames: int | None = None
-                ) -> list[DataChunk]:
+                ) -> list[DataChunk | RoiFrame]:
         applied = []
         budget_end = None if max_bad_frames is None else self.bad_frames + max_bad_frames
         for event in events:
@@ -102,6 +137,8 @@ class StudyStream:
                 self.accept_header(event.chunk)
             elif isinstance(event.chunk, StreamEnd):
                 self.end = event.chunk
+            elif isinstance(event.chunk, RoiFrame):
+                applied += self._accept_roi(event.offset, event.chunk)
             elif self.reassembler is None:
                 self._problem(f"at byte {event.offset}: data chunk before any header, skipped")
             else:
@@ -152,6 +189,7 @@ class StudyStream:
         r = self.reassembler
         header = r.header
         missing = r.missing()
+        status["roi_known"] = r.roi_known
         progress = r.progress()
         status.update({
             "study_id": header.study_id,

@@ -12,8 +12,12 @@ Served by the receiver itself (same address, same TLS when it has one), under ``
 ``GET  /viewer/study?study=FOLDER``              the viewer page of one study
 ``GET  /viewer/api/studies``                     JSON list of the studies (folder, state)
 ``GET  /viewer/api/study?study=FOLDER``          JSON: shape, spacing, RAS+ affine, value
-                                                 range, which slices hold ROI
-``GET  /viewer/api/roi?study=FOLDER``            the ROI's surface voxels, bit-packed
+                                                 range, which slices hold ROI, ``roi_known``
+``GET  /viewer/api/roi?study=FOLDER``            the ROI's surface voxels, bit-packed; empty
+                                                 while the ROI is pending (a live stream
+                                                 sends its previews before its ROI frame):
+                                                 the page asks again when a ``state`` event
+                                                 says ``roi_known``
 ``GET  /viewer/api/events?study=FOLDER``         server-sent events: ``state`` (progress,
                                                  milestones, per-slice state and version)
 ``GET  /viewer/api/slices?study=FOLDER&z=0-3,9`` the voxels of those slices, int16 HU
@@ -311,6 +315,7 @@ class LiveViewer:
             "value_range": list(header.value_range),
             "fill": int(header.value_range[0]),
             "affine": np.asarray(header.affine, dtype=float).tolist(),
+            "roi_known": header.roi_known,
             "roi_voxels": header.roi_voxels,
             "roi_slices": (roi_voxels_per_slice(runtime.record.reassembler) > 0).tolist(),
             "exact_expected": 2 in header.layers,
@@ -322,10 +327,14 @@ class LiveViewer:
     async def api_roi(self, request: web.Request) -> web.Response:
         self._check(request)
         runtime, view = await self._runtime(self._folder(request))
+        header = runtime.record.header
+        if not header.roi_known:
+            # Announced as pending and its frame not here yet: no outline to draw (empty), and
+            # nothing cached; the state events say when it is known (roi_known).
+            return await self._binary(request, b"")
         if view.outline is None:
             loop = asyncio.get_running_loop()
-            view.outline = await loop.run_in_executor(None, roi_outline_bits,
-                                                      runtime.record.header)
+            view.outline = await loop.run_in_executor(None, roi_outline_bits, header)
         return await self._binary(request, view.outline)
 
     async def api_slices(self, request: web.Request) -> web.Response:
@@ -362,6 +371,7 @@ class LiveViewer:
             "applied": len(r.applied),
             "planned": len(r.plan),
             "bytes": record.counters.get("network_bytes", 0),
+            "roi_known": r.roi_known,
             "roi_complete": r.roi_complete,
             "base_complete": r.base_complete,
             "exact_expected": r.exact_expected,

@@ -1,14 +1,16 @@
 """The dlad-stream wire format: checksummed, msgpack-framed, self-describing chunks.
 
 The same bytes go to a ``.dlad`` file or over a network channel. A stream is a sequence of
-frames; the first is a header, then data chunks, then an end marker.
+frames; the first is a header, then data chunks, then an end marker. A header may announce the
+ROI as *pending* (``roi_pending``): then an ROI frame follows the first previews and brings
+what the ROI decides (see "Pending ROI" below).
 
 Frame layout (all integers big-endian)::
 
     offset  size  field
     0       4     magic b"DLAD"
     4       1     wire version (1)
-    5       1     kind: 1 = header, 2 = data chunk, 3 = end of stream
+    5       1     kind: 1 = header, 2 = data chunk, 3 = end of stream, 4 = ROI frame
     6       4     body length n (at most MAX_BODY_BYTES)
     10      16    checksum: BLAKE2b-128 of the body
     26      n     body: a msgpack map (fields below)
@@ -60,6 +62,13 @@ Header body (kind 1):
                    when every one of them is lossless (checked against the codec registry: a
                    header that calls a lossy codec lossless is rejected); ``region`` ``"all"``
                    (layer 0), ``"roi"`` (1) or ``"outside-roi"`` (2)
+``roi_pending``    optional, ``true``: the ROI is not in the header but follows in the
+                   stream's ROI frame (kind 4, below). The header then has no ``roi`` and no
+                   ``roi_digests``, its ``layers`` name every layer the stream will carry (the
+                   ROI layer 1 among them), its ``plan`` holds layer 0 alone, blocks that cover
+                   every slice once, and its ``provenance`` nothing of the ROI. Absent (streams
+                   before 2026-12, and every stream whose bases depend on the ROI): the ROI is
+                   in the header
 ``plan``           list of ``[seq, layer, z0, z1]``: every data chunk the stream will carry
                    (``z1`` exclusive), in the sender's intended order (sender/scheduler.py);
                    chunks may arrive in any order: the sender sends a block without ROI voxels
@@ -93,11 +102,51 @@ is proven by the header's ``roi_digests`` and ``sha256``.
 End body (kind 3): ``study_id``; ``chunks`` (data chunks sent); ``bytes`` (total stream bytes
 before this frame).
 
+Pending ROI. A live sender starts a stream as soon as a series is assembled, before the U-Net,
+the plausibility check and the ROI steps are done, where no base depends on the ROI (layered
+``--exact`` mode, whose bases are previews of the original voxels, without diffusion): header
+with ``roi_pending``, then layer-0 chunks (the previews, viewable at once), then the ROI frame,
+then the chunks of layers 1 and 2 in the usual ROI-first order. A receiver refuses a layer-1 or
+layer-2 chunk that comes before the ROI frame (it cannot place it; the sender sends it again
+after the frame), reports no ROI voxel exact and the study not complete before it, and takes at
+most one ROI frame: the same frame again (a resumed sender sends it in every pass) is known by
+its checksum and ignored, another one is refused unparsed. ``dlad-send --out`` keeps the ROI in
+the header (the file is written at once, when the ROI is known).
+
+ROI frame body (kind 4), checked against the header as strictly as the header's own fields
+(:meth:`StreamHeader.with_roi`):
+
+=================  ===========================================================================
+``study_id``       the header's
+``sha256``         the header's (binds the frame to its stream)
+``roi``            the mask, as the header's ``roi``: decoded to the header's ``shape``, its
+                   voxel count checked
+``roi_digests``    as the header's ``roi_digests``: exactly one digest per layer-0 block that
+                   holds ROI voxels
+``plan``           ``[seq, layer, z0, z1]`` of every chunk of layers 1 and 2: each on a block of
+                   the header's layer-0 plan, a layer the header names, at most one per layer
+                   and block, seqs new (neither the header's nor repeated); layer 1 plans
+                   exactly the blocks with ROI voxels, layer 2 (where the header names it)
+                   exactly those with voxels outside the ROI. At most
+                   :data:`MAX_ROI_PLAN_ENTRIES` entries
+``provenance``     map: what decided the ROI (``roi``: provider, its models, the steering
+                   settings, the ROI's share of voxels, ``check``: the plausibility check's
+                   outcome, a fallback taken); merged into the header's provenance, whose keys
+                   it may not replace
+=================  ===========================================================================
+
+The complete header (the pending one with the frame's mask, digests, plan entries and
+provenance) is what the receiver works with from then on; its chunk log keeps the ROI frame in
+its place, so that ``header.dlad`` + ``chunks.dlad`` still replays as a stream.
+
 Limits: a body is at most 64 MiB; msgpack strings, arrays and maps are bounded when parsing;
 the receiver bounds every decompression by the voxels the slice range announces. A data frame
 is at most :func:`max_data_frame_bytes` of its header: twice the raw int16 bytes of the
 largest planned block plus 64 KiB (no codec expands CT slices that much; x265's parameter SEI
-alone is about 2 KB), so a receiver knows from the header how much it may have to buffer.
+alone is about 2 KB), so a receiver knows from the header how much it may have to buffer; an
+ROI frame at most :func:`max_roi_frame_bytes` (the mask bit-packed and its plan and digests).
+Before the ROI frame a receiver budgets for every chunk it may plan
+(:meth:`StreamHeader.planned_bound`: each other layer of each layer-0 block).
 """
 
 from __future__ import annotations
@@ -119,7 +168,7 @@ MAGIC = b"DLAD"
 WIRE_VERSION = 1
 FORMAT_NAME = "dlad-stream"
 FORMAT_VERSION = 1
-KIND_HEADER, KIND_DATA, KIND_END = 1, 2, 3
+KIND_HEADER, KIND_DATA, KIND_END, KIND_ROI = 1, 2, 3, 4
 PREFIX = struct.Struct(">4sBBI16s")
 PREFIX_BYTES = PREFIX.size  # 26
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -304,20 +353,32 @@ class StreamHeader:
     roi_digests: list = field(default_factory=list)
     """``[(z0, z1, digest), ...]``: :func:`shared.layers.roi_digest` of the original ROI voxels
     of each block that has some (empty in streams made before ROI verification)."""
+    roi_pending: bool = False
+    """The header announces the ROI as pending: no mask, no digests, a plan of layer 0 only;
+    the :class:`RoiFrame` brings them (:meth:`with_roi` makes the complete header)."""
+    roi_frame: RoiFrame | None = None
+    """The ROI frame that completed this header (None for a header that carries its ROI)."""
 
     def __init__(self, study_id: str, shape, affine, spacing, source_dtype: str, rescale,
                  value_range, sha256: str, roi: np.ndarray | None = None,
                  layers: dict | None = None, plan: list | None = None, created: str = "",
                  provenance: dict | None = None, *, roi_bits: np.ndarray | None = None,
-                 dicom: dict | None = None, roi_digests: list | None = None):
-        """``roi`` is the bool mask of ``shape``; a parser passes it packed as ``roi_bits``."""
-        if (roi is None) == (roi_bits is None):
+                 dicom: dict | None = None, roi_digests: list | None = None,
+                 roi_pending: bool = False):
+        """``roi`` is the bool mask of ``shape``; a parser passes it packed as ``roi_bits``;
+        ``roi_pending`` (neither given): the ROI follows in a :class:`RoiFrame`."""
+        if roi_pending:
+            if roi is not None or roi_bits is not None or roi_digests:
+                raise ValueError("a header with a pending ROI carries no mask and no digests")
+        elif (roi is None) == (roi_bits is None):
             raise ValueError("give the ROI either as a mask (roi) or packed (roi_bits)")
         self.study_id, self.shape, self.affine, self.spacing = study_id, shape, affine, spacing
         self.source_dtype, self.rescale, self.value_range = source_dtype, rescale, value_range
         self.sha256 = sha256
-        self.roi_bits = (np.packbits(np.asarray(roi, bool).ravel()) if roi_bits is None
-                         else roi_bits)
+        self.roi_pending = roi_pending
+        self.roi_frame = None
+        self.roi_bits = None if roi_pending else (
+            np.packbits(np.asarray(roi, bool).ravel()) if roi_bits is None else roi_bits)
         self.layers = {} if layers is None else layers
         self.plan = [] if plan is None else plan
         self.created = created
@@ -342,7 +403,13 @@ class StreamHeader:
         return mask
 
     def roi_slices(self, z0: int, z1: int) -> np.ndarray:
-        """The ROI mask of slices ``[z0, z1)``, unpacked: bool, shape ``(z1 - z0, ny, nx)``."""
+        """The ROI mask of slices ``[z0, z1)``, unpacked: bool, shape ``(z1 - z0, ny, nx)``.
+
+        Raises:
+            WireError: the ROI is still pending (no :class:`RoiFrame` yet).
+        """
+        if self.roi_bits is None:
+            raise WireError("the ROI of this stream is not known yet (pending)")
         plane = self.shape[1] * self.shape[2]
         start, stop = z0 * plane, z1 * plane
         bits = np.unpackbits(self.roi_bits[start // 8:(stop + 7) // 8])
@@ -350,11 +417,18 @@ class StreamHeader:
         return bits[offset:offset + stop - start].view(bool).reshape(z1 - z0, *self.shape[1:])
 
     @property
-    def roi_voxels(self) -> int:
-        """Voxels in the ROI."""
-        return _count_bits(self.roi_bits)
+    def roi_known(self) -> bool:
+        """Whether the ROI mask is known: carried by the header, or brought by its ROI frame."""
+        return self.roi_bits is not None
+
+    @property
+    def roi_voxels(self) -> int | None:
+        """Voxels in the ROI (None while it is pending)."""
+        return None if self.roi_bits is None else _count_bits(self.roi_bits)
 
     def to_frame(self) -> bytes:
+        if self.roi_frame is not None:
+            raise ValueError("a header completed by an ROI frame is sent as it was: pending")
         body = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "study_id": self.study_id,
             "created": self.created, "shape": list(self.shape),
@@ -362,7 +436,7 @@ class StreamHeader:
             "spacing": [float(v) for v in self.spacing], "source_dtype": self.source_dtype,
             "rescale": [float(v) for v in self.rescale],
             "value_range": [int(v) for v in self.value_range], "sha256": self.sha256,
-            "roi": self._roi_field(),
+            **({"roi_pending": True} if self.roi_pending else {"roi": self._roi_field()}),
             "layers": {str(k): v for k, v in self.layers.items()},
             "plan": [list(map(int, entry)) for entry in self.plan],
             "provenance": self.provenance,
@@ -375,11 +449,73 @@ class StreamHeader:
 
     def _roi_field(self) -> dict:
         """The header's ``roi``: the smaller of the mask's two encodings (:mod:`shared.roimask`)."""
-        packed = zstandard.ZstdCompressor(level=9).compress(self.roi_bits.tobytes())
-        runs = encode_runs(lambda z: self.roi_slices(z, z + 1)[0], self.shape)
-        if runs is not None and len(runs) < len(packed):
-            return {"encoding": "row-runs-zstd", "data": runs, "voxels": self.roi_voxels}
-        return {"encoding": "packbits-zstd", "data": packed, "voxels": self.roi_voxels}
+        return roi_field(self)
+
+    def planned_bound(self) -> list:
+        """The plan, and for a header whose ROI is pending every chunk its :class:`RoiFrame`
+        may add (each other layer of each layer-0 block, seq unknown: -1): what a receiver
+        budgets for before the ROI is known."""
+        if not self.roi_pending or self.roi_frame is not None:
+            return list(self.plan)
+        blocks = [(z0, z1) for _, layer, z0, z1 in self.plan if layer == 0]
+        return list(self.plan) + [(-1, layer, z0, z1) for layer in sorted(self.layers)
+                                  if layer != 0 for z0, z1 in blocks]
+
+    def with_roi(self, roi: RoiFrame) -> StreamHeader:
+        """The complete header: this pending one with the mask, digests, plan entries and
+        provenance of ``roi``, checked against it (see :class:`RoiFrame`).
+
+        Raises:
+            WireError: the frame does not fit this header.
+        """
+        if not self.roi_pending or self.roi_frame is not None:
+            raise WireError("ROI frame: the header carries its ROI already")
+        if roi.study_id != self.study_id or roi.sha256 != self.sha256:
+            raise WireError("ROI frame: study id or sha256 differ from the header's")
+        shape = tuple(self.shape)
+        roi_bits = _decode_roi(roi.roi, shape, "ROI frame")
+        digests = _roi_digests([list(entry) for entry in roi.roi_digests], shape[0],
+                               "ROI frame")
+        blocks = {(z0, z1): seq for seq, layer, z0, z1 in self.plan if layer == 0}
+        seqs = {seq for seq, *_ in self.plan}
+        plane = shape[1] * shape[2]
+        with_roi, outside = set(), set()
+        for z0, z1 in blocks:
+            voxels = _count_bits_range(roi_bits, z0 * plane, z1 * plane)
+            if voxels:
+                with_roi.add((z0, z1))
+            if voxels < (z1 - z0) * plane:
+                outside.add((z0, z1))
+        entries: dict[int, set] = {layer: set() for layer in self.layers if layer != 0}
+        for seq, layer, z0, z1 in roi.plan:
+            if seq in seqs or layer not in entries or (z0, z1) not in blocks \
+                    or (z0, z1) in entries[layer]:
+                raise WireError(f"ROI frame: plan entry {[seq, layer, z0, z1]} is not a new "
+                                "chunk of another layer of one of the header's layer-0 blocks")
+            seqs.add(seq)
+            entries[layer].add((z0, z1))
+        if 1 in entries and entries[1] != with_roi:
+            raise WireError("ROI frame: layer 1 must plan exactly the blocks with ROI voxels")
+        if 2 in entries and entries[2] != outside:
+            raise WireError("ROI frame: layer 2 must plan exactly the blocks with voxels "
+                            "outside the ROI")
+        if {(z0, z1) for z0, z1, _ in digests} != with_roi:
+            raise WireError("ROI frame: roi_digests must hold one digest per block with ROI "
+                            "voxels, for the header's blocks")
+        clash = set(roi.provenance) & set(self.provenance)
+        if clash:
+            raise WireError(f"ROI frame: provenance may not replace the header's "
+                            f"{', '.join(sorted(map(str, clash)))}")
+        header = StreamHeader(
+            study_id=self.study_id, shape=self.shape, affine=self.affine, spacing=self.spacing,
+            source_dtype=self.source_dtype, rescale=self.rescale, value_range=self.value_range,
+            sha256=self.sha256, roi_bits=roi_bits, layers=self.layers,
+            plan=list(self.plan) + [tuple(entry) for entry in roi.plan], created=self.created,
+            provenance={**self.provenance, **roi.provenance}, dicom=self.dicom,
+            roi_digests=digests)
+        header.roi_pending = True
+        header.roi_frame = roi
+        return header
 
     @classmethod
     def from_body(cls, body: dict) -> StreamHeader:
@@ -420,9 +556,16 @@ class StreamHeader:
                                          (value_range[0], value_range[1]))
         if problem:
             raise WireError(f"header: the output cannot hold the voxels: {problem}")
-        roi_digests = _roi_digests(body.get("roi_digests", []), shape[0])
-        roi_field = _require(body, "roi", dict, what)
-        roi_bits = _decode_roi(roi_field, tuple(shape))
+        pending = body.get("roi_pending", False)
+        if pending is not False and pending is not True:
+            raise WireError("header: roi_pending must be true or absent")
+        if pending:
+            if "roi" in body or "roi_digests" in body:
+                raise WireError("header: a pending ROI comes with no roi and no roi_digests")
+            roi_digests, roi_bits = [], None
+        else:
+            roi_digests = _roi_digests(body.get("roi_digests", []), shape[0])
+            roi_bits = _decode_roi(_require(body, "roi", dict, what), tuple(shape))
         layers = check_layers(_require(body, "layers", dict, what))
         plan = []
         seen = set()
@@ -435,6 +578,8 @@ class StreamHeader:
                 raise WireError(f"header: invalid plan entry {entry}")
             seen.add(seq)
             plan.append(tuple(entry))
+        if pending:
+            _check_pending_plan(plan, layers, shape[0])
         provenance = body.get("provenance", {})
         dicom = check_dicom_attributes(body.get("dicom", {}))
         return cls(study_id=study_id, shape=tuple(shape),
@@ -444,22 +589,49 @@ class StreamHeader:
                    value_range=(value_range[0], value_range[1]), sha256=sha256, roi_bits=roi_bits,
                    layers=layers, plan=plan, created=str(body.get("created", "")),
                    provenance=provenance if isinstance(provenance, dict) else {}, dicom=dicom,
-                   roi_digests=roi_digests)
+                   roi_digests=roi_digests, roi_pending=pending)
 
 
-def _roi_digests(value, nz: int) -> list:
-    """The header's ``roi_digests``: disjoint ``[z0, z1, 32 bytes]`` blocks inside the volume."""
+def _check_pending_plan(plan: list, layers: dict, nz: int) -> None:
+    """A header with a pending ROI: a layer that needs the ROI (1) is announced, and the plan is
+    layer 0 alone, blocks that cover the volume once (the ROI frame plans the other layers on
+    these blocks)."""
+    if 1 not in layers:
+        raise WireError("header: a pending ROI needs a stream with the ROI layer (1)")
+    covered = np.zeros(nz, dtype=np.int64)
+    for _, layer, z0, z1 in plan:
+        if layer != 0:
+            raise WireError("header: with a pending ROI the plan holds layer 0 only")
+        covered[z0:z1] += 1
+    if not (covered == 1).all():
+        raise WireError("header: with a pending ROI the layer-0 blocks must cover every "
+                        "slice once")
+
+
+def roi_field(header: StreamHeader) -> dict:
+    """The ``roi`` field of a header or ROI frame for ``header``'s mask: the smaller of the
+    mask's two encodings (:mod:`shared.roimask`)."""
+    packed = zstandard.ZstdCompressor(level=9).compress(header.roi_bits.tobytes())
+    runs = encode_runs(lambda z: header.roi_slices(z, z + 1)[0], header.shape)
+    if runs is not None and len(runs) < len(packed):
+        return {"encoding": "row-runs-zstd", "data": runs, "voxels": header.roi_voxels}
+    return {"encoding": "packbits-zstd", "data": packed, "voxels": header.roi_voxels}
+
+
+def _roi_digests(value, nz: int, what: str = "header") -> list:
+    """The ``roi_digests`` of a header or ROI frame: disjoint ``[z0, z1, 32 bytes]`` blocks
+    inside the volume."""
     if not isinstance(value, list) or len(value) > nz:
-        raise WireError("header: roi_digests must be a list of at most one entry per slice")
+        raise WireError(f"{what}: roi_digests must be a list of at most one entry per slice")
     digests, covered = [], np.zeros(nz, dtype=bool)
     for entry in value:
         if (not isinstance(entry, list) or len(entry) != 3
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:2])
                 or not isinstance(entry[2], bytes) or len(entry[2]) != ROI_DIGEST_BYTES):
-            raise WireError("header: malformed roi_digests entry")
+            raise WireError(f"{what}: malformed roi_digests entry")
         z0, z1, digest = entry
         if not 0 <= z0 < z1 <= nz or covered[z0:z1].any():
-            raise WireError(f"header: roi_digests block [{z0}, {z1}) is outside the volume or "
+            raise WireError(f"{what}: roi_digests block [{z0}, {z1}) is outside the volume or "
                             "overlaps another")
         covered[z0:z1] = True
         digests.append((z0, z1, digest))
@@ -475,33 +647,51 @@ def _count_bits(packed: np.ndarray) -> int:
     return int(_BITS_IN_BYTE[packed].sum(dtype=np.int64))
 
 
-def _decode_roi(roi_field: dict, shape) -> np.ndarray:
-    """The packed ROI mask of the header's ``roi`` field (never unpacked: 1/8 byte per voxel)."""
+def _count_bits_range(packed: np.ndarray, start: int, stop: int) -> int:
+    """Set bits ``[start, stop)`` of a packed mask (first voxel in the high bit)."""
+    if stop <= start:
+        return 0
+    first, last = start // 8, (stop - 1) // 8
+    count = _count_bits(packed[first:last + 1])
+    head, tail = start % 8, 7 - (stop - 1) % 8
+    if head:
+        count -= int(_BITS_IN_BYTE[packed[first] & np.uint8((0xFF << (8 - head)) & 0xFF)])
+    if tail:
+        count -= int(_BITS_IN_BYTE[packed[last] & np.uint8((1 << tail) - 1)])
+    return count
+
+
+def _decode_roi(roi_field: dict, shape, what: str = "header") -> np.ndarray:
+    """The packed ROI mask of a header's or ROI frame's ``roi`` field (never unpacked: 1/8 byte
+    per voxel)."""
+    if not isinstance(roi_field, dict):
+        raise WireError(f"{what}: roi must be a map")
     encoding = roi_field.get("encoding")
     if encoding not in ("packbits-zstd", "row-runs-zstd") or not isinstance(roi_field.get("data"), bytes):
-        raise WireError("header: unsupported ROI encoding")
+        raise WireError(f"{what}: unsupported ROI encoding")
     total = int(np.prod(shape))
     expected = (total + 7) // 8
     if encoding == "row-runs-zstd":
         try:
             roi_bits = decode_runs(roi_field["data"], shape)
         except MaskError as error:
-            raise WireError(f"header: {error}") from None
+            raise WireError(f"{what}: {error}") from None
     else:
         try:
             with zstandard.ZstdDecompressor().stream_reader(roi_field["data"]) as reader:
                 packed = reader.read(expected + 1)
         except zstandard.ZstdError:
-            raise WireError("header: corrupt ROI mask") from None
+            raise WireError(f"{what}: corrupt ROI mask") from None
         if len(packed) != expected:
-            raise WireError("header: ROI mask has the wrong size")
+            raise WireError(f"{what}: ROI mask has the wrong size")
         roi_bits = np.frombuffer(packed, np.uint8).copy()
     if total % 8:
         # Bits past the last voxel are no voxels: cleared, so that they count nowhere and the
         # mask packs to the same bytes as the unpacked mask would (the stream key hashes them).
         roi_bits[-1] &= np.uint8((0xFF << (8 - total % 8)) & 0xFF)
-    if _count_bits(roi_bits) != roi_field.get("voxels"):
-        raise WireError("header: ROI mask voxel count mismatch")
+    voxels = roi_field.get("voxels")
+    if isinstance(voxels, bool) or _count_bits(roi_bits) != voxels:
+        raise WireError(f"{what}: ROI mask voxel count mismatch")
     return roi_bits
 
 
@@ -565,11 +755,83 @@ class StreamEnd:
                    bytes=_require(body, "bytes", int, "end"))
 
 
+#: Most plan entries an ROI frame may add: layers 1 and 2 of one-slice blocks.
+MAX_ROI_PLAN_ENTRIES = 2 * MAX_DIMENSION
+
+
+@dataclass
+class RoiFrame:
+    """The ROI of a stream whose header announced it as pending (kind 4, see the module
+    docstring): mask, per-block digests, the plan of the layers that need the ROI, and the
+    ROI's provenance. Parsed on its own, it is checked against its header by
+    :meth:`StreamHeader.with_roi`."""
+
+    study_id: str
+    """Study of the stream."""
+    sha256: str
+    """The header's ``sha256``: binds the frame to its stream."""
+    roi: dict
+    """``{"encoding", "data", "voxels"}``: the mask, as in a header's ``roi``."""
+    roi_digests: list
+    """``[(z0, z1, digest), ...]`` as in a header's ``roi_digests``."""
+    plan: list
+    """``[(seq, layer, z0, z1), ...]``: chunks of layers 1 and 2, on the header's blocks."""
+    provenance: dict = field(default_factory=dict)
+    """What decided the ROI: provider, plausibility check, fallback (merged into the header's
+    provenance; it may add keys, not replace them)."""
+    raw: bytes | None = field(default=None, repr=False, compare=False)
+    """The frame as received (a receiver logs it as it came), or None for one made here."""
+
+    @classmethod
+    def make(cls, header: StreamHeader, roi: np.ndarray, roi_digests: list, plan: list,
+             provenance: dict | None = None) -> RoiFrame:
+        """The ROI frame of the pending ``header`` for the bool mask ``roi``."""
+        packed = StreamHeader(header.study_id, header.shape, header.affine, header.spacing,
+                              header.source_dtype, header.rescale, header.value_range,
+                              header.sha256, roi=roi)
+        return cls(study_id=header.study_id, sha256=header.sha256, roi=roi_field(packed),
+                   roi_digests=[(int(z0), int(z1), bytes(d)) for z0, z1, d in roi_digests],
+                   plan=[tuple(map(int, entry)) for entry in plan],
+                   provenance=dict(provenance or {}))
+
+    def to_frame(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        return frame(KIND_ROI, {
+            "study_id": self.study_id, "sha256": self.sha256, "roi": self.roi,
+            "roi_digests": [[z0, z1, digest] for z0, z1, digest in self.roi_digests],
+            "plan": [list(entry) for entry in self.plan], "provenance": self.provenance})
+
+    @classmethod
+    def from_body(cls, body: dict) -> RoiFrame:
+        """The frame's fields, checked for form; :meth:`StreamHeader.with_roi` checks them
+        against the header (mask size, digests per block, plan)."""
+        what = "ROI frame"
+        sha256 = _require(body, "sha256", str, what)
+        if len(sha256) != 64:
+            raise WireError("ROI frame: sha256 must be 64 hex characters")
+        roi = _require(body, "roi", dict, what)
+        digests = _roi_digests(_require(body, "roi_digests", list, what), MAX_DIMENSION, what)
+        entries = _require(body, "plan", list, what)
+        if len(entries) > MAX_ROI_PLAN_ENTRIES:
+            raise WireError(f"ROI frame: more than {MAX_ROI_PLAN_ENTRIES} plan entries")
+        plan = []
+        for entry in entries:
+            if (not isinstance(entry, list) or len(entry) != 4
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
+                    or entry[1] not in (1, 2) or not 0 <= entry[2] < entry[3] <= MAX_DIMENSION
+                    or entry[0] < 0):
+                raise WireError(f"ROI frame: malformed plan entry {entry!r}"[:200])
+            plan.append(tuple(entry))
+        return cls(study_id=_study_id(body, what), sha256=sha256, roi=roi, roi_digests=digests,
+                   plan=plan, provenance=_require(body, "provenance", dict, what))
+
+
 _PARSERS = {KIND_HEADER: StreamHeader.from_body, KIND_DATA: DataChunk.from_body,
-            KIND_END: StreamEnd.from_body}
+            KIND_END: StreamEnd.from_body, KIND_ROI: RoiFrame.from_body}
 
 
-def parse_frame(data: bytes) -> StreamHeader | DataChunk | StreamEnd:
+def parse_frame(data: bytes) -> StreamHeader | DataChunk | StreamEnd | RoiFrame:
     """Parse one complete frame (prefix + body); raise :class:`WireError` if anything is off."""
     if len(data) < PREFIX_BYTES:
         raise WireError("frame shorter than its prefix")
@@ -587,7 +849,10 @@ def parse_frame(data: bytes) -> StreamHeader | DataChunk | StreamEnd:
     body = memoryview(data)[PREFIX_BYTES:]  # no copy of the body (a payload is megabytes)
     if _digest(body) != digest:
         raise WireError("checksum mismatch")
-    return _PARSERS[kind](_unpack_body(body))
+    parsed = _PARSERS[kind](_unpack_body(body))
+    if kind == KIND_ROI:
+        parsed.raw = bytes(data)
+    return parsed
 
 
 @dataclass
@@ -598,7 +863,7 @@ class FrameEvent:
     """Stream offset of the frame (or of the bad bytes)."""
     size: int
     """Bytes the frame (or the skipped region) occupied."""
-    chunk: StreamHeader | DataChunk | StreamEnd | None = None
+    chunk: StreamHeader | DataChunk | StreamEnd | RoiFrame | None = None
     """The parsed chunk, when the frame was good."""
     error: str | None = None
     """Why the bytes were rejected, when they were bad (the first reason of a merged run)."""
@@ -652,7 +917,10 @@ class FrameReader:
     announces a longer body is rejected at once. A receiver lowers it once the header says how
     large the study's frames can be, and clears ``headers_allowed``: a stream has one header,
     and parsing another (its ROI mask unpacked and counted: a 2 KB frame that costs a large
-    study half a second) is work a peer could make the receiver repeat without end.
+    study half a second) is work a peer could make the receiver repeat without end. For the same
+    reason, once a stream's ROI frame is accepted (``known_roi``), another ROI frame is not
+    parsed again: one with the same checksum is that frame again (a resumed sender sends it in
+    every pass) and is returned as the known one; any other is a bad frame.
     """
 
     def __init__(self, max_body_bytes: int = MAX_BODY_BYTES):
@@ -660,6 +928,7 @@ class FrameReader:
         self._offset = 0  # stream offset of _buffer[0]
         self.max_body_bytes = max_body_bytes
         self.headers_allowed = True
+        self.known_roi: RoiFrame | None = None
 
     @property
     def pending(self) -> int:
@@ -687,8 +956,23 @@ class FrameReader:
                 pos = start
             if size - pos < PREFIX_BYTES:
                 break
-            _, version, kind, length, _ = PREFIX.unpack_from(buffer, pos)
+            _, version, kind, length, checksum = PREFIX.unpack_from(buffer, pos)
             another_header = kind == KIND_HEADER and not self.headers_allowed
+            known = self.known_roi
+            if (kind == KIND_ROI and known is not None and version == WIRE_VERSION
+                    and length <= self.max_body_bytes):
+                known_frame = known.to_frame()
+                if checksum != known_frame[PREFIX_BYTES - 16:PREFIX_BYTES] or \
+                        length != len(known_frame) - PREFIX_BYTES:
+                    pos = self._skip_bad(events, pos, "a second ROI frame that differs from "
+                                                      "the first (not parsed)")
+                    continue
+                end = pos + PREFIX_BYTES + length
+                if size < end:
+                    break
+                events.append(FrameEvent(self._offset + pos, end - pos, chunk=known))
+                pos = end
+                continue
             if (length > self.max_body_bytes or version != WIRE_VERSION or kind not in _PARSERS
                     or another_header):
                 # Not a frame this reader would take: do not wait for its body.
@@ -763,6 +1047,23 @@ def max_data_frame_bytes(header: StreamHeader) -> int:
     plane = int(header.shape[1]) * int(header.shape[2])
     slices = max((z1 - z0 for _, _, z0, z1 in header.plan), default=1)
     return min(PREFIX_BYTES + MAX_BODY_BYTES, 2 * 2 * plane * slices + DATA_FRAME_OVERHEAD)
+
+
+def max_roi_frame_bytes(header: StreamHeader) -> int:
+    """Largest ROI frame (prefix + body) a stream with this header may carry: the mask
+    bit-packed (an eighth of a byte a voxel) and zstd's worst-case overhead, a digest and two
+    plan entries per slice (128 bytes a slice is ample for their msgpack), and
+    :data:`DATA_FRAME_OVERHEAD` for the fields and the provenance."""
+    voxels = int(np.prod(header.shape, dtype=np.int64))
+    return min(PREFIX_BYTES + MAX_BODY_BYTES, voxels // 8 + voxels // 1024
+               + 128 * int(header.shape[0]) + DATA_FRAME_OVERHEAD)
+
+
+def max_frame_bytes(header: StreamHeader) -> int:
+    """Largest frame a reader waits for once it has ``header``: a data frame, or the ROI frame
+    while the ROI is not known."""
+    data = max_data_frame_bytes(header)
+    return data if header.roi_known else max(data, max_roi_frame_bytes(header))
 
 
 def voxel_sha256(voxels: np.ndarray) -> str:

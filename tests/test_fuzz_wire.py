@@ -220,3 +220,94 @@ def test_folder_names_are_safe(study_id):
 def test_folder_names_of_ids_that_sanitise_alike_differ():
     names = {folder_name(i) for i in ("a/b", "a_b", "a b", "a\\b", ".a_b", "a_b-0")}
     assert len(names) == 6 and "a_b" in names
+
+
+# --- the ROI frame (a header that announced the ROI as pending) ----------------------------------
+
+@pytest.fixture(scope="module")
+def pending_study():
+    """A tiny live-style stream: a header with the ROI pending, one preview, the ROI frame, the
+    rest; the frames, the ROI frame's index and the original voxels."""
+    from concurrent.futures import Future
+    from dataclasses import replace
+
+    from models.phantoms import make_phantom
+    from sender.encoder import EncodeSettings, StudyEncoder
+    from sender.pipeline import prepare_study
+    from sender.roi.provider import StaticMaskProvider
+
+    volume, liver = make_phantom((6, 32, 40), spacing=(10.0, 10.0, 4.0), seed=9)
+    prepared = prepare_study(volume, StaticMaskProvider(liver))
+    future: Future = Future()
+    study = replace(prepared, roi=None, diffused=None,
+                    provenance={k: v for k, v in prepared.provenance.items() if k != "roi"})
+    encoder = StudyEncoder(study, EncodeSettings(exact=True, group_slices=2, preset="fast"),
+                           roi=future)
+    chunks = encoder.chunks()
+    frames = [encoder.header.to_frame(), next(chunks).to_frame()]
+    future.set_result(prepared)
+    frames += [chunk.to_frame() for chunk in chunks]
+    return frames, 2, volume
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_roi_frames_are_never_used(pending_study, data):
+    frames, at, volume = pending_study
+    original = frames[at]
+    mutated = bytearray(original)
+    how = data.draw(st.sampled_from(["flip", "truncate", "insert"]))
+    if how == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            position = data.draw(st.integers(0, len(mutated) - 1))
+            mutated[position] ^= data.draw(st.integers(1, 255))
+    elif how == "truncate":
+        del mutated[data.draw(st.integers(1, len(mutated) - 1)):]
+    else:
+        position = data.draw(st.integers(1, len(mutated) - 1))
+        mutated[position:position] = data.draw(st.binary(min_size=1, max_size=64))
+    if bytes(mutated) == original:
+        return
+    stream = StudyStream()
+    stream.feed(b"".join(frames[:at]) + bytes(mutated) + b"".join(frames[at + 1:]))
+    stream.finish()
+    status = stream.status()
+    r = stream.reassembler
+    if r.roi_known:  # only the frame as sent, hidden intact in the bytes, can be taken
+        assert r.header.roi_frame.to_frame() == original and original in bytes(mutated)
+    else:
+        assert status["roi_complete"] is False and status["chunks_applied"] <= 3
+        assert all(r.plan[seq][0] == 0 for seq in r.applied)
+
+
+roi_values = st.one_of(chunk_values, st.lists(st.lists(st.integers(-3, 8), max_size=4),
+                                              max_size=6))
+
+
+@FUZZ
+@given(st.data())
+def test_hostile_roi_frame_bodies_never_raise(pending_study, data):
+    """Well-formed ROI frames (good checksum) whose fields are anything at all: the stream never
+    raises, and whatever it accepts, "verified" still means the voxels match the SHA-256."""
+    from shared.wire import KIND_ROI
+
+    frames, at, volume = pending_study
+    body = msgpack.unpackb(frames[at][PREFIX.size:], raw=False)
+    for name in data.draw(st.lists(st.sampled_from(sorted(body)), max_size=3, unique=True)):
+        if data.draw(st.booleans()):
+            body[name] = data.draw(roi_values)
+        else:
+            del body[name]
+    try:
+        hostile = frame(KIND_ROI, body)
+    except (WireError, TypeError, ValueError, OverflowError):
+        return
+    stream = StudyStream()
+    stream.feed(b"".join(frames[:at]) + hostile + b"".join(frames[at + 1:]))
+    stream.finish()
+    status = stream.status()
+    r = stream.reassembler
+    if not r.roi_known:
+        assert status["roi_complete"] is False and r.progress().roi_fraction == 0.0
+    if r.verified:
+        assert np.array_equal(r.volume, volume.data)

@@ -244,21 +244,35 @@ async function main() {
   }
 
   // ROI outline: the server sends the ROI's surface voxels (6-neighbourhood), bit-packed;
-  // cut by any view's plane they draw the outline. Kept as voxel indices per slice.
-  const outlineBits = new Uint8Array(
-    await (await fetch(api("roi"), {cache: "no-store"})).arrayBuffer());
+  // cut by any view's plane they draw the outline. Kept as voxel indices per slice. A live
+  // stream may send its previews before its ROI (info.roi_known false): no outline then, and
+  // it is fetched (with the slices that hold ROI) once a state event says the ROI is known.
   const outline = Array.from({length: nz}, () => []);
-  for (let byte = 0; byte < outlineBits.length; byte++) {
-    const bits = outlineBits[byte];
-    if (!bits) continue;
-    for (let bit = 0; bit < 8; bit++) {
-      if (bits & (128 >> bit)) {
-        const v = byte * 8 + bit;
-        outline[Math.floor(v / plane)].push(v);
+  let roiLoaded = false;
+  async function loadRoi() {
+    if (!info.roi_known) {
+      const fresh = await (await fetch(api("study"), {cache: "no-store"})).json();
+      if (!fresh.roi_known) return;
+      info.roi_known = true;
+      info.roi_voxels = fresh.roi_voxels;
+      info.roi_slices = fresh.roi_slices;
+    }
+    const outlineBits = new Uint8Array(
+      await (await fetch(api("roi"), {cache: "no-store"})).arrayBuffer());
+    for (let byte = 0; byte < outlineBits.length; byte++) {
+      const bits = outlineBits[byte];
+      if (!bits) continue;
+      for (let bit = 0; bit < 8; bit++) {
+        if (bits & (128 >> bit)) {
+          const v = byte * 8 + bit;
+          outline[Math.floor(v / plane)].push(v);
+        }
       }
     }
+    roiLoaded = true;
+    metrics.overlayReadyMs = performance.now();
   }
-  metrics.overlayReadyMs = performance.now();
+  if (info.roi_known) await loadRoi();
   const border = Math.max(2, Math.round(Math.min(nx, ny) / 64));
   let painted = "";
 
@@ -411,6 +425,10 @@ async function main() {
     try {
       while (latest && latest.revision !== shownRevision) {
         const s = latest;
+        if (s.roi_known && !roiLoaded) {
+          await loadRoi();
+          painted = "";  // every slice again, with the outline
+        }
         const changed = [];
         const started = performance.now();
         for (let z = 0; z < nz; z++) if (s.versions[z] > have[z]) changed.push(z);

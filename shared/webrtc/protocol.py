@@ -15,10 +15,16 @@ Exchange (``S`` sender, ``R`` receiver)::
     R  text   {"type": "ack", "consumed", "applied", "planned", "roi_complete",
                "base_complete", "exact_complete", "verified"}   (after each batch it applied)
     R  text   {"type": "done", "complete", "verified", "missing": [seq...], ...,
-               "roi_mismatches"}                          (after it applied the end frame)
+               "roi_mismatches", "roi_known"}             (after it applied the end frame)
 
 ``missing`` includes chunks the receiver rejected or dropped after a failed ROI digest check
 (``roi_mismatches`` counts those checks): the sender sends them again on its next pass.
+
+A header that announces the ROI as pending (:mod:`shared.wire`) is followed, in every pass, by
+the previews, then the ROI frame, then the chunks that need the ROI: ``have`` may name chunks
+the sender plans only once its ROI is computed, and ``roi_known`` false in ``done`` says the
+receiver still lacks the ROI frame (then it planned only the bases, and the sender sends the
+frame and every chunk after it again).
 
 An ``error`` says why the receiver closes the session; ``retry`` whether trying again may
 help, and ``retry_after`` (seconds, only when the receiver is busy: no memory for the study
@@ -60,6 +66,7 @@ CONTROL_TYPES = ("hello", "inventory", "ack", "done", "error", "keepalive")
 #: The milestones a receiver reports (``reached`` of an ack, ``times`` of status.json), in words.
 MILESTONE_TEXT = {
     "first_chunk": "first chunk applied",
+    "roi_known": "ROI frame received (the stream's header announced the ROI as pending)",
     "first_roi_slice": "first ROI slice bit-exact (digest verified)",
     "base_complete": "base complete (every slice viewable)",
     "roi_complete": "ROI complete (bit-exact, every block digest verified)",
@@ -115,7 +122,8 @@ def stream_key(header: StreamHeader) -> str:
         [float(v) for v in np.asarray(header.affine, float).ravel()],
         [float(v) for v in header.spacing], header.source_dtype,
         [float(v) for v in header.rescale], [int(v) for v in header.value_range],
-        header.sha256, hashlib.sha256(header.roi_bits.tobytes()).hexdigest(),
+        header.sha256, "pending" if header.roi_bits is None else
+        hashlib.sha256(header.roi_bits.tobytes()).hexdigest(),
         sorted((int(k), sorted(v.items()) if isinstance(v, dict) else v)
                for k, v in header.layers.items()),
         [list(map(int, entry)) for entry in header.plan],
