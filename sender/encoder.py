@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import msgpack
@@ -36,7 +37,14 @@ from sender.scheduler import PREVIEW_SHARE, PlannedChunk, auto_group, plan_chunk
 from shared.codecs import CodecError, codec_names, get_codec
 from shared.layers import block_digest, clip_base, residual, roi_digest
 from shared.volume import Volume, representation_problem
-from shared.wire import REGION_OF_LAYER, DataChunk, StreamEnd, StreamHeader, voxel_sha256
+from shared.wire import (
+    REGION_OF_LAYER,
+    DataChunk,
+    RoiFrame,
+    StreamEnd,
+    StreamHeader,
+    voxel_sha256,
+)
 
 LAYERED = "layered"
 #: What the ROI layer may be (EncodeSettings.roi_layer).
@@ -137,11 +145,13 @@ class PreparedStudy:
 
     volume: Volume
     """The original volume."""
-    roi: np.ndarray
-    """bool, voxels that must arrive bit-exact after layers 0+1."""
-    diffused: np.ndarray
+    roi: np.ndarray | None
+    """bool, voxels that must arrive bit-exact after layers 0+1 (None: still being computed,
+    see :class:`StudyEncoder`'s ``roi``)."""
+    diffused: np.ndarray | None
     """int16, the diffused volume (equal to the original inside the ROI); or a
-    :class:`~sender.diffusion.LazyDiffusion` that computes each block when it is encoded."""
+    :class:`~sender.diffusion.LazyDiffusion` that computes each block when it is encoded (None
+    with the ROI)."""
     study_id: str
     """Id written into every chunk."""
     provenance: dict = field(default_factory=dict)
@@ -192,8 +202,27 @@ def fill_region(voxels: np.ndarray, unknown: np.ndarray, roi: np.ndarray) -> np.
     return np.where(unknown, fill, voxels)
 
 
+class RoiFailed(RuntimeError):
+    """The ROI of a study whose stream had started (its ROI pending) could not be computed."""
+
+
+def can_defer_roi(settings: EncodeSettings, diffusion_iterations: int) -> bool:
+    """Whether a stream may start before its ROI is known (header with a pending ROI, then
+    previews, then the ROI frame: shared/wire.py): only where no base depends on the ROI, i.e.
+    layered ``exact`` mode, whose bases are previews of the original voxels, without
+    diffusion (which the ROI steers). Elsewhere the ROI stays in the header."""
+    return settings.codec == LAYERED and settings.exact and diffusion_iterations == 0
+
+
 class StudyEncoder:
     """Builds the header and encodes chunks on demand.
+
+    With ``roi`` (a future of the :class:`PreparedStudy` with its ROI, computed in another
+    thread; ``study`` has ``roi`` and ``diffused`` None), the header announces the ROI as
+    pending and plans layer 0 alone (its blocks in slice order): :meth:`chunks` yields the
+    previews as long as the ROI is not ready, then the :class:`~shared.wire.RoiFrame` (mask,
+    digests, the plan of layers 1 and 2), then the rest in the usual order. Only where
+    :func:`can_defer_roi`.
 
     Example:
         >>> encoder = StudyEncoder(prepared, EncodeSettings(exact=True))   # doctest: +SKIP
@@ -202,13 +231,22 @@ class StudyEncoder:
         ...         out.write(frame)
     """
 
-    def __init__(self, study: PreparedStudy, settings: EncodeSettings = EncodeSettings()):
-        if study.diffused.shape != study.volume.shape or study.roi.shape != study.volume.shape:
-            raise ValueError("diffused volume and ROI must have the volume's shape")
+    def __init__(self, study: PreparedStudy, settings: EncodeSettings = EncodeSettings(),
+                 roi: Future | None = None):
         original = study.volume.data
+        self._roi_future = roi
+        self._roi_lock = threading.Lock()
+        self.roi_frame: RoiFrame | None = None
+        """The ROI frame, once the ROI is attached (a stream whose ROI was pending)."""
+        if roi is not None:
+            if not can_defer_roi(settings, 0) or study.roi is not None:
+                raise ValueError("a pending ROI needs layered --exact coding (previews that do "
+                                 "not depend on it) and a study without its ROI yet")
+        elif study.diffused.shape != study.volume.shape or study.roi.shape != study.volume.shape:
+            raise ValueError("diffused volume and ROI must have the volume's shape")
         # A diffused volume given whole is checked now; a lazy one (LazyDiffusion) block by
         # block, as its blocks are computed (_diffused).
-        if isinstance(study.diffused, np.ndarray) and not np.array_equal(
+        elif isinstance(study.diffused, np.ndarray) and not np.array_equal(
                 study.diffused[study.roi], original[study.roi]):
             raise ValueError("the diffused volume differs from the original inside the ROI")
         self._checked: set[tuple[int, int]] = set()
@@ -216,8 +254,13 @@ class StudyEncoder:
         self.settings = settings
         self.value_range = (int(original.min()), int(original.max()))
         self.group = settings.group_slices or auto_group(study.volume.shape)
-        self.plan: list[PlannedChunk] = plan_chunks(study.roi, self.group, settings.layers)
-        self._roi_voxels = {(c.z0, c.z1): int(study.roi[c.z0:c.z1].sum()) for c in self.plan}
+        if roi is None:
+            self.plan: list[PlannedChunk] = plan_chunks(study.roi, self.group, settings.layers)
+            self._roi_voxels = {(c.z0, c.z1): int(study.roi[c.z0:c.z1].sum()) for c in self.plan}
+        else:  # the bases alone, in slice order, until the ROI is known (_attach_roi)
+            self.plan = plan_chunks(np.zeros((study.volume.shape[0], 1, 1), bool), self.group,
+                                    (0,))
+            self._roi_voxels = {}
         #: The ROI layer as residuals ("base") or original voxels ("none"): see
         #: :meth:`_choose_roi_reference`.
         self._roi_reference: str | None = None
@@ -237,8 +280,9 @@ class StudyEncoder:
         self.header = StreamHeader(
             study_id=study.study_id, shape=study.volume.shape, affine=study.volume.affine,
             spacing=study.volume.spacing, source_dtype=source_dtype, rescale=rescale,
-            value_range=self.value_range, sha256=study.sha256 or voxel_sha256(original), roi=study.roi,
-            roi_digests=self._roi_digests(),
+            value_range=self.value_range, sha256=study.sha256 or voxel_sha256(original),
+            roi=study.roi, roi_digests=None if roi is not None else self._roi_digests(),
+            roi_pending=roi is not None,
             layers={layer: {"codec": codecs[0].name, "codecs": [c.name for c in codecs],
                             "lossless": all(c.lossless for c in codecs),
                             "region": REGION_OF_LAYER[layer]}
@@ -252,6 +296,47 @@ class StudyEncoder:
                             **({"preview_crf": settings.preview_crf} if self._previews else {})}
                            if settings.codec == LAYERED else {})},
             dicom=study.dicom)
+
+    @property
+    def roi_known(self) -> bool:
+        """Whether the ROI is known (always, unless it was pending and is not attached yet)."""
+        return self.study.roi is not None
+
+    def wait_for_roi(self) -> None:
+        """Attach the pending ROI once it is computed (at once if it is): the full plan (the
+        bases keep their seqs, layers 1 and 2 follow), the digests and the ROI frame.
+
+        Raises:
+            RoiFailed: the ROI could not be computed (the cause attached).
+        """
+        with self._roi_lock:
+            if self.roi_known:
+                return
+            try:
+                prepared = self._roi_future.result()
+            except Exception as error:
+                raise RoiFailed(f"the ROI could not be computed: {error}") from error
+            self._attach_roi(prepared)
+
+    def _attach_roi(self, prepared: PreparedStudy) -> None:
+        if prepared.volume is not self.study.volume or prepared.roi is None \
+                or prepared.roi.shape != self.study.volume.shape:
+            raise RoiFailed("the ROI computed is not of this study's volume")
+        provenance = {key: value for key, value in prepared.provenance.items()
+                      if key not in self.header.provenance}
+        full = plan_chunks(prepared.roi, self.group, self.settings.layers)
+        base_seq = {(c.z0, c.z1): c.seq for c in self.plan}
+        later = [c for c in full if c.layer != 0]
+        plan = [PlannedChunk(base_seq[(c.z0, c.z1)], 0, c.z0, c.z1) for c in full
+                if c.layer == 0]
+        plan += [PlannedChunk(len(base_seq) + index, c.layer, c.z0, c.z1)
+                 for index, c in enumerate(later)]
+        self._roi_voxels = {(c.z0, c.z1): int(prepared.roi[c.z0:c.z1].sum()) for c in plan}
+        self.study = replace(self.study, roi=prepared.roi, diffused=prepared.diffused,
+                             provenance={**self.study.provenance, **provenance})
+        self.plan = plan
+        self.roi_frame = RoiFrame.make(self.header, prepared.roi, self._roi_digests(),
+                                       [c.as_entry() for c in plan if c.layer != 0], provenance)
 
     def _output_representation(self) -> tuple[str, tuple[float, float]]:
         """The stored dtype and rescale for the header: the source's when they hold every HU of
@@ -302,25 +387,43 @@ class StudyEncoder:
         sent, total = 0, len(header)
         for chunk in self.chunks(skip):
             data = chunk.to_frame()
-            sent += 1
+            sent += isinstance(chunk, DataChunk)
             total += len(data)
             yield data
         yield StreamEnd(self.study.study_id, sent, total).to_frame()
 
-    def chunks(self, skip: frozenset[int] | set[int] = frozenset()) -> Iterator[DataChunk]:
+    def chunks(self, skip: frozenset[int] | set[int] = frozenset()
+               ) -> Iterator[DataChunk | RoiFrame]:
         """Every planned chunk not in ``skip``, encoded one at a time in the sending order of
-        :meth:`frames` (which the transport sends too)."""
+        :meth:`frames` (which the transport sends too), and the ROI frame where the ROI was
+        pending (in every pass: a receiver that has it already knows it again by its
+        checksum)."""
+        spent = 0  # bytes of bases sent before the ROI's own bytes were measured
+        if not self.roi_known:
+            # The ROI is being computed: the previews go meanwhile, in slice order, then the
+            # ROI frame; a base needs no ROI, and the link would otherwise idle.
+            early = set()
+            for planned in [p for p in self.plan if p.seq not in skip]:
+                if self._roi_future.done():
+                    break
+                chunk = self.encode_chunk(planned)
+                spent += len(chunk.payload)
+                early.add(planned.seq)
+                yield chunk
+            skip = set(skip) | early
+            self.wait_for_roi()
+        if self.roi_frame is not None:
+            yield self.roi_frame
         pending = [planned for planned in self.plan if planned.seq not in skip]
         roi_layer = [p for p in pending if p.layer == 1]
         held: dict[int, DataChunk] = {}
-        spent = 0  # bytes of bases sent before the ROI's own bytes were measured
         if roi_layer and self._roi_reference is None:
             if self._previews:
                 # Previews are sent whatever the ROI layer: they go at once, as far as a quick
                 # estimate of the ROI's bytes allows, instead of after the choice of the ROI
                 # layer (four lossless codings of the probe block; about 1 s that a live
                 # sender would otherwise keep the whole-volume view waiting).
-                budget = PREVIEW_SHARE * self._quick_roi_bytes(roi_layer)
+                budget = PREVIEW_SHARE * self._quick_roi_bytes(roi_layer) - spent
                 for planned in [p for p in pending if p.layer == 0]:
                     chunk = self.encode_chunk(planned)
                     if len(chunk.payload) > budget:
@@ -538,7 +641,9 @@ class StudyEncoder:
 
     def _diffused(self, z0: int, z1: int) -> np.ndarray:
         """The diffused block (computed now if the volume is lazy), equal to the original in
-        the ROI."""
+        the ROI; the original while the ROI is pending (nothing is diffused then)."""
+        if not self.roi_known:
+            return self.study.volume.data[z0:z1]
         block = self.study.diffused[z0:z1]
         if (z0, z1) not in self._checked:
             roi = self.study.roi[z0:z1]

@@ -12,15 +12,20 @@ torch, the U-Net and the WebRTC connection stay up, so a series costs its own wo
 
 Per series: the instances (decoded already, as they arrived) become a volume
 (:func:`sender.dicom.series_from_datasets`: the same checks as a folder on disk), its ``dicom``
-attributes (:mod:`sender.dicom_attributes`, de-identified with ``--deidentify``), the ROI of the
-whole series (U-Net, plausibility check, steering), then the stream: header first, and chunk
-after chunk diffused and encoded while the previous ones are on the wire
-(:class:`~sender.pipeline.LazyDiffusion`). Nothing is lost: instances are in the spool before
-they are acknowledged (:mod:`sender.spool`); a series leaves the pending list only when the
-receiver confirmed it complete; one that could not be delivered is tried again, and a sender
-restarted finds it in the spool. A series pushed again unchanged is recognised (same instances,
-same voxels: :meth:`Spool.delivered_as`) and not sent twice; one that gained instances is sent
-as a new version (the receiver keeps it beside the first, ``<series>.2``).
+attributes (:mod:`sender.dicom_attributes`, de-identified with ``--deidentify``), then the
+stream starts at once: with the live default (layered ``--exact``, no diffusion) the header
+announces the ROI as pending and the previews (layer 0, which do not depend on the ROI) go on
+the wire while the ROI of the whole series (U-Net backlog, plausibility check, ROI steps) is
+computed in the pipeline's ROI thread; then the ROI frame, then the ROI layer and the rest,
+chunk after chunk encoded while the previous ones are on the wire. Where the bases depend on
+the ROI (diffusion on, no exact layer) the ROI is computed first and travels in the header.
+
+Nothing is lost: instances are in the spool before they are acknowledged (:mod:`sender.spool`);
+a series leaves the pending list only when the receiver confirmed it complete; one that could
+not be delivered is tried again, and a sender restarted finds it in the spool. A series pushed
+again unchanged is recognised (same instances, same voxels: :meth:`Spool.delivered_as`) and not
+sent twice; one that gained instances is sent as a new version (the receiver keeps it beside
+the first, ``<series>.2``).
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ class SeriesReport:
     seconds: dict = field(default_factory=dict)
     """Stage -> seconds: ``decode_cpu`` (on arrival), ``assemble``, ``roi`` (of which
     ``unet_rest``: the U-Net's slices not done when the series completed, and
-    ``plausibility``: the anatomical check), ``first_chunk``, ``roi_complete``, ``complete``
-    (the last three since the series was complete)."""
+    ``plausibility``: the anatomical check), ``roi_ready``, ``first_chunk``, ``roi_known``
+    (the ROI frame at the receiver, where the stream started with the ROI pending),
+    ``roi_complete``, ``complete`` (those but the first three since the series was
+    complete)."""
     bytes_sent: int = 0
     verified: bool | None = None
 
@@ -155,8 +162,16 @@ class LiveSession:
             report = self._report(series, "already delivered", timings.pop("reason", ""))
             report.seconds.update(timings)
             return report
+        from sender.encoder import RoiFailed
+
         source = EncoderSource(encoder)
-        result = await self.link.deliver(source, started=series.completed_at)
+        try:
+            result = await self.link.deliver(source, started=series.completed_at)
+        except RoiFailed as error:  # the stream had started with its ROI pending
+            log.error("series %s cannot be sent: %s", series.series_uid, error)
+            report = self._report(series, "invalid", str(error))
+            report.seconds.update(timings)
+            return report
         report = self._report(series, "delivered" if result.complete else "failed")
         report.slices = encoder.study.volume.shape[0]
         report.study_id = encoder.study.study_id
@@ -165,7 +180,7 @@ class LiveSession:
         report.verified = result.verified
         report.seconds.update(timings)
         report.seconds["prepare"] = round(time.monotonic() - started, 3)
-        for name in ("first_chunk", "roi_complete", "complete"):
+        for name in ("first_chunk", "roi_known", "roi_complete", "complete"):
             if name in result.milestones:
                 report.seconds[name] = result.milestones[name]
         if result.complete and result.verified is not False:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from sender.dicom import DicomOptions
 from sender.diffusion import DiffusionSettings, LazyDiffusion
-from sender.encoder import LAYERED, EncodeSettings, PreparedStudy, StudyEncoder
+from sender.encoder import LAYERED, EncodeSettings, PreparedStudy, StudyEncoder, can_defer_roi
 from sender.roi.provider import ProbabilityProvider
 from sender.roi.steering import SteeringSettings, in_plane_dilation, steer
 from shared.volume import Volume, VolumeError
@@ -103,13 +104,18 @@ def safety_check(allow_small_roi: bool, anatomy: dict | None = None):
     def check(probability, volume):
         problem = roi_problem(probability, volume, anatomy=anatomy)
         if problem is None:
+            check.decision = {"plausible": True}
             return probability
         if allow_small_roi:
             log.warning("%s -- kept because of --allow-small-roi", problem)
+            check.decision = {"plausible": False, "problem": problem, "kept": True}
             return probability
         log.warning("%s; %s", problem, FALLBACK_ADVICE)
+        check.decision = {"plausible": False, "problem": problem, "fallback": True}
         return fallback_probability(volume)
 
+    check.decision = None
+    """The last check's outcome, for the stream's provenance."""
     return check
 
 
@@ -170,17 +176,24 @@ def prepare_study(volume: Volume, provider: ProbabilityProvider,
     diffused = LazyDiffusion(volume.data, steering_map.probability, steering_map.roi, diffusion,
                              device=device)
     provenance = {
-        "input": volume.description,
-        **({"inserted_slices": volume.extra["inserted_slices"]}
-           if volume.extra.get("inserted_slices") else {}),
+        **input_provenance(volume),
         "roi": {**provider.describe(), **asdict(steering),
-                "fraction": round(steering_map.roi_fraction, 6)},
+                "fraction": round(steering_map.roi_fraction, 6),
+                **({"check": roi_check.decision}
+                   if getattr(roi_check, "decision", None) is not None else {})},
         "diffusion": asdict(diffusion),
     }
     digest = sha256 or voxel_sha256(volume.data)
     return PreparedStudy(volume=volume, roi=steering_map.roi, diffused=diffused,
                          study_id=study_id or default_study_id(volume, digest),
                          provenance=provenance, sha256=digest)
+
+
+def input_provenance(volume: Volume) -> dict:
+    """The provenance of the input: its description, and the slices the sender filled in."""
+    return {"input": volume.description,
+            **({"inserted_slices": volume.extra["inserted_slices"]}
+               if volume.extra.get("inserted_slices") else {})}
 
 
 def build_encoder(source: str | Path, roi: RoiChoice = RoiChoice(),
@@ -248,13 +261,16 @@ class SeriesPipeline:
                  encode: EncodeSettings = EncodeSettings(), device: str | None = None,
                  deidentifier=None, spool=None):
         started = time.perf_counter()
-        self.roi, self.steering, self.diffusion, self.encode = roi, steering, diffusion, encode
+        self.roi_choice, self.steering, self.diffusion, self.encode = roi, steering, diffusion, \
+            encode
         self.device = device
         self.deidentifier = deidentifier
         self.spool = spool
         self.provider = make_provider(roi, device)
         self.automatic = self.provider.name == "unet"
         self.slices = SliceProbabilities(self.provider, steering) if self.automatic else None
+        # The ROI of a series whose stream has started (see __call__), one series at a time.
+        self._roi_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlad-roi")
         self._warm_up()
         log.info("live pipeline ready (%s ROI) in %.1f s", self.provider.name,
                  time.perf_counter() - started)
@@ -273,10 +289,39 @@ class SeriesPipeline:
             self.slices.submit(arrival)
 
     def close(self) -> None:
+        self._roi_thread.shutdown(wait=True, cancel_futures=True)
         if self.slices is not None:
             self.slices.close()
 
     def __call__(self, series) -> tuple[StudyEncoder | None, object, dict]:
+        """``(encoder, DicomSeries, timings)`` of a complete series (encoder None: delivered
+        already, ``timings["reason"]`` says when).
+
+        Where the ROI may follow the stream's start (:func:`~sender.encoder.can_defer_roi`: the
+        live default, layered ``--exact`` without diffusion), the encoder is returned as soon
+        as the series is assembled, its ROI computed meanwhile in this pipeline's ROI thread
+        (:meth:`roi`): the header and the first previews go on the wire while the U-Net's
+        backlog, the plausibility check and the ROI steps finish. Otherwise the ROI is
+        computed first and travels in the header.
+        """
+        assembled = self.assemble(series)
+        if assembled.volume is None:
+            return None, assembled.dicom_series, assembled.timings
+        if can_defer_roi(self.encode, self.diffusion.iterations):
+            study = PreparedStudy(volume=assembled.volume, roi=None, diffused=None,
+                                  study_id=assembled.study_id,
+                                  provenance={**input_provenance(assembled.volume),
+                                              "diffusion": asdict(self.diffusion)},
+                                  sha256=assembled.sha256, dicom=assembled.attributes)
+            roi = self._roi_thread.submit(self.roi, assembled)
+            return StudyEncoder(study, self.encode, roi=roi), assembled.dicom_series, \
+                assembled.timings
+        return StudyEncoder(self.roi(assembled), self.encode), assembled.dicom_series, \
+            assembled.timings
+
+    def assemble(self, series) -> AssembledSeries:
+        """The series' instances (decoded on arrival) as a volume, its SHA-256, attributes and
+        study id; ``volume`` None when the spool says these instances were delivered."""
         from sender.dicom import series_from_datasets
         from sender.dicom_attributes import stream_attributes
 
@@ -305,23 +350,31 @@ class SeriesPipeline:
                                  f"{delivered.get('at')} (receiver folder "
                                  f"{delivered.get('receiver_folder')})")
             log.info("series %s: %s; not sent again", series.series_uid, timings["reason"])
-            return None, dicom_series, timings
+            return AssembledSeries(series, dicom_series, None, digest, "", {}, timings)
         attributes = stream_attributes(dicom_series, self.deidentifier)
         number = attributes.get("SeriesNumber")
         # The description is part of the stream (provenance): identifying nothing, and the
         # same however the series came (network or folder), so a series resent matches.
         volume.description = f"DICOM series {number if number is not None else ''}".strip()
         study_id = f"series{number if number is not None else ''}-{digest[:12]}"
+        return AssembledSeries(series, dicom_series, volume, digest, study_id, attributes,
+                               timings)
+
+    def roi(self, assembled: AssembledSeries) -> PreparedStudy:
+        """The ROI of an assembled series (U-Net: the slices done as they arrived and the
+        rest, plausibility check, ROI steps across slices) and its lazy diffusion."""
         started = time.perf_counter()
+        timings = assembled.timings
         provider = self.provider
         if self.slices is not None:
-            provider = self.slices.provider_for(series.series_uid, dicom_series)
+            provider = self.slices.provider_for(assembled.series.series_uid,
+                                                assembled.dicom_series)
             timings["unet_slices_ready"] = provider.ready
             timings["anatomy_slices_ready"] = len(provider.anatomy)
             timings["unet_rest"] = round(time.perf_counter() - started, 3)
         roi_check = None
         if self.automatic:
-            check = safety_check(self.roi.allow_small, getattr(provider, "anatomy", None))
+            check = safety_check(self.roi_choice.allow_small, getattr(provider, "anatomy", None))
 
             def roi_check(probability, volume):
                 checked = time.perf_counter()
@@ -329,14 +382,37 @@ class SeriesPipeline:
                     return check(probability, volume)
                 finally:
                     timings["plausibility"] = round(time.perf_counter() - checked, 3)
+                    roi_check.decision = check.decision  # for the ROI's provenance
 
-        prepared = prepare_study(volume, provider, self.steering, self.diffusion,
-                                 device=self.device, study_id=study_id, roi_check=roi_check,
-                                 sha256=digest)
-        prepared.sha256 = digest
-        prepared.dicom = attributes
+        prepared = prepare_study(assembled.volume, provider, self.steering, self.diffusion,
+                                 device=self.device, study_id=assembled.study_id,
+                                 roi_check=roi_check, sha256=assembled.sha256)
+        prepared.dicom = assembled.attributes
         timings["roi"] = round(time.perf_counter() - started, 3)
-        return StudyEncoder(prepared, self.encode), dicom_series, timings
+        completed = getattr(assembled.series, "completed_at", None)
+        if completed is not None:  # since the series was complete (monotonic clock)
+            timings["roi_ready"] = round(time.monotonic() - completed, 3)
+        return prepared
+
+
+@dataclass
+class AssembledSeries:
+    """A complete live series made a volume (:meth:`SeriesPipeline.assemble`), before its ROI."""
+
+    series: object
+    """The :class:`~sender.series.CompleteSeries`."""
+    dicom_series: object
+    """The :class:`~sender.dicom.DicomSeries` of its instances."""
+    volume: Volume | None
+    """The volume (None: delivered already, not to be sent again)."""
+    sha256: str
+    """SHA-256 of the voxels."""
+    study_id: str
+    """The stream's study id."""
+    attributes: dict
+    """The stream's DICOM attributes (de-identified with ``--deidentify``)."""
+    timings: dict
+    """Stage -> seconds (``assemble``; ``roi``, ``roi_ready``... added by :meth:`roi`)."""
 
 
 def _read_instance(path):

@@ -60,7 +60,7 @@ from shared.webrtc.protocol import (
     split_message,
 )
 from shared.webrtc.signaling import SDP_CONTENT_TYPE
-from shared.wire import DataChunk, FrameReader, StreamEnd, StreamHeader
+from shared.wire import DataChunk, FrameReader, RoiFrame, StreamEnd, StreamHeader, WireError
 
 log = logging.getLogger("dlad.sender")
 
@@ -198,6 +198,13 @@ class FrameSource:
         for seq in todo:
             yield seq, self.frame(seq)
 
+    def frames_except(self, have: set[int]) -> Iterator[tuple[int | None, bytes]]:
+        """What a pass sends to a receiver that has the chunks ``have``: ``(seq, frame)`` of
+        every other planned chunk in sending order, and ``(None, frame)`` for the stream's ROI
+        frame where its header announced the ROI as pending (in its place: before the chunks
+        that need it)."""
+        return self.frames([seq for seq in self.order if seq not in have])
+
 
 class EncoderSource(FrameSource):
     """Frames encoded on demand by a :class:`~sender.encoder.StudyEncoder` (pipelined).
@@ -210,17 +217,21 @@ class EncoderSource(FrameSource):
         self.encoder = encoder
         self.header = encoder.header
         self.header_frame = encoder.header.to_frame()
-        self.order = [planned.seq for planned in encoder.plan]
-        self._planned = {planned.seq: planned for planned in encoder.plan}
         self.workers = workers
         self._ahead: dict = {}
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def order(self) -> list[int]:
+        """The planned seqs (the bases alone while the encoder's ROI is pending)."""
+        return [planned.seq for planned in self.encoder.plan]
 
     def frame(self, seq: int) -> bytes:
         future = self._ahead.pop(seq, None)
         if future is not None:
             return future.result()
-        return self.encoder.encode_chunk(self._planned[seq]).to_frame()
+        planned = next(p for p in self.encoder.plan if p.seq == seq)
+        return self.encoder.encode_chunk(planned).to_frame()
 
     def frames(self, todo: list[int]) -> Iterator[tuple[int, bytes]]:
         """The chunks of ``todo`` in the encoder's sending order
@@ -228,7 +239,21 @@ class EncoderSource(FrameSource):
         the ROI little), the same order ``dlad-send --out`` writes."""
         wanted = set(todo)
         skip = {planned.seq for planned in self.encoder.plan if planned.seq not in wanted}
+        for seq, frame in self._frames(skip):
+            if seq is not None:
+                yield seq, frame
+
+    def frames_except(self, have: set[int]) -> Iterator[tuple[int | None, bytes]]:
+        """The chunks the receiver lacks and the ROI frame (a pending ROI), in the encoder's
+        sending order: while the ROI is computed, previews; the plan of the chunks after it
+        is known only then, so what the receiver has is given as ``have``."""
+        return self._frames(set(have))
+
+    def _frames(self, skip: set[int]) -> Iterator[tuple[int | None, bytes]]:
         for chunk in self.encoder.chunks(skip):
+            if not isinstance(chunk, DataChunk):  # the ROI frame
+                yield None, chunk.to_frame()
+                continue
             # A base encoded ahead is the encoder's own (cached) one: the future is done with.
             self._ahead.pop(chunk.seq, None)
             yield chunk.seq, chunk.to_frame()
@@ -272,6 +297,7 @@ class FileSource(FrameSource):
         self.data = Path(path).read_bytes()
         self._frames: dict[int, tuple[int, int]] = {}
         header = None
+        roi: tuple[int, RoiFrame] | None = None
         reader = FrameReader()
         events = reader.feed(self.data) + reader.finish()
         for event in events:
@@ -282,9 +308,23 @@ class FileSource(FrameSource):
                 self.header_frame = self.data[event.offset:event.offset + event.size]
             elif isinstance(event.chunk, DataChunk):
                 self._frames[event.chunk.seq] = (event.offset, event.size)
+            elif isinstance(event.chunk, RoiFrame) and roi is None:
+                roi = (event.offset, event.chunk)
         if header is None:
             raise ValueError(f"{path} holds no dlad-stream header")
         self.header = header
+        #: The ROI frame of a header that announced the ROI as pending, and the stream offset
+        #: it had (it is replayed before the chunks that came after it).
+        self.roi: tuple[int, RoiFrame] | None = None
+        if header.roi_pending:
+            if roi is None:
+                raise ValueError(f"{path}: the header announces the ROI as pending and no "
+                                 "ROI frame follows")
+            try:
+                header = header.with_roi(roi[1])
+            except WireError as error:
+                raise ValueError(f"{path}: {error}") from None
+            self.roi = roi
         planned = [entry[0] for entry in header.plan]
         absent = [seq for seq in planned if seq not in self._frames]
         if absent:
@@ -298,6 +338,17 @@ class FileSource(FrameSource):
     def frame(self, seq: int) -> bytes:
         offset, size = self._frames[seq]
         return self.data[offset:offset + size]
+
+    def frames_except(self, have: set[int]) -> Iterator[tuple[int | None, bytes]]:
+        roi_sent = self.roi is None
+        for seq in self.order:
+            if not roi_sent and self._frames[seq][0] > self.roi[0]:
+                roi_sent = True
+                yield None, self.roi[1].to_frame()
+            if seq not in have:
+                yield seq, self.frame(seq)
+        if not roi_sent:
+            yield None, self.roi[1].to_frame()
 
 
 # --- one connection --------------------------------------------------------------------------
@@ -513,8 +564,9 @@ class _Connection:
         s.result.bytes_sent += len(s.source.header_frame)
         inventory = await self.ch.expect("inventory", options.connect_timeout)
         self.multi_study = inventory.get("multi_study") is True
-        planned = set(s.source.order)
-        have = set(int_list(inventory.get("have"), 1 << 31)) & planned
+        # Not cut to the plan: with a pending ROI the sender knows the chunks after the ROI
+        # frame only once the ROI is computed, and a receiver may have them from before.
+        have = set(int_list(inventory.get("have"), 1 << 31))
         window = inventory.get("window")
         if isinstance(window, int) and not isinstance(window, bool) and window > 0:
             self.ch.window = max(window, options.message_bytes)
@@ -525,6 +577,8 @@ class _Connection:
         s.say(f"{'connected to' if self.studies == 1 else 'on the open connection to'} "
               f"{self.link.url}: inventory after {time.monotonic() - s.started:.2f} s "
               f"since start ({len(have)} chunks there)")
+        if not s.source.header.roi_pending:
+            have &= set(s.source.order)
         if s.result.attempts == 1:
             s.result.chunks_skipped = len(have)
         else:
@@ -532,12 +586,17 @@ class _Connection:
         s.report_inventory(have, inventory)
         self.ch.on_ack = s.on_ack
         for number in range(options.max_passes):
-            todo = [seq for seq in s.source.order if seq not in have]
-            done = await self._pass(s, todo)
+            done = await self._pass(s, have)
+            planned = set(s.source.order)
+            s.result.chunks_planned = len(planned)
             s.on_done(done)
             if done.get("complete"):
                 return
             missing = set(int_list(done.get("missing", []), 1 << 31)) & planned
+            if done.get("roi_known") is False and s.source.header.roi_pending:
+                # The receiver lacks the ROI frame (damaged on the way, say): it plans the
+                # bases alone and refused what needs the ROI; that goes again with the frame.
+                missing |= planned - {entry[0] for entry in s.source.header.plan}
             if not missing:
                 break
             if number + 1 < options.max_passes:
@@ -553,14 +612,14 @@ class _Connection:
             + (f", {mismatches} ROI digest mismatches" if isinstance(mismatches, int)
                and mismatches else "") + ")")
 
-    async def _pass(self, s: _Delivery, todo: list[int]) -> dict:
+    async def _pass(self, s: _Delivery, have: set[int]) -> dict:
         options = self.link.options
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, options.prefetch))
 
         async def produce():
             try:
-                frames = s.source.frames(todo)
+                frames = s.source.frames_except(have)
                 while (item := await loop.run_in_executor(self.link.encode_pool, next, frames,
                                                           None)) is not None:
                     await queue.put(item)
@@ -581,13 +640,18 @@ class _Connection:
                 seq, frame = item
                 if s.first_data_at is None:
                     s.first_data_at = time.monotonic()
-                    s.say(f"first chunk (#{seq}, {len(frame)} bytes) left at "
+                    s.say(f"first {'ROI frame' if seq is None else f'chunk (#{seq}'}, "
+                          f"{len(frame)} bytes) left at "
                           f"{s.first_data_at - s.started:.2f} s since start")
                 await self.ch.send_bytes(frame, counted=True)
-                sent += 1
                 total += len(frame)
-                s.result.chunks_sent += 1
                 s.result.bytes_sent += len(frame)
+                if seq is None:  # the ROI frame (a header that announced the ROI as pending)
+                    s.say(f"ROI frame ({len(frame)} bytes) left at "
+                          f"{time.monotonic() - s.started:.2f} s since start")
+                    continue
+                sent += 1
+                s.result.chunks_sent += 1
                 s.on_sent(seq, len(frame))
                 drop = options.drop_after_chunks
                 if drop is not None and s.result.attempts == 1 and s.result.chunks_sent >= drop:
@@ -656,6 +720,9 @@ class _Delivery:
                 self.result.milestones[name] = now
                 self.say(f"receiver: {MILESTONE_TEXT[name]} at {now:.2f} s")
         applied = ack.get("applied")
+        planned = ack.get("planned")
+        if isinstance(planned, int) and self.bar is not None and planned > (self.bar.total or 0):
+            self.bar.total = planned  # the ROI frame planned the layers after the bases
         if isinstance(applied, int) and self.bar is not None and applied > self._applied:
             self.bar.update(applied - self._applied)
             self._applied = applied
