@@ -30,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -265,8 +267,13 @@ class EncoderSource(FrameSource):
         encoded in sending order against the bases. Started during the handshake, so the first
         chunk is ready (or nearly) when the inventory comes; chunks in ``skip`` are left out."""
         if self._pool is None:
+            # While the study's ROI is computed (a live series whose stream started at once),
+            # the previews take the CPU the U-Net and the ROI steps leave: the ROI is on the
+            # way to "ROI complete", a base encoded ahead is not.
+            pending = not getattr(self.encoder, "roi_known", True)
             self._pool = ThreadPoolExecutor(max_workers=self.workers,
-                                            thread_name_prefix="dlad-encode-ahead")
+                                            thread_name_prefix="dlad-encode-ahead",
+                                            initializer=_lower_priority if pending else None)
         for planned in self.encoder.plan:
             if planned.layer == 0 and planned.seq not in skip and planned.seq not in self._ahead:
                 self._ahead[planned.seq] = self._pool.submit(self._encode, planned)
@@ -288,6 +295,22 @@ class EncoderSource(FrameSource):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+#: Niceness the threads that encode bases ahead add to their own while the ROI is pending
+#: (Linux: a thread's own; about a third of the CPU share of the threads at the process's).
+AHEAD_NICENESS = 5
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's scheduling priority by :data:`AHEAD_NICENESS` (where the
+    system allows it; elsewhere, nothing)."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread,
+                       os.getpriority(os.PRIO_PROCESS, thread) + AHEAD_NICENESS)
+    except (OSError, AttributeError):
+        pass
 
 
 class FileSource(FrameSource):

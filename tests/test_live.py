@@ -35,7 +35,7 @@ from sender.spool import Spool
 from sender.transport import StreamOptions
 from shared.nifti import read_nifti
 from shared.receiver_process import ReceiverProcess
-from shared.wire import FrameReader
+from shared.wire import FrameReader, RoiFrame
 from tests.dcmtk import dcmtk_tool
 
 TOKEN = "dlad-test-token-0123456789abcdef"
@@ -376,6 +376,14 @@ def test_dicom_listen_process_with_the_real_ct(tmp_path, abdomen_dicom, abdomen_
     for uid in (first, second):
         status = json.loads((folders[uid] / STATUS_FILE).read_text())
         assert status["state"] == "complete" and status["verified_sha256"] is True
+        # The live default starts the stream before the ROI: header with the ROI pending,
+        # previews, then the ROI frame with the U-Net's provenance and plausibility decision.
+        header = FrameReader().feed((folders[uid] / HEADER_FILE).read_bytes())[0].chunk
+        assert header.roi_pending and "roi_known" in status["times"]
+        roi = [e.chunk for e in FrameReader().feed((folders[uid] / "chunks.dlad").read_bytes())
+               if isinstance(e.chunk, RoiFrame)]
+        assert len(roi) == 1 and roi[0].provenance["roi"]["provider"] == "unet"
+        assert roi[0].provenance["roi"]["check"]["plausible"] is True
         snapshot = read_nifti(folders[uid] / status["snapshot"]["file"])
         np.testing.assert_array_equal(snapshot.data, abdomen_volume.data)
         np.testing.assert_allclose(snapshot.affine, abdomen_volume.affine, atol=1e-4)

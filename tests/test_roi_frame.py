@@ -9,6 +9,7 @@ tampered frame that is never reported ROI-exact.
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -435,3 +436,121 @@ def test_a_data_chunk_of_a_pending_stream_names_only_planned_codecs(stream):
             chunk = parse_frame(data)
             assert isinstance(chunk, DataChunk)
             assert chunk.codec in header.layers[chunk.layer]["codecs"]
+
+
+# --- over the network: resume after a cut, a restarted sender, the viewer -------------------------
+
+def _network():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_streaming
+
+    return test_streaming
+
+
+def test_a_live_stream_with_its_roi_pending_resumes_after_a_cut(prepared, tmp_path):
+    """The connection is cut after the previews and the ROI frame: the next connection sends
+    the ROI frame again (taken as the known one) and only what the receiver lacks."""
+    from sender.transport import EncoderSource, stream_study
+
+    net = _network()
+    encoder, future = pending(prepared, done=False)
+    roi_ready = threading.Timer(0.5, future.set_result, (prepared,))  # the U-Net, meanwhile
+    roi_ready.start()
+
+    async def scenario():
+        async with net.Receiver(tmp_path / "out") as service:
+            return await stream_study(EncoderSource(encoder), service.url, net.TOKEN,
+                                      net.quick(drop_after_chunks=5))
+
+    result = net.run(scenario())
+    roi_ready.join()
+    assert result.complete and result.verified and result.attempts == 2
+    assert result.chunks_planned == len(encoder.plan)
+    (folder,) = net.study_folders(tmp_path / "out")
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "complete" and status["verified_sha256"] is True
+    assert status["roi_known"] and not [p for p in status["problems"] if "ROI" in p]
+    assert "roi_known" in status["times"] and "roi_known" in result.milestones
+    kinds = [type(e.chunk).__name__ for e in FrameReader().feed((folder / LOG_FILE).read_bytes())]
+    assert kinds.count("RoiFrame") == 1 and kinds.count("DataChunk") == len(encoder.plan)
+
+
+def test_a_sender_restarted_resumes_chunks_it_plans_only_after_its_roi(prepared, tmp_path):
+    """A new sender process (a new encoder, its ROI pending again) finds the receiver with
+    chunks after the ROI frame: the inventory names seqs it does not plan yet; it skips them
+    once its ROI frame has planned them."""
+    from sender.transport import EncoderSource, TransportError, stream_study
+
+    net = _network()
+    out = tmp_path / "out"
+    first, _ = pending(prepared)
+
+    async def cut():
+        async with net.Receiver(out) as service:
+            with pytest.raises(TransportError):
+                await stream_study(EncoderSource(first), service.url, net.TOKEN,
+                                   net.quick(drop_after_chunks=7, retries=0))
+
+    net.run(cut())
+    (folder,) = net.study_folders(out)
+    kept = json.loads((folder / "status.json").read_text())
+    assert kept["roi_known"] and kept["chunks_applied"] > 4  # past the previews
+    again, _ = pending(prepared)
+
+    async def resume():
+        async with net.Receiver(out) as service:
+            return await stream_study(EncoderSource(again), service.url, net.TOKEN, net.quick())
+
+    result = net.run(resume())
+    assert result.complete and result.verified
+    assert result.chunks_sent == len(again.plan) - kept["chunks_applied"]
+    status = json.loads((folder / "status.json").read_text())
+    assert status["duplicates"] == 1  # the ROI frame, sent again and known by its checksum
+
+
+def test_the_viewer_shows_previews_and_no_outline_until_the_roi_frame(stream, tmp_path):
+    import aiohttp
+
+    from receiver.service import ReceiverService, ServiceConfig
+    from receiver.viewer import LiveViewer, ViewerConfig
+    from sender.transport import FileSource, TransportError, stream_study
+
+    net = _network()
+    frames, kinds, _ = stream
+    path = tmp_path / "live.dlad"
+    path.write_bytes(b"".join(frames))
+    viewer_token = "viewer-token-0123456789abcdef"
+
+    async def look(http, url, study):
+        async with http.get(url + "/viewer/api/study", params={"study": study}) as r:
+            info = await r.json()
+        async with http.get(url + "/viewer/api/roi", params={"study": study}) as r:
+            outline = await r.read()
+        return info, outline
+
+    async def scenario():
+        service = ReceiverService(ServiceConfig(out_dir=tmp_path / "out", token=net.TOKEN))
+        service.add_listener(LiveViewer(ViewerConfig(token=viewer_token)))
+        await service.start("127.0.0.1", 0)
+        try:
+            with pytest.raises(TransportError):  # cut after the two previews
+                await stream_study(FileSource(path), service.url, net.TOKEN,
+                                   net.quick(drop_after_chunks=2, retries=0))
+            jar = aiohttp.CookieJar(unsafe=True)
+            async with aiohttp.ClientSession(cookie_jar=jar) as http:
+                await http.post(service.url + "/viewer/login", json={"token": viewer_token})
+                before = await look(http, service.url, "pending")
+                await stream_study(FileSource(path), service.url, net.TOKEN, net.quick())
+                after = await look(http, service.url, "pending")
+            return before, after
+        finally:
+            await service.stop()
+
+    (info, outline), (info_after, outline_after) = net.run(scenario())
+    assert info["roi_known"] is False and info["roi_voxels"] is None
+    assert not any(info["roi_slices"]) and outline == b""
+    assert info_after["roi_known"] is True and any(info_after["roi_slices"])
+    assert np.unpackbits(np.frombuffer(outline_after, np.uint8)).any()
