@@ -356,7 +356,10 @@ def summary(status: dict, out: Path) -> str:
     lines = [f"wrote {out}: study {printable(status['study_id'])}, {status['chunks_applied']}/"
              f"{status['chunks_planned']} chunks, {status['bytes_received']} bytes"]
     nz = status["shape"][0]
-    if status["roi_digest_blocks"] or status["roi_complete"]:
+    if status.get("roi_known") is False:
+        roi = ("ROI not received (the header announced it as pending and its ROI frame did "
+               "not come): previews only, nothing of the ROI exact")
+    elif status["roi_digest_blocks"] or status["roi_complete"]:
         roi = (f"ROI exact (verified against the sender's digests): "
                f"{'yes' if status['roi_complete'] else 'no'} "
                f"({status['roi_exact_slices']}/{nz} slices)")

@@ -310,7 +310,11 @@ class SeriesPipeline:
         if can_defer_roi(self.encode, self.diffusion.iterations):
             study = PreparedStudy(volume=assembled.volume, roi=None, diffused=None,
                                   study_id=assembled.study_id,
+                                  # The provider (models, device) names the stream: a
+                                  # sender with another one makes another stream, whose ROI
+                                  # frame a receiver never has to refuse as a second one.
                                   provenance={**input_provenance(assembled.volume),
+                                              "roi_provider": self.provider.describe(),
                                               "diffusion": asdict(self.diffusion)},
                                   sha256=assembled.sha256, dicom=assembled.attributes)
             roi = self._roi_thread.submit(self.roi, assembled)

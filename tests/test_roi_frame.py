@@ -554,3 +554,13 @@ def test_the_viewer_shows_previews_and_no_outline_until_the_roi_frame(stream, tm
     assert not any(info["roi_slices"]) and outline == b""
     assert info_after["roi_known"] is True and any(info_after["roi_slices"])
     assert np.unpackbits(np.frombuffer(outline_after, np.uint8)).any()
+
+
+def test_dlad_receive_in_says_when_the_roi_never_came(stream, tmp_path, capsys):
+    from receiver.cli import main as receive_main
+
+    frames, kinds, _ = stream
+    path = tmp_path / "cut.dlad"
+    path.write_bytes(b"".join(frames[:kinds.index("RoiFrame")]))
+    code = receive_main(["--in", str(path), "--out", str(tmp_path / "v.nii")])
+    assert code == 3 and "ROI not received" in capsys.readouterr().out
