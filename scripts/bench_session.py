@@ -14,7 +14,9 @@ this process: ``wifi-2m``, ``4g-12m``). Per series:
 * ``first_chunk_s``: the same to the receiver's first chunk applied (with the live default the
   header announces the ROI as pending, so that is a preview that left before the ROI was
   computed); ``roi_frame_s``: to the ROI frame at the receiver (its ``roi_known`` time; none
-  for a stream whose header carries the ROI);
+  for a stream whose header carries the ROI); ``sender_roi_ready_s``: the sender's ROI computed
+  (U-Net backlog, plausibility check, ROI steps), from its session log, since it saw the series
+  complete;
 * ``roi_bytes``: stream bytes up to ROI complete (header, ROI frame and the chunks the receiver
   applied until then, from its chunk log); ``roi_link_s`` = ``roi_bytes`` x 8 / link rate, the link's
   physical time for them; the target is ``roi_s <= 1.3 roi_link_s + 1 s``;
@@ -175,20 +177,24 @@ async def session(profile: str, series: list[tuple[str, Path]], work: Path, coun
             times = status["times"]
             rate = PROFILES[profile].rate if profile != "loopback" else None
             roi_bytes = roi_first_bytes(received)
+            sender_stages = await asyncio.to_thread(_sender_seconds, work / "session.jsonl",
+                                                    series_uid)
             row = {
                 "profile": profile, "series": label, "slices": len(files),
                 "roi_s": round(wall(times["roi_complete"]) - pushed, 3),
                 "all_s": round(wall(times["complete"]) - pushed, 3),
                 "first_chunk_s": round(wall(times["first_chunk"]) - pushed, 3),
-                # The ROI frame at the receiver (a stream started with its ROI pending).
+                # The ROI frame at the receiver (a stream started with its ROI pending), and
+                # the sender's ROI ready (its session log; since it saw the series complete).
                 "roi_frame_s": round(wall(times["roi_known"]) - pushed, 3)
                 if "roi_known" in times else None,
+                "sender_roi_ready_s": sender_stages.get("roi_ready"),
                 "roi_bytes": roi_bytes, "stream_bytes": status["bytes_received"],
                 "roi_link_s": round(roi_bytes * 8 / rate, 3) if rate else None,
                 "all_link_s": round(status["bytes_received"] * 8 / rate, 3) if rate else None,
                 "sender_cpu_s": round(cpu, 2), "sender_cpu_per_slice_s": round(cpu / len(files), 4),
                 "verified": status.get("verified_sha256"), "load_avg": round(os.getloadavg()[0], 2),
-                "sender_seconds": _sender_seconds(work / "session.jsonl", series_uid),
+                "sender_seconds": sender_stages,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -318,16 +324,18 @@ def target(row: dict) -> tuple[str, bool]:
 
 def markdown(sessions: list[dict], stages: dict[str, dict], load: str) -> str:
     lines = [f"Load average during the runs: {load}", "",
-             "| profile | series | slices | first chunk (s) | ROI frame (s) | ROI complete (s) | "
-             "link time of ROI-first bytes (s) | all complete (s) | target | met | "
-             "sender CPU (s) | CPU per slice (s) | verified |", "|" + "---|" * 13]
+             "| profile | series | slices | first chunk (s) | sender's ROI ready (s) | ROI frame "
+             "(s) | ROI complete (s) | link time of ROI-first bytes (s) | all complete (s) | "
+             "target | met | sender CPU (s) | CPU per slice (s) | verified |", "|" + "---|" * 14]
     for row in sessions:
         goal, met = target(row)
         link = "" if row["roi_link_s"] is None else f"{row['roi_link_s']:.2f}"
         frame = "" if row.get("roi_frame_s") is None else f"{row['roi_frame_s']:.2f}"
+        ready = ("" if row.get("sender_roi_ready_s") is None
+                 else f"{row['sender_roi_ready_s']:.2f}")
         lines.append(
             f"| {row['profile']} | {row['series']} | {row['slices']} | {row['first_chunk_s']:.2f} "
-            f"| {frame} | {row['roi_s']:.2f} | {link} | {row['all_s']:.2f} | {goal} | "
+            f"| {ready} | {frame} | {row['roi_s']:.2f} | {link} | {row['all_s']:.2f} | {goal} | "
             f"{'yes' if met else '**no**'} | {row['sender_cpu_s']:.1f} | "
             f"{row['sender_cpu_per_slice_s']:.3f} | {row['verified']} |")
     if not stages:

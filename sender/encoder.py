@@ -418,11 +418,12 @@ class StudyEncoder:
         roi_layer = [p for p in pending if p.layer == 1]
         held: dict[int, DataChunk] = {}
         if roi_layer and self._roi_reference is None:
-            if self._previews:
+            if self._previews and any(p.layer == 0 for p in pending):
                 # Previews are sent whatever the ROI layer: they go at once, as far as a quick
                 # estimate of the ROI's bytes allows, instead of after the choice of the ROI
                 # layer (four lossless codings of the probe block; about 1 s that a live
-                # sender would otherwise keep the whole-volume view waiting).
+                # sender would otherwise keep the whole-volume view waiting). None left (all
+                # sent while the ROI was computed): no estimate to make.
                 budget = PREVIEW_SHARE * self._quick_roi_bytes(roi_layer) - spent
                 for planned in [p for p in pending if p.layer == 0]:
                     chunk = self.encode_chunk(planned)
