@@ -267,18 +267,22 @@ class EncoderSource(FrameSource):
         encoded in sending order against the bases. Started during the handshake, so the first
         chunk is ready (or nearly) when the inventory comes; chunks in ``skip`` are left out."""
         if self._pool is None:
-            # While the study's ROI is computed (a live series whose stream started at once),
-            # the previews take the CPU the U-Net and the ROI steps leave: the ROI is on the
-            # way to "ROI complete", a base encoded ahead is not.
-            pending = not getattr(self.encoder, "roi_known", True)
             self._pool = ThreadPoolExecutor(max_workers=self.workers,
-                                            thread_name_prefix="dlad-encode-ahead",
-                                            initializer=_lower_priority if pending else None)
+                                            thread_name_prefix="dlad-encode-ahead")
+        first = True
         for planned in self.encoder.plan:
             if planned.layer == 0 and planned.seq not in skip and planned.seq not in self._ahead:
-                self._ahead[planned.seq] = self._pool.submit(self._encode, planned)
+                self._ahead[planned.seq] = self._pool.submit(self._encode, planned, first)
+                first = False
 
-    def _encode(self, planned) -> bytes:
+    def _encode(self, planned, first: bool = False) -> bytes:
+        if not first and not getattr(self.encoder, "roi_known", True):
+            # While the study's ROI is computed (a live series whose stream started at once),
+            # the previews after the first take the CPU the U-Net and the ROI steps leave: the
+            # ROI is on the way to "ROI complete", those bases are not; the first is the first
+            # chunk on the wire, at full priority. (Lowered once per thread, for good: raising
+            # it back needs a privilege a sender may not have.)
+            _lower_priority()
         return self.encoder.encode_chunk(planned).to_frame()
 
     def drop_ahead(self, seqs) -> None:
@@ -297,14 +301,21 @@ class EncoderSource(FrameSource):
             self._pool = None
 
 
-#: Niceness the threads that encode bases ahead add to their own while the ROI is pending
-#: (Linux: a thread's own; about a third of the CPU share of the threads at the process's).
+#: Niceness a thread that encodes bases ahead adds to its own while the ROI is pending, from
+#: the second base on (Linux: a thread's own; about a third of the CPU share of the threads
+#: at the process's).
 AHEAD_NICENESS = 5
 
 
+_lowered = threading.local()
+
+
 def _lower_priority() -> None:
-    """Lower the calling thread's scheduling priority by :data:`AHEAD_NICENESS` (where the
-    system allows it; elsewhere, nothing)."""
+    """Lower the calling thread's scheduling priority by :data:`AHEAD_NICENESS`, once per
+    thread (where the system allows it; elsewhere, nothing)."""
+    if getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
     try:
         thread = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, thread,

@@ -473,7 +473,7 @@ def test_a_live_stream_with_its_roi_pending_resumes_after_a_cut(prepared, tmp_pa
     status = json.loads((folder / "status.json").read_text())
     assert status["state"] == "complete" and status["verified_sha256"] is True
     assert status["roi_known"] and not [p for p in status["problems"] if "ROI" in p]
-    assert "roi_known" in status["times"] and "roi_known" in result.milestones
+    assert "roi_known" in status["times"]  # (told once: the ack may go with the connection)
     kinds = [type(e.chunk).__name__ for e in FrameReader().feed((folder / LOG_FILE).read_bytes())]
     assert kinds.count("RoiFrame") == 1 and kinds.count("DataChunk") == len(encoder.plan)
 
