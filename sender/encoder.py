@@ -332,11 +332,12 @@ class StudyEncoder:
         plan += [PlannedChunk(len(base_seq) + index, c.layer, c.z0, c.z1)
                  for index, c in enumerate(later)]
         self._roi_voxels = {(c.z0, c.z1): int(prepared.roi[c.z0:c.z1].sum()) for c in plan}
-        self.study = replace(self.study, roi=prepared.roi, diffused=prepared.diffused,
-                             provenance={**self.study.provenance, **provenance})
         self.plan = plan
-        self.roi_frame = RoiFrame.make(self.header, prepared.roi, self._roi_digests(),
+        study = replace(self.study, roi=prepared.roi, diffused=prepared.diffused,
+                        provenance={**self.study.provenance, **provenance})
+        self.roi_frame = RoiFrame.make(self.header, prepared.roi, self._roi_digests(study),
                                        [c.as_entry() for c in plan if c.layer != 0], provenance)
+        self.study = study  # last: roi_known says true once everything else is in place
 
     def _output_representation(self) -> tuple[str, tuple[float, float]]:
         """The stored dtype and rescale for the header: the source's when they hold every HU of
@@ -350,11 +351,13 @@ class StudyEncoder:
         log.warning("%s: the receiver will store int16 HU (slope 1, intercept 0)", problem)
         return "int16", (1.0, 0.0)
 
-    def _roi_digests(self) -> list[tuple[int, int, bytes]]:
+    def _roi_digests(self, study: PreparedStudy | None = None) -> list[tuple[int, int, bytes]]:
         """:func:`~shared.layers.roi_digest` of the original ROI voxels of every block that the
-        ROI-exact layer (1, or a lossless 0) covers and that holds ROI voxels."""
+        ROI-exact layer (1, or a lossless 0) covers and that holds ROI voxels (of ``study``,
+        by default the encoder's)."""
         layer = 1 if 1 in self.settings.layers else 0
-        original, roi = self.study.volume.data, self.study.roi
+        study = study or self.study
+        original, roi = study.volume.data, study.roi
         blocks = sorted({(c.z0, c.z1) for c in self.plan if c.layer == layer})
         return [(z0, z1, roi_digest(original[z0:z1], roi[z0:z1], z0)) for z0, z1 in blocks
                 if roi[z0:z1].any()]

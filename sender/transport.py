@@ -674,8 +674,8 @@ class _Connection:
                 seq, frame = item
                 if s.first_data_at is None:
                     s.first_data_at = time.monotonic()
-                    s.say(f"first {'ROI frame' if seq is None else f'chunk (#{seq}'}, "
-                          f"{len(frame)} bytes) left at "
+                    what = "the ROI frame" if seq is None else f"chunk #{seq}"
+                    s.say(f"first frame ({what}, {len(frame)} bytes) left at "
                           f"{s.first_data_at - s.started:.2f} s since start")
                 await self.ch.send_bytes(frame, counted=True)
                 total += len(frame)
