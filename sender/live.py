@@ -67,7 +67,8 @@ class SeriesReport:
     ``plausibility``: the anatomical check), ``roi_ready``, ``first_chunk``, ``roi_known``
     (the ROI frame at the receiver, where the stream started with the ROI pending),
     ``roi_complete``, ``complete`` (those but the first three since the series was
-    complete)."""
+    complete); and two counts: ``unet_slices_ready`` and ``anatomy_slices_ready``, the slices
+    whose map and whose anatomy for the check the workers computed as the series arrived."""
     bytes_sent: int = 0
     verified: bool | None = None
 
