@@ -65,7 +65,7 @@ from sender.pipeline import prepare_study, safety_check
 from sender.roi.mask_file import MaskFileProvider
 from sender.roi.plausibility import find, problem
 from sender.roi.provider import ProbabilityProvider, StaticMaskProvider
-from sender.roi.steering import SteeringSettings, steer
+from sender.roi.steering import DEFAULT_Z_MARGIN_MM, SteeringSettings, steer
 from shared.progress import progress
 from shared.volume import Volume
 
@@ -456,13 +456,16 @@ def summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
-#: Post-processing variants of --study: the paper, the sender's margins, uncertainty margins.
+#: Post-processing variants of --study: the paper, the sender's margins, uncertainty margins,
+#: and the sender's default with the margin across slices it had before (15 mm).
 STUDY = {
     "paper": SteeringSettings(z_margin_mm=0.0, fill_holes=False, uncertain_threshold=0.0),
-    "15 mm + holes": SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.0),
-    "+ u 0.1": SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.1),
-    "+ u 0.03": SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.03),
-    "+ u 0.01": SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.01),
+    f"{DEFAULT_Z_MARGIN_MM:g} mm + holes": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM,
+                                                          uncertain_threshold=0.0),
+    "+ u 0.1": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM, uncertain_threshold=0.1),
+    "+ u 0.03": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM, uncertain_threshold=0.03),
+    "+ u 0.01": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM, uncertain_threshold=0.01),
+    "u 0.03, 15 mm (before)": SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.03),
 }
 
 

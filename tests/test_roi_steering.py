@@ -109,6 +109,52 @@ def test_z_margin_covers_slices_the_network_missed():
     assert not steer(probability, spacing, SteeringSettings(z_margin_mm=8.9)).roi[2].any()
 
 
+def liver_tip_islands(liver: np.ndarray) -> np.ndarray:
+    """Per slice, the liver's sections apart from its largest one (the lobes' tongues)."""
+    from scipy.ndimage import label
+
+    islands = np.zeros_like(liver)
+    for k, section in enumerate(liver):
+        labels, count = label(section)
+        if count > 1:
+            largest = 1 + int(np.argmax(np.bincount(labels[section])[1:]))
+            islands[k] = section & (labels != largest)
+    return islands
+
+
+def test_the_default_margin_covers_the_lower_tip_a_held_out_network_missed():
+    """The torso CT's liver with the probabilities fold A's held-out ensemble gave it
+    (docs/UNET.md, "The liver's lower tip"): sure of the main liver (0.99), unsure of the
+    left lobe's anterior-inferior tongue where it is an island of its own on the axial slices
+    (0.55, 0.18, 0.12, 0.04 going down from slice 11) and blind to its 8 lowest slices
+    (0.015, below the uncertainty margin). The in-plane disc is 9 mm, the 15 pixels of the
+    0.6 mm-pixel variant that missed it. The old 15 mm margin across slices left 0.1 % of the
+    liver out (the target is 99.9 %), the default covers all of it for an ROI under twice the
+    dilated true liver."""
+    from sender.io import load_volume
+    from tests.conftest import data_file
+
+    volume = load_volume(data_file("torso_ct_sm.nii.gz"))
+    liver = MaskFileProvider(data_file("torso_ct_sm_liver.nii.gz")).probability(volume) > 0.5
+    islands = liver_tip_islands(liver)
+    assert islands[:12].sum() > 500 and volume.spacing[2] == 3.0  # slices 1-11: the tongue
+    p = np.where(liver, 0.99, 0.01).astype(np.float32)
+    seen = {8: 0.04, 9: 0.12, 10: 0.18, 11: 0.55}
+    for k in range(12):
+        p[k][islands[k]] = seen.get(k, 0.015)
+    settings = SteeringSettings(dilation_radius_mm=9.0, uncertain_threshold=0.03)
+    reference = steer(liver.astype(np.float32), volume.spacing, settings.paper()).roi.mean()
+
+    def cover(z_margin_mm):
+        roi = steer(p, volume.spacing, replace(settings, z_margin_mm=z_margin_mm),
+                    need_probability=False).roi
+        return roi[liver].mean(), roi.mean() / reference
+
+    assert cover(15.0)[0] < 0.999
+    recall, ratio = cover(DEFAULT_Z_MARGIN_MM)
+    assert recall == 1.0 and ratio < 2.0
+
+
 def test_the_default_margin_is_documented_and_zero_is_the_paper(phantom):
     volume, liver = phantom
     assert SteeringSettings().z_margin_mm is None  # left to the provider
@@ -160,7 +206,7 @@ def test_roi_metrics_reference_is_the_paper_dilation_of_the_truth():
     metrics = roi_metrics(liver.astype(np.float32), liver, spacing)
     assert metrics.truth_roi_fraction == steer(liver.astype(np.float32), spacing, PAPER).roi.mean()
     assert metrics.recall == 1.0 and metrics.dice == 1.0
-    assert metrics.roi_ratio == pytest.approx(12 / 4)  # 15 mm = 7 slices each side: all 12
+    assert metrics.roi_ratio == pytest.approx(12 / 4)  # the margin spans all 12 slices
     assert roi_metrics(liver.astype(np.float32), liver, spacing, PAPER).roi_ratio == 1.0
 
 
