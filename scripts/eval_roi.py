@@ -49,7 +49,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -456,8 +456,20 @@ def summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
+def disc_at_least(radius_mm: float, settings: SteeringSettings):
+    """``settings`` with an in-plane disc of at least ``radius_mm`` (never less than its
+    pixels): a margin in mm where the default is in pixels, for a study row."""
+    def for_spacing(spacing) -> SteeringSettings:
+        pixels = settings.dilation_radius_px * max(float(spacing[0]), float(spacing[1]))
+        return replace(settings, dilation_radius_mm=max(pixels, radius_mm))
+    return for_spacing
+
+
 #: Post-processing variants of --study: the paper, the sender's margins, uncertainty margins,
-#: and the sender's default with the margin across slices it had before (15 mm).
+#: and the fixes tried for the liver's lower tip (docs/UNET.md): the margin across slices it
+#: had before (15 mm) and between, a lower uncertainty margin, an in-plane disc of at least
+#: 15 mm. A value is the settings, or a function of the case's spacing that gives them.
+BEFORE = SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.03)
 STUDY = {
     "paper": SteeringSettings(z_margin_mm=0.0, fill_holes=False, uncertain_threshold=0.0),
     f"{DEFAULT_Z_MARGIN_MM:g} mm + holes": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM,
@@ -465,7 +477,11 @@ STUDY = {
     "+ u 0.1": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM, uncertain_threshold=0.1),
     "+ u 0.03": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM, uncertain_threshold=0.03),
     "+ u 0.01": SteeringSettings(z_margin_mm=DEFAULT_Z_MARGIN_MM, uncertain_threshold=0.01),
-    "u 0.03, 15 mm (before)": SteeringSettings(z_margin_mm=15.0, uncertain_threshold=0.03),
+    "u 0.03, 15 mm (before)": BEFORE,
+    "u 0.03, 18 mm": replace(BEFORE, z_margin_mm=18.0),
+    "u 0.03, 21 mm": replace(BEFORE, z_margin_mm=21.0),
+    "u 0.02, 15 mm": replace(BEFORE, uncertain_threshold=0.02),
+    "u 0.03, 15 mm, disc >= 15 mm": disc_at_least(15.0, BEFORE),
 }
 
 
@@ -478,7 +494,9 @@ def study_case(case: EvalCase, probability: np.ndarray, model: Model, fallback: 
     volume, truth = case.case.volume, truth_roi_fraction(case.case)
     out = []
     for label, settings in STUDY.items():
-        roi = steer(probability, volume.spacing, settings).roi
+        if callable(settings):
+            settings = settings(volume.spacing)
+        roi = steer(probability, volume.spacing, settings, need_probability=False).roi
         # The map's own cover ("without fallback": what the network and the post-processing
         # achieve), and what is sent (the whole volume where the check falls back).
         own = float(roi[case.case.liver].mean())
