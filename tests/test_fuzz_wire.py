@@ -96,14 +96,12 @@ def test_frame_reader_on_magic_soup(parts, cuts):
     assert sum(event.size for event in events) == len(data)
 
 
-@FUZZ
-@given(st.data())
-def test_mutated_frames_are_never_applied(study, data):
-    header, header_frame, frames, volume = study
-    seq = data.draw(st.sampled_from(sorted(frames)))
-    original = frames[seq]
+def damaged(data, original: bytes, ways: list[str], others: list[bytes] | tuple = ()) -> bytes:
+    """``original`` damaged in one of ``ways``, drawn by Hypothesis: ``"flip"`` 1-4 bytes,
+    ``"truncate"`` its tail, ``"insert"`` up to 64 bytes, ``"delete"`` up to 32, or
+    ``"splice"`` the tail of one of ``others`` behind its prefix."""
     mutated = bytearray(original)
-    how = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "splice"]))
+    how = data.draw(st.sampled_from(ways))
     if how == "flip":
         for _ in range(data.draw(st.integers(1, 4))):
             at = data.draw(st.integers(0, len(mutated) - 1))
@@ -117,9 +115,19 @@ def test_mutated_frames_are_never_applied(study, data):
         at = data.draw(st.integers(0, len(mutated) - 2))
         del mutated[at:at + data.draw(st.integers(1, 32))]
     else:  # another frame's tail behind this frame's prefix
-        other = frames[data.draw(st.sampled_from(sorted(frames)))]
+        other = data.draw(st.sampled_from(others))
         mutated = bytearray(original[:PREFIX.size]) + other[PREFIX.size:]
-    mutated = bytes(mutated)
+    return bytes(mutated)
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_frames_are_never_applied(study, data):
+    header, header_frame, frames, volume = study
+    seq = data.draw(st.sampled_from(sorted(frames)))
+    original = frames[seq]
+    mutated = damaged(data, original, ["flip", "truncate", "insert", "delete", "splice"],
+                      others=list(frames.values()))
     if mutated == original:
         return
     stream = StudyStream()
@@ -255,21 +263,11 @@ def pending_study():
 def test_mutated_roi_frames_are_never_used(pending_study, data):
     frames, at, volume = pending_study
     original = frames[at]
-    mutated = bytearray(original)
-    how = data.draw(st.sampled_from(["flip", "truncate", "insert"]))
-    if how == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            position = data.draw(st.integers(0, len(mutated) - 1))
-            mutated[position] ^= data.draw(st.integers(1, 255))
-    elif how == "truncate":
-        del mutated[data.draw(st.integers(1, len(mutated) - 1)):]
-    else:
-        position = data.draw(st.integers(1, len(mutated) - 1))
-        mutated[position:position] = data.draw(st.binary(min_size=1, max_size=64))
-    if bytes(mutated) == original:
+    mutated = damaged(data, original, ["flip", "truncate", "insert"])
+    if mutated == original:
         return
     stream = StudyStream()
-    stream.feed(b"".join(frames[:at]) + bytes(mutated) + b"".join(frames[at + 1:]))
+    stream.feed(b"".join(frames[:at]) + mutated + b"".join(frames[at + 1:]))
     stream.finish()
     status = stream.status()
     r = stream.reassembler
