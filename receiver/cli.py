@@ -301,11 +301,12 @@ def limits_from_args(args, parser) -> Limits:
 
 def run_listen(args, parser, listeners=()) -> int:
     """``dlad-receive --listen``: the network mode."""
-    from receiver.http import PlainHttpRefused, server_tls_context
+    from receiver.http import PlainHttpRefused
     from receiver.limits import raise_open_file_limit
     from receiver.service import ServiceConfig, parse_listen, serve
     from receiver.store import StoreError
     from shared.receiver_process import format_ready_line
+    from shared.tls import server_tls_context
     from shared.webrtc.ice import IceConfigError, ice_servers
     from shared.webrtc.signaling import TokenError, read_token_file
 

@@ -12,7 +12,8 @@ a time (slowloris) hold 200 descriptors for as long as they like, with no token 
 * **connection cap**: :class:`GuardedSite` counts open connections and closes new ones beyond
   ``max_connections`` at once (the cap is set below the open-file limit, so the process never
   runs out of descriptors and never floods its log with "Too many open files").
-* **TLS**: :func:`server_tls_context` (TLS 1.2 or newer, the certificate chain and key given).
+* **TLS**: :func:`shared.tls.server_tls_context` (TLS 1.2 or newer, the certificate chain and
+  key given, no system CA loaded).
   Plain HTTP on an address other than loopback is refused unless asked for
   (:func:`check_plain_http`): the bearer token and the DTLS fingerprints would travel in clear.
 """
@@ -44,18 +45,6 @@ def check_plain_http(host: str, tls: bool, allowed: bool) -> None:
         "would cross the network in clear. Give --tls-cert/--tls-key, put the receiver behind "
         "a TLS reverse proxy (listen on 127.0.0.1), or pass --allow-plain-http on a network "
         "you trust (docs/OPERATIONS.md)")
-
-
-def server_tls_context(cert_file, key_file) -> ssl.SSLContext:
-    """A server-side TLS context (TLS >= 1.2) with the certificate chain and key in PEM files."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(cert_file), str(key_file))
-    except (OSError, ssl.SSLError) as error:
-        raise ValueError(f"cannot use --tls-cert {cert_file} / --tls-key {key_file}: "
-                         f"{error}") from None
-    return context
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:

@@ -140,7 +140,7 @@ class ServiceConfig:
     and its memory low (every thread that decodes keeps its own malloc arena); studies that
     arrive at once take turns, batch by batch."""
     tls: ssl.SSLContext | None = None
-    """Serve HTTPS with this context (see :func:`receiver.http.server_tls_context`)."""
+    """Serve HTTPS with this context (see :func:`shared.tls.server_tls_context`)."""
     allow_plain_http: bool = False
     """Serve plain HTTP on a non-loopback address (refused otherwise)."""
     ice_servers: list = field(default_factory=list)

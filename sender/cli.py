@@ -539,10 +539,11 @@ def main_live(args, parser) -> int:
         parser.error("--dicom-allow-hosts, --dicom-allow-ae and --dicom-tls-* belong to "
                      "--dicom-listen")
     if args.dicom_tls_cert is not None:
-        from sender.dicom_node import dicom_tls_context
+        from shared.tls import server_tls_context
 
         try:
-            tls = dicom_tls_context(*tls_options)
+            tls = server_tls_context(*tls_options, options=("--dicom-tls-cert", "--dicom-tls-key",
+                                                            "--dicom-tls-ca"))
         except ValueError as error:
             print(f"dlad-send: error: {error}", file=sys.stderr)
             return 1

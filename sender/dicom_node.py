@@ -43,7 +43,6 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sender.series import Arrival, SeriesCollector
 from sender.spool import Spool, SpoolError, valid_uid
@@ -82,26 +81,6 @@ TRANSFER_SYNTAXES = (
 MAX_INSTANCE_BYTES = 64 * 1024 * 1024
 #: Seconds a peer has to complete the TLS handshake: a few round trips on any network.
 TLS_HANDSHAKE_S = 15.0
-
-
-def dicom_tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
-    """The node's TLS context: TLS 1.2 or later (BCP 195), this certificate chain, and with
-    ``client_ca`` a client certificate signed by it required; ValueError in one line."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(cert), str(key))
-    except (OSError, ssl.SSLError) as error:
-        raise ValueError(f"cannot use --dicom-tls-cert {cert} / --dicom-tls-key {key}: "
-                         f"{getattr(error, 'strerror', None) or error}") from None
-    if client_ca is not None:
-        try:
-            context.load_verify_locations(str(client_ca))
-        except (OSError, ssl.SSLError) as error:
-            raise ValueError(f"cannot use --dicom-tls-ca {client_ca}: "
-                             f"{getattr(error, 'strerror', None) or error}") from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def parse_hosts(text: str) -> tuple:
@@ -243,7 +222,8 @@ class DicomNode:
         max_associations: associations served at once.
         allow_hosts: the networks peers may connect from (None: any; :func:`parse_hosts`).
         allow_calling_ae: the calling AE titles accepted (None: any).
-        tls: serve DICOM over TLS with this context (:func:`dicom_tls_context`), or None.
+        tls: serve DICOM over TLS with this context (:func:`shared.tls.server_tls_context`),
+            or None.
     """
 
     def __init__(self, host: str, port: int, ae_title: str, spool: Spool,

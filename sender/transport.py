@@ -46,6 +46,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from shared.logs import printable
 from shared.progress import progress
+from shared.tls import client_tls_context
 from shared.version import client_string
 from shared.webrtc import sctp
 from shared.webrtc.ice import enlarge_socket_buffers, ice_hosts, is_loopback, loopback_hosts_for
@@ -803,10 +804,7 @@ class Link:
         parts = check_url(url, options.allow_plain_http)
         self.ssl: ssl.SSLContext | bool = True
         if parts.scheme == "https":
-            try:
-                self.ssl = ssl.create_default_context(cafile=options.ca_file)
-            except (OSError, ssl.SSLError) as error:
-                raise ValueError(f"cannot use --ca-file {options.ca_file}: {error}") from None
+            self.ssl = client_tls_context(options.ca_file)
         path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
         self.url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
         self.token = token

@@ -36,13 +36,14 @@ from test_streaming import (
     study_folders,
 )
 
-from receiver.http import PlainHttpRefused, server_tls_context
+from receiver.http import PlainHttpRefused
 from receiver.limits import LimitExceeded, Limits, check_header, parse_networks
 from receiver.service import ReceiverService, ServiceConfig
 from receiver.store import HEADER_FILE, LOG_FILE, STATUS_FILE, StoreWriteError, StudyStore
 from sender.transport import FileSource, Refused, stream_study
 from shared.logs import RateLimitFilter, SafeFormatter, printable
 from shared.receiver_process import ReceiverProcess
+from shared.tls import server_tls_context
 from shared.webrtc.ice import CandidateError, screen_candidates
 from shared.webrtc.protocol import encode_control
 from shared.webrtc.signaling import TokenError, read_token_file, token_bits

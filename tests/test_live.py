@@ -663,8 +663,9 @@ def test_node_over_tls_with_client_certificates(phantoms, tmp_path):
 
     from attack_helpers import make_certificate
 
-    from sender.dicom_node import DicomNode, dicom_tls_context
+    from sender.dicom_node import DicomNode
     from sender.series import SeriesCollector
+    from shared.tls import server_tls_context
 
     server_cert, server_key = make_certificate(tmp_path / "server", name="dlad-node")
     client_cert, client_key = make_certificate(tmp_path / "client", name="ct-room-3")
@@ -676,7 +677,7 @@ def test_node_over_tls_with_client_certificates(phantoms, tmp_path):
                               timeout=60)
 
     node = DicomNode("127.0.0.1", 0, "DLAD", Spool(tmp_path / "spool"), SeriesCollector(60.0),
-                     tls=dicom_tls_context(server_cert, server_key, client_ca=client_cert))
+                     tls=server_tls_context(server_cert, server_key, client_ca=client_cert))
     port = node.start()[1]
     silent = socket.create_connection(("127.0.0.1", port))  # never says a word
     try:
@@ -693,5 +694,3 @@ def test_node_over_tls_with_client_certificates(phantoms, tmp_path):
     assert plain.returncode != 0 and anonymous.returncode != 0
     assert stored_after_bad == 3
     assert node.statistics.tls_failed >= 2
-    with pytest.raises(ValueError, match="cannot use --dicom-tls-cert"):
-        dicom_tls_context(tmp_path / "missing.pem", server_key)

@@ -173,7 +173,7 @@ def test_viewer_over_tls_sets_a_secure_cookie(tmp_path):
 
     from attack_helpers import make_certificate
 
-    from receiver.http import server_tls_context
+    from shared.tls import server_tls_context
 
     cert, key = make_certificate(tmp_path / "tls")
 

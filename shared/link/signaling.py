@@ -19,6 +19,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from shared.tls import client_tls_context
+
 from .params import LinkParams
 from .profiles import get_profile
 from .relay import LinkRelay, RelayStats
@@ -93,10 +95,7 @@ class SignalingProxy:
             raise ValueError(f"the signaling URL must be http(s)://HOST[:PORT][/PATH], not {target_url!r}")
         self._ssl: ssl.SSLContext | bool = True
         if target.scheme == "https":
-            try:
-                self._ssl = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"cannot use the CA file {ca_file}: {exc}") from None
+            self._ssl = client_tls_context(ca_file)
         self.target_url = target_url
         self._target_origin = f"{target.scheme}://{target.netloc}"
         self.uplink_params = uplink
