@@ -25,11 +25,18 @@ networks see one slice per forward pass. Two reasons, measured on the 2-core mac
   region waiting for its share on the busy core), and cost less on a quiet machine too (0.111
   CPU s per 512 x 512 slice for the two-network ensemble on one thread, against 0.124 on two);
   one slice per pass costs about 4 % more than eight (0.116 against 0.111 s).
+* **no waiting for Python**: on CPU the networks run as TorchScript traces (:func:`gil_free`),
+  which do not need Python's global interpreter lock between operations: in a live sender a
+  slice's eager pass waited for it dozens of times while the event loop and the DICOM node
+  held it (16 x slower beside one busy Python thread).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -50,6 +57,64 @@ from models.unet import LiverUNet
 from shared.progress import progress as progress_display
 
 log = logging.getLogger("dlad.models")
+
+
+#: Each network's TorchScript trace with what it was made from (:func:`gil_free`).
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRACES_LOCK = threading.Lock()
+
+
+def gil_free(member: LiverUNet) -> torch.nn.Module:
+    """``member`` as a TorchScript trace, for inference on CPU: the same operations on the same
+    tensors, so the same logits bit for bit, run by TorchScript's interpreter, which does not
+    come back to Python (and its global interpreter lock, the GIL) between one operation and
+    the next.
+
+    Why: an eager forward pass returns to Python for each of the network's 70-odd module
+    calls and each time needs the GIL, which in a live sender the event loop, the WebRTC
+    stack (aiortc's SCTP is Python) and the DICOM node also want; a thread waiting for the GIL
+    may wait up to the interpreter's switch interval (5 ms) each time. Measured on the 2-core
+    machine (``python scripts/bench_unet.py --gil``, docs/BENCHMARKS.md): the two-network
+    ensemble on one 192 x 192 input took 0.053 s eager and 0.050 s traced, but 0.86 s eager
+    and 0.07 s traced beside one busy Python thread.
+
+    The trace is made once per network (cached; made again if the network's tensors are
+    replaced) from a zero input; it keeps the network's parameters, not copies, and records
+    evaluation-mode batch normalisation, so a network in training mode is returned as it is,
+    and so is a network where this PyTorch cannot trace (a warning says so). TorchScript's
+    CPU fuser is off by default in PyTorch, so no operation is fused or reordered;
+    ``tests/test_unet_model.py`` checks the bit-for-bit equality.
+    """
+    if member.training:
+        return member
+    tensors = tuple(tensor.data_ptr() for tensor in member.state_dict().values())
+    with _TRACES_LOCK:
+        made = _TRACES.get(member)
+        if made is None or made[0] != tensors:
+            side = member.config.size_multiple
+            parameter = next(member.parameters())
+            example = torch.zeros((1, 1, side, side), dtype=parameter.dtype,
+                                  device=parameter.device
+                                  ).contiguous(memory_format=torch.channels_last)
+            made = (tensors, _trace(member, example))
+            _TRACES[member] = made
+    return made[1]
+
+
+def _trace(member: LiverUNet, example: torch.Tensor) -> torch.nn.Module:
+    """TorchScript trace of ``member``, or ``member`` itself where this PyTorch cannot trace."""
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # PyTorch 2.9+ calls TorchScript deprecated in favour of torch.compile and
+            # torch.export, neither of which runs a graph without Python (torch.compile also
+            # needs a C++ compiler and changes the numerics); the pin in pyproject.toml keeps
+            # a PyTorch that has it, and a later one without it falls back to eager below.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.trace(member, example, check_trace=False)
+    except (AttributeError, RuntimeError) as error:
+        log.warning("U-Net runs eager (slower beside other Python threads): this PyTorch "
+                    "cannot trace it (%s)", error)
+        return member
 
 
 def _members(model) -> list[LiverUNet]:
@@ -163,8 +228,9 @@ def _predict_block(members: list[LiverUNet], block: np.ndarray, size, native_siz
         padded, (height, width) = pad_to_multiple(view, config.size_multiple, -1.0)
         padded = padded.contiguous(memory_format=torch.channels_last)
         for member in members:
-            if device.type == "cpu":  # one slice per pass: see the module docstring
-                logits = torch.cat([member(padded[i:i + 1]) for i in range(len(padded))])
+            if device.type == "cpu":  # one slice per pass, traced: see the module docstring
+                network = gil_free(member)
+                logits = torch.cat([network(padded[i:i + 1]) for i in range(len(padded))])
             else:
                 logits = member(padded)
             p = torch.sigmoid(logits.float())[:, :, :height, :width]

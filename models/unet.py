@@ -135,13 +135,19 @@ class LiverUNet(nn.Module):
             self.decoders.append(_conv_block(2 * shallow, shallow))
         self.head = nn.Conv2d(widths[0], 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError unless ``x`` is ``(N, 1, H, W)`` with ``H`` and ``W`` multiples of
+        :attr:`UNetConfig.size_multiple`."""
         multiple = self.config.size_multiple
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (N, 1, H, W), got {tuple(x.shape)}")
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got "
                              f"{tuple(x.shape[2:])}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():  # a trace is made of valid input; it checks nothing
+            self.check_input(x)
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level:

@@ -497,7 +497,7 @@ def parse_host_port(value: str, option: str) -> tuple[str, int]:
 
 def main_live(args, parser) -> int:
     """``dlad-send --dicom-listen/--watch --to URL``: the live session."""
-    from sender.live import LiveSender
+    from sender.live import LIVE_GIL_SWITCH_INTERVAL_S, LiveSender
     from sender.pipeline import RoiChoice, SeriesPipeline
     from sender.spool import Spool, SpoolError
     from sender.transport import Refused, StreamOptions
@@ -577,6 +577,8 @@ def main_live(args, parser) -> int:
     async def run() -> None:
         import signal
 
+        # The U-Net workers must not wait for the GIL behind the event loop (see the constant).
+        sys.setswitchinterval(LIVE_GIL_SWITCH_INTERVAL_S)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -47,6 +47,17 @@ log = logging.getLogger("dlad.sender")
 #: Longest wait between two tries of a series that could not be delivered.
 MAX_RETRY_WAIT_S = 30.0
 
+#: Python's GIL switch interval in a live sender (:func:`sys.setswitchinterval`; Python's
+#: default is 5 ms). The U-Net workers compute each arriving slice in threads of this process
+#: while the event loop, the WebRTC stack and the DICOM node run Python; every torch call a
+#: worker makes returns to Python and waits for the GIL, up to the switch interval each time
+#: while another thread holds it. Measured on the 2-core machine beside one busy Python thread
+#: (docs/BENCHMARKS.md, "Where the seconds go"): one slice through the two networks (traced,
+#: :func:`models.inference.gil_free`) with its pre- and post-processing took 0.35 s at 5 ms,
+#: 0.11 s at 1 ms, 0.085 s at 0.5 ms (0.055 s with no busy thread), while the busy thread lost
+#: about 10 % of its speed to the extra switches.
+LIVE_GIL_SWITCH_INTERVAL_S = 0.0005
+
 
 @dataclass
 class SeriesReport:

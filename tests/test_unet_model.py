@@ -141,3 +141,55 @@ def test_window_resize_and_pad():
     padded, original = pad_to_multiple(probability, 16, -1.0)
     assert padded.shape == (2, 1, 48, 32) and original == (37, 29)
     assert torch.equal(padded[..., :37, :29], probability) and padded[0, 0, -1, -1] == -1
+
+
+def _random_network(widths=(4, 8, 16)) -> LiverUNet:
+    """A small network with random weights and non-trivial batch-norm statistics, eval mode."""
+    torch.manual_seed(3)
+    model = LiverUNet(UNetConfig(widths=widths))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.to(memory_format=torch.channels_last).eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32, 32), (1, 1, 48, 80), (3, 1, 64, 16)])
+def test_traced_network_gives_the_eager_logits_bit_for_bit(shape):
+    from models.inference import gil_free
+
+    model = _random_network()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5)) \
+        .contiguous(memory_format=torch.channels_last)
+    traced = gil_free(model)
+    assert isinstance(traced, torch.jit.ScriptModule)
+    with torch.inference_mode():
+        for _ in range(4):  # TorchScript's executor profiles the first calls, then optimises
+            assert torch.equal(traced(x), model(x))
+
+
+def test_trace_is_made_once_and_follows_the_networks_tensors():
+    from models.inference import gil_free
+
+    model = _random_network()
+    traced = gil_free(model)
+    assert gil_free(model) is traced  # cached
+    x = torch.randn(1, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # weights changed in place (training steps, load_state_dict)
+        model.head.weight.mul_(-2.0)
+    assert gil_free(model) is traced
+    with torch.inference_mode():
+        assert torch.equal(traced(x), model(x))
+    model.double()  # tensors replaced: traced again
+    retraced = gil_free(model)
+    assert retraced is not traced
+    with torch.inference_mode():
+        assert torch.equal(retraced(x.double()), model(x.double()))
+
+
+def test_network_in_training_mode_is_not_traced():
+    from models.inference import gil_free
+
+    model = _random_network().train()
+    assert gil_free(model) is model
