@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -504,6 +505,7 @@ class StudyEncoder:
         if self.settings.roi_layer == "voxels":
             self._roi_reference = "none"
             return {}
+        started = time.perf_counter()
         z0, z1 = probe.z0, probe.z1
         base_chunk = next(p for p in self.plan if p.layer == 0 and (p.z0, p.z1) == (z0, z1))
         base = self.encode_chunk(base_chunk)
@@ -519,8 +521,9 @@ class StudyEncoder:
         if with_voxels < margin * with_residuals:
             self._roi_reference, chosen = "none", as_voxels
         log.info("ROI layer as %s (probe slices %d-%d: residuals with bases %.0f bytes, "
-                 "original voxels %.0f)", "original voxels" if self._roi_reference == "none"
-                 else "residuals", z0, z1 - 1, with_residuals, with_voxels)
+                 "original voxels %.0f; %.2f s)", "original voxels"
+                 if self._roi_reference == "none" else "residuals", z0, z1 - 1, with_residuals,
+                 with_voxels, time.perf_counter() - started)
         return {base.seq: base, chosen.seq: chosen}
 
     def _roi_voxels_allowed(self) -> bool:
