@@ -346,6 +346,28 @@ def test_disc_dilate_mask_is_the_dilation_of_the_whole_mask(rng):
     assert not disc_dilate_mask(np.zeros((2, 5, 5), bool), 3.0, 3.0).any()
 
 
+@pytest.mark.parametrize("slab_voxels", [1, 64, 1 << 22])
+def test_disc_dilation_by_runs_is_the_grey_dilation_voxel_for_voxel(rng, monkeypatch,
+                                                                     slab_voxels):
+    """Random masks of every density (runs touching both ends of a row, full and empty rows,
+    single voxels), isotropic and anisotropic, fractional and tiny radii, painted in slabs of
+    one slice and of several."""
+    from sender.roi import steering
+    from sender.roi.steering import disc_dilate, disc_dilate_mask
+
+    monkeypatch.setattr(steering, "_RUNS_SLAB_VOXELS", slab_voxels)
+    for _ in range(60):
+        shape = tuple(int(n) for n in (rng.integers(1, 5), rng.integers(1, 30),
+                                       rng.integers(1, 30)))
+        mask = rng.random(shape) > rng.choice([0.3, 0.9, 0.99])
+        mask[..., 0] |= rng.random(shape[:2]) > 0.7
+        mask[..., -1] |= rng.random(shape[:2]) > 0.7
+        rx, ry = (float(rng.choice([0.0, 0.5, 1.0, 1.5, 2.5, 7.3, 45.0])) for _ in range(2))
+        np.testing.assert_array_equal(disc_dilate_mask(mask, rx, ry),
+                                      disc_dilate(mask.astype(np.float32), rx, ry) > 0.5,
+                                      err_msg=f"shape {shape}, radii {rx}, {ry}")
+
+
 def test_no_steering_map_is_needed_only_without_diffusion():
     from sender.diffusion import DiffusionSettings, LazyDiffusion
 

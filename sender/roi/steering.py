@@ -146,13 +146,9 @@ def disc_dilate(values: np.ndarray, radius_x: float, radius_y: float) -> np.ndar
     ``floor(rx * sqrt(1 - (dy/ry)^2))``; each segment is a 1D running maximum (van Herk), so the
     cost grows with the radius, not with its square.
     """
-    ry = int(np.floor(radius_y))
-    if ry < 1 and radius_x < 1:
+    half_widths = disc_half_widths(radius_x, radius_y)
+    if half_widths is None:
         return values.copy()
-    half_widths = {}
-    for dy in range(-ry, ry + 1):
-        ratio = 1.0 - (dy / radius_y) ** 2 if radius_y > 0 else 1.0
-        half_widths[dy] = int(np.floor(radius_x * np.sqrt(max(ratio, 0.0)) + 1e-9))
     row_max = {w: _row_max(values, w) if w > 0 else values for w in set(half_widths.values())}
     out = np.array(values, copy=True)
     ny = values.shape[1]
@@ -166,6 +162,25 @@ def disc_dilate(values: np.ndarray, radius_x: float, radius_y: float) -> np.ndar
         else:
             np.maximum(out[:, -dy:], shifted[:, : ny + dy], out=out[:, -dy:])
     return out
+
+
+def disc_half_widths(radius_x: float, radius_y: float) -> dict[int, int] | None:
+    """The disc of :func:`disc_dilate` as ``{row offset dy: half-width}`` (``dy`` from
+    ``-floor(ry)`` to ``floor(ry)``); None for a disc of one pixel (``ry < 1`` and ``rx < 1``).
+
+    >>> disc_half_widths(2.0, 2.0)
+    {-2: 0, -1: 1, 0: 2, 1: 1, 2: 0}
+    """
+    ry = int(np.floor(radius_y))
+    if ry < 1 and radius_x < 1:
+        return None
+    half_widths = {}
+    for dy in range(-ry, ry + 1):
+        ratio = 1.0 - (dy / radius_y) ** 2 if radius_y > 0 else 1.0
+        # 1e-9: a column exactly on the ellipse (rx * sqrt(...) an integer up to rounding)
+        # belongs to the disc.
+        half_widths[dy] = int(np.floor(radius_x * np.sqrt(max(ratio, 0.0)) + 1e-9))
+    return half_widths
 
 
 def _row_max(values: np.ndarray, half_width: int) -> np.ndarray:
@@ -326,7 +341,50 @@ def disc_dilate_mask(mask: np.ndarray, radius_x: float, radius_y: float) -> np.n
     box = _bounding_box(mask, (0, int(np.floor(radius_y)), int(np.floor(radius_x + 1e-9))))
     if box is None:
         return out
-    out[box] = disc_dilate(mask[box].astype(np.float32), radius_x, radius_y) > 0.5
+    half_widths = disc_half_widths(radius_x, radius_y)
+    out[box] = mask[box] if half_widths is None else _dilate_runs(mask[box], half_widths)
+    return out
+
+
+#: Voxels of the box :func:`_dilate_runs` paints at a time (its counters take 8 bytes each):
+#: about 4 M voxels, 16 slices of 512 x 512, keep its memory near 100 MB.
+_RUNS_SLAB_VOXELS = 1 << 22
+
+
+def _dilate_runs(mask: np.ndarray, half_widths: dict[int, int]) -> np.ndarray:
+    """The disc dilation of a boolean slice-major mask, run by run.
+
+    Every run ``[a, b)`` of a row ``y`` widens to ``[a - w, b + w)`` (clipped to the row) in
+    row ``y - dy`` for each row offset ``dy`` of the disc and its half-width ``w``: the rows of
+    the disc :func:`disc_dilate` takes the maximum over, so the union of those intervals is
+    ``disc_dilate(mask) > 0.5`` voxel for voxel (tested), painted as +1/-1 at the intervals'
+    ends and a running sum. A liver's rows hold one to three runs, so this touches each row a
+    few times where the grey dilation takes a running maximum over every column for every
+    half-width (1.0 of 2.4 s in the ROI steps of a 300-slice series).
+    """
+    nz, ny, nx = mask.shape
+    stride = nx + 1  # the column past the row's end holds the stops at nx
+    out = np.empty_like(mask)
+    slab = max(1, _RUNS_SLAB_VOXELS // (ny * stride))
+    for z0 in range(0, nz, slab):
+        part = mask[z0:z0 + slab]
+        padded = np.zeros((part.shape[0], ny, nx + 2), np.int8)
+        padded[..., 1:-1] = part
+        edges = np.diff(padded, axis=-1)  # +1 at a run's first column, -1 past its last
+        z, y, a = np.nonzero(edges == 1)
+        b = np.nonzero(edges == -1)[2]  # the same rows in the same order: one stop per start
+        starts, stops = [], []
+        for dy, w in half_widths.items():
+            target = y - dy
+            keep = (target >= 0) & (target < ny)
+            row = (z[keep] * ny + target[keep]) * stride
+            starts.append(row + np.maximum(a[keep] - w, 0))
+            stops.append(row + np.minimum(b[keep] + w, nx))
+        size = part.shape[0] * ny * stride
+        counts = np.bincount(np.concatenate(starts), minlength=size)
+        counts -= np.bincount(np.concatenate(stops), minlength=size)
+        np.cumsum(counts, out=counts)
+        out[z0:z0 + slab] = (counts > 0).reshape(part.shape[0], ny, stride)[..., :nx]
     return out
 
 
