@@ -8,16 +8,17 @@
   has as many switches, as their signed differences from that row's (zigzag), the choice
   following from the counts; every number an unsigned LEB128 varint; the whole zstd-compressed.
   A liver mask's edges move a few columns from row to row, so most numbers fit in a byte and
-  repeat: 1.1-1.4 kB for the shared studies against 4.2-4.4 kB of packed bits.
+  repeat: 1.2-1.5 kB for the shared studies' ROIs against 4.2-4.4 kB of packed bits.
 
 The sender writes the smaller encoding. Both decoders are bounded: packed bits by the voxel
 count; row runs by the rows (:data:`MAX_RUN_ROWS`) and by the size of the packed bits (a mask
 whose runs take more than that is always sent packed), and every switch column is checked.
 
-Both directions work on arrays, a slab of slices at a time (:data:`SLAB_VOXELS`), never row by
-row in Python: a 300-slice 512 x 512 series is on the live path to "ROI complete" (issue 15).
+Both directions work on arrays, never row by row in Python (a 300-slice 512 x 512 series is
+on the live path to "ROI complete", issue 15): the encoder takes a slab of slices at a time
+(:data:`SLAB_VOXELS`), the decoder writes the packed bits without ever unpacking the mask.
 ``tests/roimask_oracle.py`` keeps the row-by-row coder they replaced; the tests check that both
-write the same bytes and accept and refuse the same streams.
+write the same bytes and accept and refuse the same streams, with the same messages.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ import numpy as np
 import zstandard
 
 #: Rows (slices x rows per slice) beyond which the mask always travels as packed bits: the
-#: decoder's work and memory grow with the rows (a few int64 per row), and a million rows is
-#: over 2000 slices of 512 x 512.
+#: decoder finds the rows' bounds one row after the other (a light loop), and 2000 slices of
+#: 512 x 512 are a million rows.
 MAX_RUN_ROWS = 1 << 20
-#: zstd level of the varint stream (a lower level changes the bytes, not the format).
-_LEVEL = 19
-#: Voxels unpacked at a time by either direction (whole slices, at least one): 16 slices of
-#: 512 x 512, a few MB of transient memory however long the series.
+#: zstd level of the numbers (any level decodes alike). 9, the packed bits' level: on the live
+#: path the mask's seconds are zstd's plus the bytes' on the link, and at 2 Mbit/s (wifi-2m, the
+#: slowest profile) level 9 is within 2 ms of the best level on every mask measured while 19
+#: costs 3 ms more on the shared studies and 60 ms more on 300-slice series (its 0.07-0.12 s
+#: save 2-11 kB, 10-45 ms of transfer; docs/BENCHMARKS.md, "ROI mask coding").
+_LEVEL = 9
+#: Voxels the encoder takes at a time (whole slices, at least one): 16 slices of 512 x 512,
+#: a few MB of transient memory however long the series.
 SLAB_VOXELS = 1 << 22
 
 
@@ -43,6 +48,8 @@ class MaskError(ValueError):
 def _varints(values) -> bytes:
     """Non-negative integers as unsigned LEB128 varints, one after the other."""
     values = np.asarray(values, np.int64).ravel()
+    if values.size and values.min() < 0:
+        raise ValueError("varints are unsigned")
     lengths = np.ones(values.size, np.int64)
     rest = values >> 7
     while rest.any():
@@ -88,8 +95,7 @@ def _slab_values(padded: np.ndarray, ny: int) -> np.ndarray:
 
 def _size_limit(shape) -> int:
     """The most bytes of numbers (before zstd) a mask of ``shape`` may take as row runs: its
-    packed bits' size, or 4 kB for small masks (a stream of nothing but row counts is one
-    byte per row)."""
+    packed bits' size, or 4 kB, so that the runs of a small mask fit (a byte per row at least)."""
     nz, ny, nx = shape
     return max(4096, (nz * ny * nx + 7) // 8)
 
@@ -164,8 +170,9 @@ def _switch_columns(numbers: np.ndarray, counts: np.ndarray, ny: int, nx: int):
     anchors = np.maximum.accumulate(np.where(delta_rows, 0, np.arange(rows)))
     depth = np.arange(rows) - anchors
     chain_rows = np.bincount(anchors, minlength=rows)
-    # Any number above 2 nx + 2 makes its row invalid, as does 2 nx + 2 (a gap or a difference
-    # over nx): clipped there, no sum of them can overflow, whatever a peer sends.
+    # A gap over nx makes its row invalid, as does a difference over nx either way (zigzag
+    # 2 nx + 1 and up): clipped to 2 nx + 2 (and gap rows' columns to nx + 1) they still do,
+    # and no sum of them can overflow, whatever a peer sends (numbers up to 2^35).
     numbers = np.minimum(numbers, 2 * nx + 2)
     delta = delta_rows[entry_rows]
     gaps = np.where(delta, 0, numbers)
@@ -250,7 +257,8 @@ def _pack(switches: np.ndarray, total: int) -> np.ndarray:
     # Bits [s, e) of a byte (the first voxel in the high bit): 0xFF >> s minus 0xFF >> e.
     head = on // 8
     head_stop = np.minimum(off - 8 * head, 8)
-    np.bitwise_or.at(packed, head, ((0xFF >> (on - 8 * head)) ^ (0xFF >> head_stop)).astype(np.uint8))
+    np.bitwise_or.at(packed, head,
+                     ((0xFF >> (on - 8 * head)) ^ (0xFF >> head_stop)).astype(np.uint8))
     tail = (off - 1) // 8
     past = tail > head
     np.bitwise_or.at(packed, tail[past],

@@ -5,7 +5,8 @@ This is :mod:`shared.roimask` as it was before it was vectorised (issue 15), kep
 that the tests can check that the product writes the same bytes for every mask and accepts and
 refuses the same inputs (``tests/test_roimask.py``), and ``scripts/bench_roimask.py`` times both
 in the same run (importing it as ``tests.roimask_oracle``, the repository root on its path). It
-lives with the tests, not in the product: nothing the sender or the receiver runs uses it.
+lives with the tests, not in the product: nothing the sender or the receiver runs uses it. It
+compresses at the product's zstd level (a choice of the sender, not part of the format).
 """
 
 from __future__ import annotations
