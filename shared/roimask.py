@@ -31,10 +31,10 @@ import zstandard
 #: 512 x 512 are a million rows.
 MAX_RUN_ROWS = 1 << 20
 #: zstd level of the numbers (any level decodes alike). 9, the packed bits' level: on the live
-#: path the mask's seconds are zstd's plus the bytes' on the link, and at 2 Mbit/s (wifi-2m, the
-#: slowest profile) level 9 is within 2 ms of the best level on every mask measured while 19
-#: costs 3 ms more on the shared studies and 60 ms more on 300-slice series (its 0.07-0.12 s
-#: save 2-11 kB, 10-45 ms of transfer; docs/BENCHMARKS.md, "ROI mask coding").
+#: path the mask costs zstd's seconds plus its bytes' on the link, and at 2 Mbit/s (wifi-2m, the
+#: slowest profile) level 9 is within 1.4 ms of the best level on every mask measured, while 19
+#: is 3-4 ms slower on the shared studies and 57-78 ms on 300-slice series (0.07-0.12 s more of
+#: zstd to save 3-11 kB, 11-45 ms of transfer; docs/BENCHMARKS.md, "ROI mask coding").
 _LEVEL = 9
 #: Voxels the encoder takes at a time (whole slices, at least one): 16 slices of 512 x 512,
 #: a few MB of transient memory however long the series.
