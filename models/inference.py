@@ -28,7 +28,7 @@ networks see one slice per forward pass. Two reasons, measured on the 2-core mac
 * **no waiting for Python**: on CPU the networks run as TorchScript traces (:func:`gil_free`),
   which do not need Python's global interpreter lock between operations: in a live sender a
   slice's eager pass waited for it dozens of times while the event loop and the DICOM node
-  held it (16 x slower beside one busy Python thread).
+  held it (8 x slower beside one busy Python thread).
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def gil_free(member: LiverUNet) -> torch.nn.Module:
     calls and each time needs the GIL, which in a live sender the event loop, the WebRTC
     stack (aiortc's SCTP is Python) and the DICOM node also want; a thread waiting for the GIL
     may wait up to the interpreter's switch interval (5 ms) each time. Measured on the 2-core
-    machine (``python scripts/bench_unet.py --gil``, docs/BENCHMARKS.md): the two-network
-    ensemble on one 192 x 192 input took 0.053 s eager and 0.050 s traced, but 0.86 s eager
-    and 0.07 s traced beside one busy Python thread.
+    machine (``python scripts/bench_unet.py --gil``, docs/BENCHMARKS.md): one abdomen slice
+    through the two-network ensemble, with its pre- and post-processing, took 0.12 s eager and
+    0.11 s traced alone, but 1.03 s eager and 0.45 s traced beside one busy Python thread (0.14 s
+    traced with a live sender's shorter switch interval, :data:`sender.live`).
 
     The trace is made once per network (cached; made again if the network's tensors are
     replaced) from a zero input; it keeps the network's parameters, not copies, and records

@@ -52,10 +52,10 @@ MAX_RETRY_WAIT_S = 30.0
 #: while the event loop, the WebRTC stack and the DICOM node run Python; every torch call a
 #: worker makes returns to Python and waits for the GIL, up to the switch interval each time
 #: while another thread holds it. Measured on the 2-core machine beside one busy Python thread
-#: (docs/BENCHMARKS.md, "Where the seconds go"): one slice through the two networks (traced,
-#: :func:`models.inference.gil_free`) with its pre- and post-processing took 0.35 s at 5 ms,
-#: 0.11 s at 1 ms, 0.085 s at 0.5 ms (0.055 s with no busy thread), while the busy thread lost
-#: about 10 % of its speed to the extra switches.
+#: (``python scripts/bench_unet.py --gil``, docs/BENCHMARKS.md run I): one abdomen slice through
+#: the two networks (traced, :func:`models.inference.gil_free`) with its pre- and
+#: post-processing took 0.45 s at 5 ms and 0.14 s at 0.5 ms (0.11 s with no busy thread), and
+#: the busy thread kept its pace (17.7 and 18.1 million loops per second).
 LIVE_GIL_SWITCH_INTERVAL_S = 0.0005
 
 
