@@ -232,6 +232,15 @@ def test_folder_names_of_ids_that_sanitise_alike_differ():
 
 # --- the ROI frame (a header that announced the ROI as pending) ----------------------------------
 
+def _with_roi_frame(frames: list[bytes], at: int, roi_frame: bytes):
+    """The receiver's status and reassembler after the stream ``frames`` with its ROI frame
+    (``frames[at]``) replaced by ``roi_frame``."""
+    stream = StudyStream()
+    stream.feed(b"".join(frames[:at]) + roi_frame + b"".join(frames[at + 1:]))
+    stream.finish()
+    return stream.status(), stream.reassembler
+
+
 @pytest.fixture(scope="module")
 def pending_study():
     """A tiny live-style stream: a header with the ROI pending, one preview, the ROI frame, the
@@ -266,11 +275,7 @@ def test_mutated_roi_frames_are_never_used(pending_study, data):
     mutated = damaged(data, original, ["flip", "truncate", "insert"])
     if mutated == original:
         return
-    stream = StudyStream()
-    stream.feed(b"".join(frames[:at]) + mutated + b"".join(frames[at + 1:]))
-    stream.finish()
-    status = stream.status()
-    r = stream.reassembler
+    status, r = _with_roi_frame(frames, at, mutated)
     if r.roi_known:  # only the frame as sent, hidden intact in the bytes, can be taken
         assert r.header.roi_frame.to_frame() == original and original in bytes(mutated)
     else:
@@ -300,11 +305,7 @@ def test_hostile_roi_frame_bodies_never_raise(pending_study, data):
         hostile = frame(KIND_ROI, body)
     except (WireError, TypeError, ValueError, OverflowError):
         return
-    stream = StudyStream()
-    stream.feed(b"".join(frames[:at]) + hostile + b"".join(frames[at + 1:]))
-    stream.finish()
-    status = stream.status()
-    r = stream.reassembler
+    status, r = _with_roi_frame(frames, at, hostile)
     if not r.roi_known:
         assert status["roi_complete"] is False and r.progress().roi_fraction == 0.0
     if r.verified:
